@@ -1,0 +1,5 @@
+import sys
+
+from vnicd.daemon import main
+
+sys.exit(main())

@@ -1,0 +1,209 @@
+"""vnic-client: vnicd's debug CLI.
+
+The generic form is built from the API schema, as ``vdsm-client`` does:
+``vnic-client VM updateDevice vmID=UUID params='{...}'``. Short forms cover what a
+person types: ``list``, ``nics VM``, ``link VM NIC up|down``, ``wire VM NIC NETWORK``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from vnicd import names
+from vnicd.client import Client, RpcError
+from vnicd.domxml import Domain, XMLError
+from vnicd.schema import Schema, Verb
+
+DEFAULT_SOCKET = Path("/run/vnicd/vnicd.sock")
+
+
+class UsageError(Exception):
+    pass
+
+
+def _parse_value(schema: Schema, verb: Verb, key: str, text: str) -> Any:
+    spec = verb.params.get(key)
+    if spec is None:
+        raise UsageError(f"{verb.name} has no parameter {key!r} (has: {', '.join(verb.params)})")
+    if schema.resolve(spec).get("type", "string") == "string":
+        return text
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{key}: not valid JSON: {e}") from e
+
+
+def _generic_params(schema: Schema, verb: Verb, args: argparse.Namespace) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    if args.file:
+        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+        loaded = json.loads(text)
+        if not isinstance(loaded, dict):
+            raise UsageError("-f: expected a JSON object of parameters")
+        params.update(loaded)
+    for item in args.params:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"{item!r}: expected NAME=VALUE")
+        params[key] = _parse_value(schema, verb, key, value)
+    return params
+
+
+def _vm_id(client: Client, vm: str) -> str:
+    if names.is_uuid(vm):
+        return vm
+    matches = [v["vmID"] for v in client.call("Host.getVMList") if v["vmName"] == vm]
+    if not matches:
+        raise UsageError(f"no VM named {vm!r}")
+    return str(matches[0])
+
+
+def _nic(nic: str) -> dict[str, str]:
+    return {"macAddr": nic} if names.is_mac(nic) else {"alias": nic}
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    )
+
+
+def _nics_table(vm: dict[str, Any]) -> str:
+    rows = [
+        [
+            n["alias"] or "-",
+            n["macAddr"],
+            n["nicModel"],
+            n["network"] or "(unwired)",
+            n["bridge"] or "-",
+            "up" if n["linkActive"] else "down",
+            "yes" if n["plugged"] else "no",
+            n["pciAddress"] or "-",
+            n["tap"] or "-",
+        ]
+        for n in vm["nics"]
+    ]
+    header = ["ALIAS", "MAC", "MODEL", "NETWORK", "BRIDGE", "LINK", "PLUGGED", "PCI", "TAP"]
+    return f"{vm['vmName']} ({vm['vmID']}) {vm['status']}\n" + _table(rows, header)
+
+
+def _vms_table(vms: list[dict[str, Any]]) -> str:
+    rows = [
+        [v["vmID"], v["vmName"], v["status"], str(len(v["nics"]))]
+        for v in sorted(vms, key=lambda v: str(v["vmName"]))
+    ]
+    return _table(rows, ["VM ID", "NAME", "STATUS", "NICS"])
+
+
+def _update(client: Client, vm: str, nic: str, **change: Any) -> Any:
+    params = {"deviceType": "interface", **_nic(nic), **change}
+    return client.call("VM.updateDevice", vmID=_vm_id(client, vm), params=params)
+
+
+def _short_forms(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    sub.add_parser("list", help="VMs on this host")
+    p = sub.add_parser("nics", help="a VM's vNICs")
+    p.add_argument("vm", help="VM name or UUID")
+    p = sub.add_parser("link", help="plug or pull a vNIC's virtual cable")
+    p.add_argument("vm", help="VM name or UUID")
+    p.add_argument("nic", help="alias or MAC")
+    p.add_argument("state", choices=["up", "down"])
+    p = sub.add_parser("wire", help="move a vNIC to a network ('' unwires it)")
+    p.add_argument("vm", help="VM name or UUID")
+    p.add_argument("nic", help="alias or MAC")
+    p.add_argument("network")
+    p = sub.add_parser("create", help="create and start a VM from a libvirt domain XML file")
+    p.add_argument("xml", type=Path)
+    p.add_argument("--persistent", action="store_true", help="define it, not transient")
+    p = sub.add_parser("destroy", help="stop a VM and remove it")
+    p.add_argument("vm", help="VM name or UUID")
+    sub.add_parser("caps", help="vnicd version and the networks of this host")
+
+
+def _run_short(client: Client, args: argparse.Namespace) -> tuple[Any, Callable[[Any], str]]:
+    nics: Callable[[Any], str] = _nics_table
+    if args.command == "list":
+        return client.call("Host.getVMList"), _vms_table
+    if args.command == "nics":
+        return client.call("VM.getInfo", vmID=_vm_id(client, args.vm)), nics
+    if args.command == "link":
+        return _update(client, args.vm, args.nic, linkActive=args.state == "up"), nics
+    if args.command == "wire":
+        return _update(client, args.vm, args.nic, network=args.network), nics
+    if args.command == "create":
+        text = args.xml.read_text()
+        try:
+            uuid = Domain(text).uuid
+        except XMLError as e:
+            raise UsageError(f"{args.xml}: {e}") from e
+        if not uuid:
+            raise UsageError(f"{args.xml}: the domain XML needs a <uuid>")
+        vm_params = {"xml": text, "persistent": args.persistent}
+        return client.call("VM.create", vmID=uuid, vmParams=vm_params), nics
+    if args.command == "destroy":
+        client.call("VM.destroy", vmID=_vm_id(client, args.vm))
+        return {}, lambda _r: "destroyed"
+    caps = client.call("Host.getCapabilities")
+
+    def caps_text(c: Any) -> str:
+        rows = [[n["name"], n["type"], n["bridge"]] for n in c["networks"]]
+        return f"vnicd {c['version']} on {c['libvirtURI']}\n" + _table(
+            rows, ["NETWORK", "TYPE", "BRIDGE"]
+        )
+
+    return caps, caps_text
+
+
+def build_parser(schema: Schema) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vnic-client",
+        description="Talk to vnicd. Generic form: vnic-client NAMESPACE METHOD NAME=VALUE ...",
+    )
+    parser.add_argument("--socket", type=Path, default=DEFAULT_SOCKET, help="vnicd's socket")
+    parser.add_argument("--json", action="store_true", help="short forms: print JSON, not tables")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _short_forms(sub)
+    namespaces: dict[str, argparse._SubParsersAction] = {}  # type: ignore[type-arg]
+    for verb in schema.verbs.values():
+        if verb.namespace not in namespaces:
+            ns = sub.add_parser(verb.namespace, help=f"{verb.namespace} verbs (generic form)")
+            namespaces[verb.namespace] = ns.add_subparsers(
+                dest="method", required=True, metavar="METHOD"
+            )
+        params = ", ".join(
+            f"{k}{'' if spec.get('required') else '?'}" for k, spec in verb.params.items()
+        )
+        p = namespaces[verb.namespace].add_parser(
+            verb.method, help=verb.description, description=f"{verb.description} ({params})"
+        )
+        p.add_argument("params", nargs="*", metavar="NAME=VALUE", help=params or "no parameters")
+        p.add_argument("-f", "--file", help="JSON object of all parameters ('-' for stdin)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    schema = Schema.load()
+    args = build_parser(schema).parse_args(argv)
+    try:
+        with Client(args.socket) as client:
+            if args.command in {v.namespace for v in schema.verbs.values()}:
+                verb = schema.verbs[f"{args.command}.{args.method}"]
+                result = client.call(verb.name, **_generic_params(schema, verb, args))
+                print(json.dumps(result, indent=2))
+            else:
+                result, render = _run_short(client, args)
+                print(json.dumps(result, indent=2) if args.json else render(result))
+    except RpcError as e:
+        print(f"vnic-client: error {e.code}: {e.message}", file=sys.stderr)
+        return 1
+    except (UsageError, OSError, ValueError) as e:
+        print(f"vnic-client: {e}", file=sys.stderr)
+        return 1
+    return 0

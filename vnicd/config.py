@@ -1,0 +1,146 @@
+"""vnicd's configuration: YAML, validated at start with errors that name the bad key.
+
+The defaults live here and only here; ``conf/vnicd.yml`` documents them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vnicd import names
+from vnicd.hypervisor import embed_uri
+from vnicd.networks import Target
+
+DEFAULT_PATH = Path("/etc/vnicd/vnicd.yml")
+
+# key -> (type, default); nested sections are dicts of the same.
+_SCHEMA: dict[str, Any] = {
+    "libvirt": {
+        "uri": (str, ""),
+        "persistent_updates": (bool, True),
+    },
+    "rpc": {
+        "unix_socket": (str, "/run/vnicd/vnicd.sock"),
+        "socket_mode": (str, "0600"),
+    },
+    "state_dir": (str, "/var/lib/vnicd"),
+    "log_level": (str, "INFO"),
+    "workers": (int, 16),
+    "unwired_bridge": (str, "vnicd-unwired"),
+    "networks": (dict, {}),
+}
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Config:
+    libvirt_uri: str = ""
+    persistent_updates: bool = True
+    unix_socket: Path = Path("/run/vnicd/vnicd.sock")
+    socket_mode: int = 0o600
+    state_dir: Path = Path("/var/lib/vnicd")
+    log_level: str = "INFO"
+    workers: int = 16
+    unwired_bridge: str = "vnicd-unwired"
+    networks: dict[str, Target] = field(default_factory=dict)
+
+    @property
+    def uri(self) -> str:
+        return self.libvirt_uri or embed_uri(self.embed_root)
+
+    @property
+    def embed_root(self) -> Path:
+        return self.state_dir / "libvirt"
+
+    @property
+    def embedded(self) -> bool:
+        return not self.libvirt_uri
+
+
+def _flatten(schema: dict[str, Any], data: Any, prefix: str) -> dict[str, Any]:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping")
+    for key in data:
+        if key not in schema:
+            raise ConfigError(f"{prefix}{key}: unknown key")
+    values: dict[str, Any] = {}
+    for key, spec in schema.items():
+        if isinstance(spec, dict):
+            values.update(_flatten(spec, data.get(key), f"{prefix}{key}."))
+            continue
+        kind, default = spec
+        value = data.get(key, default)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ConfigError(f"{prefix}{key}: expected {kind.__name__}, got {value!r}")
+        values[prefix + key] = value
+    return values
+
+
+def _networks(data: dict[str, Any]) -> dict[str, Target]:
+    targets: dict[str, Target] = {}
+    for name, spec in data.items():
+        key = f"networks.{name}"
+        if not isinstance(name, str) or not names.is_ifname(name):
+            raise ConfigError(f"{key}: not a valid network name")
+        if not isinstance(spec, dict) or len(spec) != 1:
+            raise ConfigError(f"{key}: expected {{bridge: NAME}} or {{libvirt_network: NAME}}")
+        ((kind, target),) = spec.items()
+        if kind not in ("bridge", "libvirt_network"):
+            raise ConfigError(f"{key}.{kind}: unknown key (bridge or libvirt_network)")
+        if not isinstance(target, str) or not names.is_ifname(target):
+            raise ConfigError(f"{key}.{kind}: {target!r} is not a valid name")
+        targets[name] = Target("bridge" if kind == "bridge" else "network", target)
+    return targets
+
+
+def parse(data: Any) -> Config:
+    v = _flatten(_SCHEMA, data, "")
+    try:
+        mode = int(v["rpc.socket_mode"], 8)
+    except ValueError:
+        raise ConfigError(
+            f"rpc.socket_mode: {v['rpc.socket_mode']!r} is not an octal mode"
+        ) from None
+    if v["log_level"].upper() not in logging.getLevelNamesMapping():
+        raise ConfigError(f"log_level: unknown level {v['log_level']!r}")
+    if v["workers"] < 1:
+        raise ConfigError("workers: must be at least 1")
+    if not names.is_ifname(v["unwired_bridge"]):
+        raise ConfigError(f"unwired_bridge: {v['unwired_bridge']!r} is not a valid bridge name")
+    for key in ("rpc.unix_socket", "state_dir"):
+        if not Path(v[key]).is_absolute():
+            raise ConfigError(f"{key}: must be an absolute path")
+    return Config(
+        libvirt_uri=v["libvirt.uri"],
+        persistent_updates=v["libvirt.persistent_updates"],
+        unix_socket=Path(v["rpc.unix_socket"]),
+        socket_mode=mode,
+        state_dir=Path(v["state_dir"]),
+        log_level=v["log_level"].upper(),
+        workers=v["workers"],
+        unwired_bridge=v["unwired_bridge"],
+        networks=_networks(v["networks"]),
+    )
+
+
+def load(path: Path) -> Config:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    try:
+        return parse(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e

@@ -1,0 +1,113 @@
+"""The daemon's life cycle: connect, serve, tell systemd, stop cleanly."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import libvirtaio
+
+from vnicd import __version__, hostnet, sdnotify
+from vnicd.config import DEFAULT_PATH, Config, ConfigError, load
+from vnicd.dispatcher import Dispatcher
+from vnicd.hypervisor import Domain, Hypervisor, prepare_embed_root
+from vnicd.networks import LibvirtNetworks, LinuxBridges, NetworkMap
+from vnicd.rpc_unix import UnixServer
+from vnicd.schema import Schema
+from vnicd.service import Service
+from vnicd.wiring import Rewirer
+
+log = logging.getLogger(__name__)
+
+_EVENTS = ["defined", "undefined", "started", "suspended", "resumed", "stopped", "shutdown"]
+
+
+class Daemon:
+    """Everything vnicd runs, started and stopped as one."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.hypervisor = Hypervisor(config.uri)
+        self._service: Service | None = None
+        self._server: UnixServer | None = None
+
+    async def start(self) -> None:
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        impl = libvirtaio.getCurrentImpl()
+        if impl is None:
+            libvirtaio.virEventRegisterAsyncIOImpl(loop=loop)
+        elif impl.loop is not loop:
+            raise RuntimeError("libvirt's event loop is bound to another asyncio loop")
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.embedded:
+            prepare_embed_root(cfg.embed_root)
+        await asyncio.to_thread(self.hypervisor.open)
+        await asyncio.to_thread(hostnet.ensure_isolated_bridge, cfg.unwired_bridge)
+        self.hypervisor.on_lifecycle(self._lifecycle)
+        networks = NetworkMap(
+            cfg.networks, [LinuxBridges(), LibvirtNetworks(self.hypervisor)], cfg.unwired_bridge
+        )
+        rewirer = Rewirer(networks, persist_running=cfg.persistent_updates)
+        self._service = Service(self.hypervisor, networks, rewirer, workers=cfg.workers)
+        running = await asyncio.to_thread(self.hypervisor.domains)
+        log.info("found %d VMs: %s", len(running), ", ".join(d.name for d in running) or "none")
+        dispatcher = Dispatcher(Schema.load(), self._service)
+        self._server = UnixServer(cfg.unix_socket, dispatcher.handle, cfg.socket_mode)
+        await self._server.start()
+        sdnotify.notify(f"READY=1\nSTATUS=serving on {cfg.unix_socket}")
+        log.info("vnicd %s ready (%s)", __version__, cfg.uri)
+
+    async def stop(self) -> None:
+        sdnotify.notify("STOPPING=1")
+        if self._server is not None:
+            await self._server.stop()
+        if self._service is not None:
+            await asyncio.to_thread(self._service.close)
+        await asyncio.to_thread(self.hypervisor.close)
+        log.info("vnicd stopped")
+
+    def _lifecycle(self, dom: Domain, event: int, detail: int) -> None:
+        name = _EVENTS[event] if 0 <= event < len(_EVENTS) else str(event)
+        log.info("VM %s (%s): %s (detail %d)", dom.uuid, dom.name, name, detail)
+
+
+async def serve(config: Config) -> None:
+    """Run until SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    daemon = Daemon(config)
+    try:
+        await daemon.start()
+        await stop.wait()
+    finally:
+        await daemon.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vnicd", description="Live vNIC rewiring agent.")
+    parser.add_argument(
+        "--config", type=Path, default=DEFAULT_PATH, help=f"YAML config (default {DEFAULT_PATH})"
+    )
+    parser.add_argument("--version", action="version", version=f"vnicd {__version__}")
+    args = parser.parse_args(argv)
+    try:
+        config = load(args.config)
+    except ConfigError as e:
+        print(f"vnicd: invalid configuration: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        asyncio.run(serve(config))
+    except Exception as e:
+        log.critical("vnicd failed: %s", e, exc_info=config.log_level == "DEBUG")
+        return 1
+    return 0

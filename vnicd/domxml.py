@@ -1,0 +1,211 @@
+"""Typed views of the libvirt domain XML that vnicd reads and edits.
+
+Each element vnicd owns (``<source>``, ``<link>``) has a small frozen class with a
+parse/format pair; :class:`Interface` wraps one ``<interface>`` element and edits
+only those children, so everything it does not model (``<address>``, ``<alias>``,
+``<target>``, ``<driver>``, ``<rom>``, ``<boot>`` ...) survives untouched. No policy
+lives here: what "unwiring" means is decided elsewhere.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Literal
+
+from lxml import etree
+
+SourceKind = Literal["bridge", "network"]
+
+# Untrusted XML (VM.create) must not expand entities or reach the network.
+_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
+
+
+class XMLError(ValueError):
+    """The text is not the XML element expected."""
+
+
+def parse(xml: str, tag: str) -> etree._Element:
+    try:
+        root = etree.fromstring(xml.encode(), _PARSER)
+    except etree.XMLSyntaxError as e:
+        raise XMLError(f"malformed XML: {e}") from e
+    if root.tag != tag:
+        raise XMLError(f"expected <{tag}>, found <{root.tag}>")
+    return root
+
+
+def to_string(element: etree._Element) -> str:
+    return etree.tostring(element, encoding="unicode")
+
+
+@dataclass(frozen=True)
+class PciAddress:
+    domain: int
+    bus: int
+    slot: int
+    function: int
+
+    @classmethod
+    def parse(cls, iface: etree._Element) -> PciAddress | None:
+        el = iface.find("address")
+        if el is None or el.get("type") != "pci":
+            return None
+        return cls(*(int(el.get(k, "0"), 0) for k in ("domain", "bus", "slot", "function")))
+
+    def __str__(self) -> str:
+        return f"{self.domain:04x}:{self.bus:02x}:{self.slot:02x}.{self.function:x}"
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the tap is attached: a host bridge or a libvirt network."""
+
+    kind: SourceKind
+    name: str
+
+    @classmethod
+    def parse(cls, iface: etree._Element) -> Source | None:
+        kind = iface.get("type")
+        el = iface.find("source")
+        if el is None or kind not in ("bridge", "network"):
+            return None
+        name = el.get(kind)
+        return cls(kind, name) if name else None  # type: ignore[arg-type]
+
+    def format(self, iface: etree._Element) -> None:
+        """Replace the type and ``<source>``; the old source's live-only attributes go."""
+        iface.set("type", self.kind)
+        new = etree.Element("source")
+        new.set(self.kind, self.name)
+        old = iface.find("source")
+        if old is not None:
+            old.addnext(new)
+            iface.remove(old)
+        else:
+            mac = iface.find("mac")
+            if mac is not None:
+                mac.addnext(new)
+            else:
+                iface.insert(0, new)
+        new.tail = old.tail if old is not None else None
+
+
+@dataclass(frozen=True)
+class Link:
+    """The virtual cable. libvirt treats a missing ``<link>`` as up, so this does too."""
+
+    up: bool
+
+    @classmethod
+    def parse(cls, iface: etree._Element) -> Link:
+        el = iface.find("link")
+        return cls(el is None or el.get("state", "up") == "up")
+
+    def format(self, iface: etree._Element) -> None:
+        el = iface.find("link")
+        if el is None:
+            el = etree.SubElement(iface, "link")
+        el.set("state", "up" if self.up else "down")
+
+
+class Interface:
+    """One ``<interface>`` element: read accessors plus edits of the parts vnicd owns."""
+
+    def __init__(self, element: etree._Element) -> None:
+        if element.tag != "interface":
+            raise XMLError(f"expected <interface>, found <{element.tag}>")
+        self.element = element
+
+    @classmethod
+    def from_xml(cls, xml: str) -> Interface:
+        return cls(parse(xml, "interface"))
+
+    def to_xml(self) -> str:
+        return to_string(self.element)
+
+    def copy(self) -> Interface:
+        """A detached deep copy: edit it, keep the original for a real rollback."""
+        return Interface(copy.deepcopy(self.element))
+
+    def _attr(self, child: str, attr: str) -> str | None:
+        el = self.element.find(child)
+        return None if el is None else el.get(attr)
+
+    @property
+    def mac(self) -> str | None:
+        mac = self._attr("mac", "address")
+        return mac.lower() if mac else None
+
+    @property
+    def model(self) -> str | None:
+        return self._attr("model", "type")
+
+    @property
+    def alias(self) -> str | None:
+        return self._attr("alias", "name")
+
+    @property
+    def tap(self) -> str | None:
+        return self._attr("target", "dev")
+
+    @property
+    def address(self) -> PciAddress | None:
+        return PciAddress.parse(self.element)
+
+    @property
+    def bridge(self) -> str | None:
+        """The host bridge named in the XML (a live libvirt network source names it too)."""
+        return self._attr("source", "bridge")
+
+    @property
+    def source(self) -> Source | None:
+        return Source.parse(self.element)
+
+    @source.setter
+    def source(self, value: Source) -> None:
+        value.format(self.element)
+
+    @property
+    def link_up(self) -> bool:
+        return Link.parse(self.element).up
+
+    @link_up.setter
+    def link_up(self, up: bool) -> None:
+        Link(up).format(self.element)
+
+    def matches(self, *, alias: str | None = None, mac: str | None = None) -> bool:
+        return (alias is None or self.alias == alias) and (mac is None or self.mac == mac.lower())
+
+
+class Domain:
+    """A parsed domain definition: identity and interfaces."""
+
+    def __init__(self, xml: str) -> None:
+        self.element = parse(xml, "domain")
+
+    @property
+    def uuid(self) -> str | None:
+        return self.element.findtext("uuid")
+
+    @property
+    def name(self) -> str | None:
+        return self.element.findtext("name")
+
+    @property
+    def interfaces(self) -> list[Interface]:
+        return [Interface(el) for el in self.element.iterfind("devices/interface")]
+
+    def set_uuid(self, uuid: str) -> None:
+        el = self.element.find("uuid")
+        if el is None:
+            el = etree.Element("uuid")
+            name = self.element.find("name")
+            if name is not None:
+                name.addnext(el)
+            else:
+                self.element.insert(0, el)
+        el.text = uuid
+
+    def to_xml(self) -> str:
+        return to_string(self.element)

@@ -1,0 +1,132 @@
+"""One error hierarchy for vnicd.
+
+Every error has a stable numeric ``code`` (VDSM's where VDSM has one), a stable
+``reason`` string, and named fields (VM, vNIC, field, cause) that build its message.
+Caller errors (:class:`RequestError`) and host failures (:class:`HostError`) are
+separate branches. Only the dispatcher turns these into JSON-RPC error objects.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+INVALID_PARAMS = -32602
+
+
+class VnicdError(Exception):
+    """Base of every error vnicd reports to a caller."""
+
+    code: ClassVar[int] = 100
+    reason: ClassVar[str] = "general"
+
+    def __init__(self, message: str, **fields: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.fields = {k: v for k, v in fields.items() if v is not None}
+
+    def data(self) -> dict[str, Any]:
+        return {"reason": self.reason, **self.fields}
+
+
+class RequestError(VnicdError):
+    """The request itself is wrong; nothing was changed."""
+
+
+class HostError(VnicdError):
+    """The host failed to do what a valid request asked."""
+
+
+class InvalidParameter(RequestError):
+    code = INVALID_PARAMS
+    reason = "invalidParameter"
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"invalid parameter {field}: {problem}", field=field)
+
+
+class MissingParameter(RequestError):
+    code = 11
+    reason = "MissParam"
+
+    def __init__(self, field: str) -> None:
+        super().__init__(f"missing required parameter {field}", field=field)
+
+
+class NoSuchVM(RequestError):
+    code = 1
+    reason = "noVM"
+
+    def __init__(self, vm: str) -> None:
+        super().__init__(f"virtual machine {vm} does not exist", vmID=vm)
+
+
+class VMExists(RequestError):
+    code = 4
+    reason = "exist"
+
+    def __init__(self, vm: str) -> None:
+        super().__init__(f"virtual machine {vm} already exists", vmID=vm)
+
+
+class NotSupported(RequestError):
+    """A valid request for something vnicd does not do."""
+
+    code = 44
+    reason = "noimpl"
+
+
+class UpdateDeviceError(RequestError):
+    """A VM.updateDevice request that cannot be carried out as asked."""
+
+    code = 56
+    reason = "updateDevice"
+
+
+class NoSuchNic(UpdateDeviceError):
+    reason = "noNic"
+
+    def __init__(self, vm: str, nic: str, field: str) -> None:
+        super().__init__(f"VM {vm} has no vNIC {nic}", vmID=vm, nic=nic, field=field)
+
+
+class UnknownNetwork(UpdateDeviceError):
+    reason = "noNetwork"
+
+    def __init__(self, vm: str, nic: str, network: str) -> None:
+        super().__init__(
+            f"cannot wire vNIC {nic} of VM {vm}: network {network!r} "
+            "maps to no bridge or libvirt network on this host",
+            vmID=vm,
+            nic=nic,
+            field="params.network",
+            network=network,
+        )
+
+
+class UnsupportedChange(UpdateDeviceError):
+    reason = "unsupportedChange"
+
+    def __init__(self, vm: str, nic: str, field: str, problem: str) -> None:
+        super().__init__(
+            f"cannot change {field} of vNIC {nic} of VM {vm}: {problem}",
+            vmID=vm,
+            nic=nic,
+            field=field,
+        )
+
+
+class CreateError(HostError):
+    code = 9
+    reason = "createErr"
+
+
+class UpdateDeviceFailed(HostError):
+    """The host failed part-way through an update; ``rolledBack`` says what was restored."""
+
+    code = 56
+    reason = "updateDeviceFailed"
+
+
+class GeneralError(HostError):
+    code = 100
+    reason = "general"
