@@ -6,7 +6,7 @@ import itertools
 import json
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 
 class RpcError(Exception):
@@ -29,7 +29,7 @@ class Client:
         self._file.close()
         self._sock.close()
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *_exc: object) -> None:

@@ -1,0 +1,168 @@
+"""Session fixtures: the test host (a network namespace), vnicd, and VMs that never outlive a test.
+
+Real-VM tests need root, /dev/net/tun and libvirt's QEMU driver; where they are
+missing the session stops with a clear message instead of skipping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from tests.harness import DaemonThread, SchemaClient
+from tests.hostenv import PREFIX, TestHost, kill_qemus, sweep_stale
+from vnicd.config import Config
+from vnicd.networks import Target
+
+TMP = Path(tempfile.gettempdir())
+DOMAIN_TYPE = "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "qemu"
+BRIDGES = ("vt-a", "vt-b", "vt-c")
+_host = TestHost()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if os.geteuid() != 0:
+        raise pytest.UsageError("vnicd's tests boot VMs on bridges: run them as root")
+    sweep_stale(TMP)
+    _host.enter()
+    for name in BRIDGES:
+        _host.bridge(name)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    _host.leave()
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"vnicd test host: netns {_host.name}, domain type {DOMAIN_TYPE}"
+
+
+@pytest.fixture(scope="session")
+def host() -> TestHost:
+    return _host
+
+
+@pytest.fixture(scope="session")
+def vnicd() -> Iterator[DaemonThread]:
+    """vnicd on the embedded hypervisor, in this session's namespace."""
+    state = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=TMP))
+    config = Config(
+        state_dir=state,
+        unix_socket=state / "vnicd.sock",
+        log_level="DEBUG",
+        workers=8,
+        networks={"lab": Target("bridge", "vt-c")},
+    )
+    daemon = DaemonThread(config)
+    try:
+        daemon.start()
+        yield daemon
+    finally:
+        try:
+            if daemon.daemon is not None:
+                for dom in daemon.conn.listAllDomains(0):
+                    with contextlib.suppress(libvirt.libvirtError):
+                        dom.destroy()
+                    with contextlib.suppress(libvirt.libvirtError):
+                        dom.undefine()
+        finally:
+            daemon.close()
+            kill_qemus(str(state))
+            shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture
+def rpc(vnicd: DaemonThread) -> Iterator[SchemaClient]:
+    with vnicd.client() as client:
+        yield client
+
+
+@dataclass
+class Nic:
+    """A vNIC for a test VM; MAC and tap name are made unique per session."""
+
+    bridge: str
+    model: str = "virtio"
+    link_up: bool | None = None
+    mac: str = ""
+    tap: str = ""
+    extra: str = ""
+
+
+_serial = itertools.count(1)
+
+
+def nic_xml(nic: Nic) -> str:
+    link = "" if nic.link_up is None else f"<link state='{'up' if nic.link_up else 'down'}'/>"
+    return (
+        f"<interface type='bridge'><mac address='{nic.mac}'/><source bridge='{nic.bridge}'/>"
+        f"<target dev='{nic.tap}'/><model type='{nic.model}'/>{link}{nic.extra}</interface>"
+    )
+
+
+def vm_xml(name: str, vm_id: str, nics: list[Nic], devices: str = "") -> str:
+    """A VM with no OS: starts in well under a second and has real PCI NICs, taps and QMP."""
+    return f"""<domain type='{DOMAIN_TYPE}'>
+  <name>{name}</name><uuid>{vm_id}</uuid>
+  <memory unit='MiB'>64</memory><vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>
+  <features><acpi/></features>
+  <on_poweroff>destroy</on_poweroff>
+  <devices>{"".join(nic_xml(n) for n in nics)}{devices}</devices>
+</domain>"""
+
+
+@dataclass
+class Vms:
+    """Creates VMs through vnicd and destroys whatever a test leaves."""
+
+    vnicd: DaemonThread
+    created: list[str] = field(default_factory=list)
+
+    def nic(self, nic: Nic) -> Nic:
+        n = next(_serial)
+        nic.mac = nic.mac or f"52:54:00:7e:{n // 256:02x}:{n % 256:02x}"
+        nic.tap = nic.tap or f"vtap{os.getpid() % 1000}-{n}"
+        return nic
+
+    def xml(self, *nics: Nic, name: str | None = None) -> tuple[str, str]:
+        vm_id = str(uuid.uuid4())
+        name = name or f"vm-{vm_id[:8]}"
+        return vm_id, vm_xml(name, vm_id, [self.nic(n) for n in nics])
+
+    def create(self, *nics: Nic, persistent: bool = False) -> str:
+        vm_id, xml = self.xml(*nics)
+        with self.vnicd.client() as c:
+            c.call("VM.create", vmID=vm_id, vmParams={"xml": xml, "persistent": persistent})
+        self.created.append(vm_id)
+        return vm_id
+
+    def cleanup(self) -> None:
+        if self.vnicd.daemon is None:
+            return
+        for vm_id in self.created:
+            with contextlib.suppress(libvirt.libvirtError):
+                dom = self.vnicd.domain(vm_id)
+                with contextlib.suppress(libvirt.libvirtError):
+                    dom.destroy()
+                with contextlib.suppress(libvirt.libvirtError):
+                    dom.undefine()
+
+
+@pytest.fixture
+def vms(vnicd: DaemonThread) -> Iterator[Vms]:
+    made = Vms(vnicd)
+    try:
+        yield made
+    finally:
+        made.cleanup()

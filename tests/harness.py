@@ -1,0 +1,126 @@
+"""vnicd run inside the test process, so tests see what it does where it happens.
+
+The daemon runs on its own asyncio loop in a thread (libvirt's event loop is bound
+to that loop for the whole session, as in the real daemon); tests talk to it over
+its real Unix socket, and read QEMU's own view and libvirt's events through the
+daemon's libvirt connection (the embedded driver allows one opener per root).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import libvirt
+import libvirt_qemu
+
+from vnicd.client import Client
+from vnicd.config import Config
+from vnicd.daemon import Daemon
+from vnicd.schema import Schema
+
+T = TypeVar("T")
+SCHEMA = Schema.load()
+
+
+class SchemaClient(Client):
+    """A client that checks every result against the API schema."""
+
+    def call(self, method: str, **params: Any) -> Any:
+        result = super().call(method, **params)
+        SCHEMA.validate_result(SCHEMA.verbs[method], result)
+        return result
+
+
+@dataclass(frozen=True)
+class PciDevice:
+    qdev_id: str
+    bus: int
+    slot: int
+    function: int
+    vendor: int
+    device: int
+
+
+class DaemonThread:
+    """A vnicd Daemon on a session-long event loop in a background thread."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, name="vnicd-loop", daemon=True
+        )
+        self._thread.start()
+        self.daemon: Daemon | None = None
+        self.removed: list[tuple[str, str]] = []
+        self._events: int | None = None
+
+    def _run(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self) -> None:
+        self.daemon = Daemon(self.config)
+        self._run(self.daemon.start())
+        self._events = self.conn.domainEventRegisterAny(
+            None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, self._on_removed, None
+        )
+
+    def stop(self) -> None:
+        if self.daemon is None:
+            return
+        if self._events is not None:
+            self.conn.domainEventDeregisterAny(self._events)
+            self._events = None
+        self._run(self.daemon.stop())
+        self.daemon = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        self.stop()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+    def _on_removed(self, _c: Any, dom: libvirt.virDomain, alias: str, _o: Any) -> None:
+        self.removed.append((dom.UUIDString(), alias))
+
+    @property
+    def conn(self) -> libvirt.virConnect:
+        assert self.daemon is not None, "vnicd is not running"
+        return self.daemon.hypervisor.conn
+
+    def client(self) -> SchemaClient:
+        return SchemaClient(self.config.unix_socket)
+
+    def domain(self, vm_id: str) -> libvirt.virDomain:
+        return self.conn.lookupByUUIDString(vm_id)
+
+    def live_xml(self, vm_id: str) -> str:
+        return str(self.domain(vm_id).XMLDesc(0))
+
+    def query_pci(self, vm_id: str) -> dict[str, PciDevice]:
+        """QEMU's own view of the guest's PCI bus, by QEMU device id (libvirt's alias)."""
+        reply = libvirt_qemu.qemuMonitorCommand(
+            self.domain(vm_id), json.dumps({"execute": "query-pci"}), 0
+        )
+        devices = {}
+        for bus in json.loads(reply)["return"]:
+            for d in bus["devices"]:
+                if d.get("qdev_id"):
+                    devices[d["qdev_id"]] = PciDevice(
+                        d["qdev_id"],
+                        d["bus"],
+                        d["slot"],
+                        d["function"],
+                        d["id"]["vendor"],
+                        d["id"]["device"],
+                    )
+        return devices

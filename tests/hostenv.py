@@ -1,0 +1,132 @@
+"""The test session's own host: a network namespace with its bridges, and a sweep of leftovers.
+
+The whole test process enters the namespace before it starts any thread, so every
+tap libvirt creates for the tests' VMs, and every ``ip`` the tests run, lives there
+and can never collide with another run or with the host's own network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+CLONE_NEWNET = 0x40000000
+PREFIX = "vnicd-test-"
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def ip(*args: str) -> str:
+    return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
+
+
+def link(name: str) -> dict[str, object] | None:
+    proc = subprocess.run(["ip", "-j", "-d", "link", "show", "dev", name], capture_output=True)
+    if proc.returncode != 0:
+        return None
+    found: list[dict[str, object]] = json.loads(proc.stdout)
+    return found[0] if found else None
+
+
+def master(dev: str) -> str | None:
+    info = link(dev)
+    assert info is not None, f"no device {dev}"
+    value = info.get("master")
+    return None if value is None else str(value)
+
+
+def _setns(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns({path}): {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def qemu_pids(marker: str) -> list[int]:
+    """QEMU processes whose command line mentions ``marker`` (a test state directory)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if "qemu-system" in cmdline and marker in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
+def kill_qemus(marker: str) -> None:
+    for pid in qemu_pids(marker):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while qemu_pids(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def sweep_stale(tmp: Path) -> None:
+    """Remove what earlier runs killed mid-way left behind: their VMs, namespaces, state."""
+    pattern = re.compile(re.escape(PREFIX) + r"(\d+)")
+    for ns in subprocess.run(
+        ["ip", "netns", "list"], capture_output=True, text=True
+    ).stdout.split():
+        m = pattern.fullmatch(ns)
+        if m and not _alive(int(m.group(1))):
+            subprocess.run(["ip", "netns", "del", ns], check=False)
+    for state in tmp.glob(PREFIX + "*"):
+        m = pattern.match(state.name)
+        if m and not _alive(int(m.group(1))):
+            kill_qemus(str(state))
+            subprocess.run(["rm", "-rf", str(state)], check=False)
+
+
+class TestHost:
+    """A network namespace that this process lives in for the whole session."""
+
+    def __init__(self) -> None:
+        self.name = f"{PREFIX}{os.getpid()}"
+        self.bridges: list[str] = []
+
+    def enter(self) -> None:
+        if threading.active_count() != 1:
+            raise RuntimeError("enter the test namespace before any thread starts")
+        ip("netns", "add", self.name)
+        _setns(f"/run/netns/{self.name}")
+        ip("link", "set", "dev", "lo", "up")
+
+    def leave(self) -> None:
+        """Delete the bridges and the namespace's name; the namespace dies with this process."""
+        for name in self.bridges:
+            subprocess.run(["ip", "link", "del", "dev", name], check=False, capture_output=True)
+        subprocess.run(["ip", "netns", "del", self.name], check=False)
+
+    def bridge(self, name: str) -> str:
+        """A bridge that is up and forwards without the host firewall looking at it."""
+        ip("link", "add", "name", name, "type", "bridge")
+        with contextlib.suppress(subprocess.CalledProcessError):
+            ip("link", "set", "dev", name, "type", "bridge", "nf_call_iptables", "0")
+        ip("link", "set", "dev", name, "up")
+        self.bridges.append(name)
+        return name

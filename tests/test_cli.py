@@ -1,0 +1,95 @@
+"""vnic-client, run as a person runs it, against the session's vnicd."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import Nic, Vms
+from tests.evidence import seen
+from tests.harness import DaemonThread
+
+CLIENT = Path(sys.executable).with_name("vnic-client")
+
+
+def cli(
+    vnicd: DaemonThread, *args: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(CLIENT), "--socket", str(vnicd.config.unix_socket), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_short_forms(vnicd: DaemonThread, vms: Vms) -> None:
+    nic = Nic("vt-a")
+    vm_id = vms.create(nic)
+    name = json.loads(cli(vnicd, "--json", "nics", vm_id).stdout)["vmName"]
+
+    out = cli(vnicd, "list")
+    assert out.returncode == 0 and vm_id in out.stdout and name in out.stdout
+
+    out = cli(vnicd, "link", name, "net0", "down")
+    assert out.returncode == 0, out.stderr
+    assert "down" in out.stdout.splitlines()[2]
+    assert not seen(vnicd, vm_id, nic.mac).link_up
+
+    out = cli(vnicd, "wire", name, nic.mac, "vt-b")
+    assert out.returncode == 0, out.stderr
+    after = seen(vnicd, vm_id, nic.mac)
+    assert after.kernel_bridge == "vt-b" and not after.link_up
+
+    out = cli(vnicd, "wire", vm_id, "net0", "")
+    assert out.returncode == 0 and "(unwired)" in out.stdout
+    assert seen(vnicd, vm_id, nic.mac).kernel_bridge == vnicd.config.unwired_bridge
+
+    out = cli(vnicd, "--json", "nics", name)
+    assert json.loads(out.stdout)["nics"][0]["network"] == ""
+
+    out = cli(vnicd, "caps")
+    assert out.returncode == 0 and "vt-b" in out.stdout
+
+
+def test_generic_form(vnicd: DaemonThread, vms: Vms) -> None:
+    nic = Nic("vt-a")
+    vm_id = vms.create(nic)
+    params = json.dumps({"deviceType": "interface", "alias": "net0", "network": "vt-c"})
+    out = cli(vnicd, "VM", "updateDevice", f"vmID={vm_id}", f"params={params}")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["nics"][0]["bridge"] == "vt-c"
+    assert seen(vnicd, vm_id, nic.mac).kernel_bridge == "vt-c"
+
+    request = {
+        "vmID": vm_id,
+        "params": {"deviceType": "interface", "macAddr": nic.mac, "linkActive": False},
+    }
+    out = cli(vnicd, "VM", "updateDevice", "-f", "-", stdin=json.dumps(request))
+    assert out.returncode == 0, out.stderr
+    assert not seen(vnicd, vm_id, nic.mac).link_up
+
+    out = cli(vnicd, "Host", "ping2")
+    assert out.returncode == 0 and json.loads(out.stdout) == {}
+
+
+def test_errors_exit_1_with_code(vnicd: DaemonThread, vms: Vms) -> None:
+    vm_id = vms.create(Nic("vt-a"))
+    out = cli(vnicd, "wire", vm_id, "net0", "nosuchbr")
+    assert out.returncode == 1 and out.stderr.startswith("vnic-client: error 56:")
+    out = cli(vnicd, "VM", "getInfo")
+    assert out.returncode == 1 and "error 11" in out.stderr and "vmID" in out.stderr
+    out = cli(vnicd, "nics", "no-such-vm")
+    assert out.returncode == 1 and "no VM named" in out.stderr
+    out = cli(vnicd, "VM", "updateDevice", "vmID=x", "params={")
+    assert out.returncode == 1 and "params: not valid JSON" in out.stderr
+
+
+def test_help_comes_from_schema(vnicd: DaemonThread) -> None:
+    out = cli(vnicd, "VM", "--help")
+    assert out.returncode == 0
+    for verb in ("updateDevice", "create", "destroy", "getInfo"):
+        assert verb in out.stdout

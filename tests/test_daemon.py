@@ -1,0 +1,128 @@
+"""The real vnicd process: config errors, readiness, clean stop, and VMs that outlive it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TMP, Nic, Vms, vm_xml
+from tests.harness import DaemonThread, SchemaClient
+from tests.hostenv import PREFIX, kill_qemus, master
+
+VNICD = Path(sys.executable).with_name("vnicd")
+
+
+@pytest.fixture
+def state() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-proc-", dir=TMP))
+    try:
+        yield path
+    finally:
+        kill_qemus(str(path))
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def start(config: Path) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [str(VNICD), "--config", str(config)], stderr=subprocess.PIPE, text=True
+    )
+    return proc
+
+
+def wait_ready(proc: subprocess.Popen[str], sock: Path) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        if sock.is_socket():
+            with SchemaClient(sock) as c:
+                c.call("Host.ping2")
+            return
+        time.sleep(0.05)
+    raise AssertionError("vnicd did not become ready")
+
+
+def stop(proc: subprocess.Popen[str]) -> str:
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    return err
+
+
+def test_invalid_config_names_the_key(state: Path) -> None:
+    for text, key in (
+        ("rpc: {unix_sockets: /x}\n", "rpc.unix_sockets: unknown key"),
+        ("workers: many\n", "workers: expected int"),
+        ("networks: {lab: {bridge: 'a b'}}\n", "networks.lab.bridge"),
+        ("state_dir: relative\n", "state_dir: must be an absolute path"),
+    ):
+        (state / "bad.yml").write_text(text)
+        proc = subprocess.run(
+            [str(VNICD), "--config", str(state / "bad.yml")], capture_output=True, text=True
+        )
+        assert proc.returncode == 2 and key in proc.stderr, (text, proc.stderr)
+
+
+def test_serves_stops_and_picks_up_running_vms(state: Path, vnicd: DaemonThread) -> None:
+    sock = state / "vnicd.sock"
+    config = state / "vnicd.yml"
+    config.write_text(
+        f"state_dir: {state}\nrpc: {{unix_socket: {sock}}}\nunwired_bridge: vt-unwired2\n"
+    )
+    vm_id = f"5e1f0000-0000-4000-8000-{os.getpid():012x}"
+    nic = Nic("vt-a", mac="52:54:00:7f:00:01", tap=f"vp{os.getpid() % 100000}")
+    proc = start(config)
+    try:
+        wait_ready(proc, sock)
+        assert oct(sock.stat().st_mode & 0o777) == "0o600"
+        assert (state / "libvirt" / "etc" / "qemu.conf").is_file()
+        with SchemaClient(sock) as c:
+            c.call("VM.create", vmID=vm_id, vmParams={"xml": vm_xml("proc-vm", vm_id, [nic])})
+        stop(proc)
+        assert not sock.exists()
+        assert master(nic.tap) == "vt-a", "the VM must outlive vnicd"
+
+        proc = start(config)
+        wait_ready(proc, sock)
+        with SchemaClient(sock) as c:
+            assert [v["vmID"] for v in c.call("Host.getVMList")] == [vm_id]
+            c.call(
+                "VM.updateDevice",
+                vmID=vm_id,
+                params={"deviceType": "interface", "alias": "net0", "network": "vt-b"},
+            )
+            assert master(nic.tap) == "vt-b"
+            c.call("VM.destroy", vmID=vm_id)
+        assert "found 1 VMs: proc-vm" in stop(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_inprocess_restart_keeps_vms(vnicd: DaemonThread) -> None:
+    """vnicd restarted while a VM runs: it finds the VM and can still rewire it."""
+    vms = Vms(vnicd)
+    try:
+        nic = Nic("vt-a")
+        vm_id = vms.create(nic)
+        vnicd.restart()
+        with vnicd.client() as c:
+            info = c.call("VM.getInfo", vmID=vm_id)
+            assert info["status"] == "Up" and info["nics"][0]["bridge"] == "vt-a"
+            c.call(
+                "VM.updateDevice",
+                vmID=vm_id,
+                params={"deviceType": "interface", "alias": "net0", "network": "vt-b"},
+            )
+        assert master(nic.tap) == "vt-b"
+    finally:
+        vms.cleanup()

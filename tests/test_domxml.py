@@ -1,0 +1,136 @@
+"""Round trips of the XML mapping: what vnicd does not model survives untouched."""
+
+from __future__ import annotations
+
+import pytest
+from lxml import etree
+
+from vnicd.domxml import Domain, Interface, PciAddress, Source, XMLError
+from vnicd.networks import UNWIRED, Wiring
+from vnicd.wiring import NicChange, plan
+
+LIVE = """<interface type='bridge'>
+  <mac address='52:54:00:AA:bb:01'/>
+  <source bridge='br-a'/>
+  <target dev='vnet7'/>
+  <model type='virtio'/>
+  <driver name='vhost' queues='2'/>
+  <rom enabled='no'/>
+  <boot order='2'/>
+  <mtu size='1400'/>
+  <alias name='net0'/>
+  <address type='pci' domain='0x0000' bus='0x00' slot='0x09' function='0x0'/>
+</interface>"""
+
+
+def canonical(xml: str) -> list[str]:
+    """Children as sorted strings: order-insensitive comparison of one element."""
+    root = etree.fromstring(xml.encode())
+    children = sorted(etree.tostring(el, method="c14n").decode().strip() for el in root)
+    return [*children, str(sorted(root.attrib.items()))]
+
+
+def test_round_trip_is_lossless() -> None:
+    iface = Interface.from_xml(LIVE)
+    assert canonical(Interface.from_xml(iface.to_xml()).to_xml()) == canonical(LIVE)
+
+
+def test_accessors() -> None:
+    iface = Interface.from_xml(LIVE)
+    assert iface.mac == "52:54:00:aa:bb:01"
+    assert (iface.model, iface.alias, iface.tap, iface.bridge) == (
+        "virtio",
+        "net0",
+        "vnet7",
+        "br-a",
+    )
+    assert iface.address == PciAddress(0, 0, 9, 0) and str(iface.address) == "0000:00:09.0"
+    assert iface.source == Source("bridge", "br-a")
+    assert iface.link_up, "a missing <link> means up"
+    assert iface.matches(alias="net0") and iface.matches(mac="52:54:00:AA:BB:01")
+    assert not iface.matches(alias="net0", mac="52:54:00:aa:bb:02")
+
+
+def without(xml: str, *tags: str) -> list[str]:
+    root = etree.fromstring(xml.encode())
+    for tag in tags:
+        for el in root.findall(tag):
+            root.remove(el)
+    del root.attrib["type"]
+    return canonical(etree.tostring(root).decode())
+
+
+@pytest.mark.parametrize(
+    ("change", "wiring", "kind", "source", "link"),
+    [
+        (NicChange(link_up=False), None, "bridge", {"bridge": "br-a"}, "down"),
+        (
+            NicChange(network="br-b"),
+            Wiring("br-b", Source("bridge", "br-b"), "br-b"),
+            "bridge",
+            {"bridge": "br-b"},
+            "up",
+        ),
+        (
+            NicChange(network="lab"),
+            Wiring("lab", Source("network", "lab"), "virbr1"),
+            "network",
+            {"network": "lab"},
+            "up",
+        ),
+        (
+            NicChange(network=UNWIRED, link_up=True),
+            Wiring(UNWIRED, Source("bridge", "void"), "void"),
+            "bridge",
+            {"bridge": "void"},
+            "down",
+        ),
+    ],
+)
+def test_plan_changes_only_source_and_link(
+    change: NicChange, wiring: Wiring | None, kind: str, source: dict[str, str], link: str
+) -> None:
+    current = Interface.from_xml(LIVE)
+    new = plan(current, change, wiring)
+    root = etree.fromstring(new.to_xml().encode())
+    assert root.get("type") == kind
+    assert root.find("source").attrib == source  # type: ignore[union-attr]
+    assert root.find("link").attrib == {"state": link}  # type: ignore[union-attr]
+    assert without(new.to_xml(), "source", "link") == without(LIVE, "source", "link")
+    assert current.to_xml() == Interface.from_xml(LIVE).to_xml(), "the original was edited"
+
+
+def test_plan_writes_link_explicitly() -> None:
+    """A network-only change of a down vNIC must say down: a missing <link> means up."""
+    down = Interface.from_xml(LIVE.replace("<rom", "<link state='down'/><rom"))
+    new = plan(down, NicChange(network="br-b"), Wiring("br-b", Source("bridge", "br-b"), "br-b"))
+    assert '<link state="down"/>' in new.to_xml()
+    up = plan(
+        Interface.from_xml(LIVE),
+        NicChange(network="br-b"),
+        Wiring("br-b", Source("bridge", "br-b"), "br-b"),
+    )
+    assert '<link state="up"/>' in up.to_xml()
+
+
+def test_network_source_drops_live_only_attributes() -> None:
+    live = LIVE.replace("type='bridge'", "type='network'", 1).replace(
+        "<source bridge='br-a'/>", "<source network='default' portid='x' bridge='virbr0'/>"
+    )
+    iface = Interface.from_xml(live)
+    assert iface.source == Source("network", "default") and iface.bridge == "virbr0"
+    iface.source = Source("bridge", "br-b")
+    assert etree.fromstring(iface.to_xml()).find("source").attrib == {"bridge": "br-b"}  # type: ignore[union-attr]
+
+
+def test_domain_uuid_and_rejections() -> None:
+    dom = Domain("<domain type='kvm'><name>x</name><devices>" + LIVE + "</devices></domain>")
+    assert dom.uuid is None and dom.name == "x" and len(dom.interfaces) == 1
+    dom.set_uuid("0b7e3f34-3d68-4cb8-a7ea-c9d04be1a0e1")
+    assert Domain(dom.to_xml()).uuid == "0b7e3f34-3d68-4cb8-a7ea-c9d04be1a0e1"
+    with pytest.raises(XMLError, match="malformed"):
+        Domain("<domain>")
+    with pytest.raises(XMLError, match="expected <domain>"):
+        Domain(LIVE)
+    hostile = '<!DOCTYPE d [<!ENTITY e SYSTEM "file:///etc/passwd">]><domain>&e;</domain>'
+    assert "root:" not in Domain(hostile).to_xml(), "an external entity was expanded"
