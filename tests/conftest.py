@@ -61,6 +61,7 @@ def vnicd() -> Iterator[DaemonThread]:
         unix_socket=state / "vnicd.sock",
         log_level="DEBUG",
         workers=8,
+        unplug_timeout=2.0,
         networks={"lab": Target("bridge", "vt-c")},
     )
     daemon = DaemonThread(config)

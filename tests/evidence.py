@@ -37,16 +37,22 @@ def interfaces(xml: str) -> dict[str, etree._Element]:
     }
 
 
+def pci_of(el: etree._Element) -> str:
+    """An interface's guest PCI address from its XML, as bus:slot:function in decimal."""
+    addr = el.find("address")
+    assert addr is not None, "no <address>"
+    return ":".join(str(int(str(addr.get(k)), 16)) for k in ("bus", "slot", "function"))
+
+
 def seen(vnicd: DaemonThread, vm_id: str, mac: str) -> Seen:
     el = interfaces(vnicd.live_xml(vm_id))[mac]
     kind = str(el.get("type"))
     source = el.find("source")
     link = el.find("link")
-    addr = el.find("address")
     alias = str(el.find("alias").get("name"))  # type: ignore[union-attr]
     tap = str(el.find("target").get("dev"))  # type: ignore[union-attr]
     pci = vnicd.query_pci(vm_id)[alias]
-    assert source is not None and addr is not None
+    assert source is not None
     return Seen(
         mac=mac,
         alias=alias,
@@ -54,7 +60,7 @@ def seen(vnicd: DaemonThread, vm_id: str, mac: str) -> Seen:
         source_type=kind,
         source=str(source.get(kind)),
         link_up=link is None or link.get("state") == "up",
-        pci=":".join(str(int(str(addr.get(k)), 16)) for k in ("bus", "slot", "function")),
+        pci=pci_of(el),
         tap=tap,
         kernel_bridge=master(tap),
         qemu_slot=(pci.bus, pci.slot, pci.function),

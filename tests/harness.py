@@ -21,6 +21,7 @@ import libvirt_qemu
 from vnicd.client import Client
 from vnicd.config import Config
 from vnicd.daemon import Daemon
+from vnicd.hypervisor import Domain
 from vnicd.schema import Schema
 
 T = TypeVar("T")
@@ -58,7 +59,6 @@ class DaemonThread:
         self._thread.start()
         self.daemon: Daemon | None = None
         self.removed: list[tuple[str, str]] = []
-        self._events: int | None = None
 
     def _run(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -66,16 +66,11 @@ class DaemonThread:
     def start(self) -> None:
         self.daemon = Daemon(self.config)
         self._run(self.daemon.start())
-        self._events = self.conn.domainEventRegisterAny(
-            None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, self._on_removed, None
-        )
+        self.daemon.hypervisor.on_device_removal(self._on_removal)
 
     def stop(self) -> None:
         if self.daemon is None:
             return
-        if self._events is not None:
-            self.conn.domainEventDeregisterAny(self._events)
-            self._events = None
         self._run(self.daemon.stop())
         self.daemon = None
 
@@ -89,8 +84,9 @@ class DaemonThread:
         self._thread.join(10)
         self.loop.close()
 
-    def _on_removed(self, _c: Any, dom: libvirt.virDomain, alias: str, _o: Any) -> None:
-        self.removed.append((dom.UUIDString(), alias))
+    def _on_removal(self, dom: Domain, alias: str, removed: bool) -> None:
+        if removed:
+            self.removed.append((dom.uuid, alias))
 
     @property
     def conn(self) -> libvirt.virConnect:

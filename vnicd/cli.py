@@ -119,6 +119,10 @@ def _short_forms(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("vm", help="VM name or UUID")
     p.add_argument("nic", help="alias or MAC")
     p.add_argument("network")
+    for verb, text in (("plug", "plug a vNIC back into the guest"), ("unplug", "unplug a vNIC")):
+        p = sub.add_parser(verb, help=text)
+        p.add_argument("vm", help="VM name or UUID")
+        p.add_argument("nic", help="alias or MAC")
     p = sub.add_parser("create", help="create and start a VM from a libvirt domain XML file")
     p.add_argument("xml", type=Path)
     p.add_argument("--persistent", action="store_true", help="define it, not transient")
@@ -137,6 +141,9 @@ def _run_short(client: Client, args: argparse.Namespace) -> tuple[Any, Callable[
         return _update(client, args.vm, args.nic, linkActive=args.state == "up"), nics
     if args.command == "wire":
         return _update(client, args.vm, args.nic, network=args.network), nics
+    if args.command in ("plug", "unplug"):
+        verb = "VM.hotplugNic" if args.command == "plug" else "VM.hotunplugNic"
+        return client.call(verb, vmID=_vm_id(client, args.vm), params=_nic(args.nic)), nics
     if args.command == "create":
         text = args.xml.read_text()
         try:

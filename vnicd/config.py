@@ -31,6 +31,7 @@ _SCHEMA: dict[str, Any] = {
     "state_dir": (str, "/var/lib/vnicd"),
     "log_level": (str, "INFO"),
     "workers": (int, 16),
+    "unplug_timeout": (float, 30.0),
     "unwired_bridge": (str, "vnicd-unwired"),
     "networks": (dict, {}),
 }
@@ -49,6 +50,7 @@ class Config:
     state_dir: Path = Path("/var/lib/vnicd")
     log_level: str = "INFO"
     workers: int = 16
+    unplug_timeout: float = 30.0
     unwired_bridge: str = "vnicd-unwired"
     networks: dict[str, Target] = field(default_factory=dict)
 
@@ -80,6 +82,8 @@ def _flatten(schema: dict[str, Any], data: Any, prefix: str) -> dict[str, Any]:
             continue
         kind, default = spec
         value = data.get(key, default)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise ConfigError(f"{prefix}{key}: expected {kind.__name__}, got {value!r}")
         values[prefix + key] = value
@@ -113,6 +117,8 @@ def parse(data: Any) -> Config:
         ) from None
     if v["log_level"].upper() not in logging.getLevelNamesMapping():
         raise ConfigError(f"log_level: unknown level {v['log_level']!r}")
+    if v["unplug_timeout"] <= 0:
+        raise ConfigError("unplug_timeout: must be positive")
     if v["workers"] < 1:
         raise ConfigError("workers: must be at least 1")
     if not names.is_ifname(v["unwired_bridge"]):
@@ -128,6 +134,7 @@ def parse(data: Any) -> Config:
         state_dir=Path(v["state_dir"]),
         log_level=v["log_level"].upper(),
         workers=v["workers"],
+        unplug_timeout=v["unplug_timeout"],
         unwired_bridge=v["unwired_bridge"],
         networks=_networks(v["networks"]),
     )

@@ -16,6 +16,7 @@ from vnicd.config import DEFAULT_PATH, Config, ConfigError, load
 from vnicd.dispatcher import Dispatcher
 from vnicd.hypervisor import Domain, Hypervisor, prepare_embed_root
 from vnicd.networks import LibvirtNetworks, LinuxBridges, NetworkMap
+from vnicd.plugging import Plugger
 from vnicd.rpc_unix import UnixServer
 from vnicd.schema import Schema
 from vnicd.service import Service
@@ -53,7 +54,11 @@ class Daemon:
             cfg.networks, [LinuxBridges(), LibvirtNetworks(self.hypervisor)], cfg.unwired_bridge
         )
         rewirer = Rewirer(networks, persist_running=cfg.persistent_updates)
-        self._service = Service(self.hypervisor, networks, rewirer, workers=cfg.workers)
+        plugger = Plugger(unplug_timeout=cfg.unplug_timeout)
+        self.hypervisor.on_device_removal(
+            lambda dom, alias, removed: plugger.removal(dom.uuid, alias, removed)
+        )
+        self._service = Service(self.hypervisor, networks, rewirer, plugger, workers=cfg.workers)
         running = await asyncio.to_thread(self.hypervisor.domains)
         log.info("found %d VMs: %s", len(running), ", ".join(d.name for d in running) or "none")
         dispatcher = Dispatcher(Schema.load(), self._service)

@@ -25,13 +25,14 @@ class XMLError(ValueError):
     """The text is not the XML element expected."""
 
 
-def parse(xml: str, tag: str) -> etree._Element:
+def parse(xml: str, *tags: str) -> etree._Element:
+    """Parse untrusted XML whose root must be one of ``tags``."""
     try:
         root = etree.fromstring(xml.encode(), _PARSER)
     except etree.XMLSyntaxError as e:
         raise XMLError(f"malformed XML: {e}") from e
-    if root.tag != tag:
-        raise XMLError(f"expected <{tag}>, found <{root.tag}>")
+    if root.tag not in tags:
+        raise XMLError(f"expected <{'> or <'.join(tags)}>, found <{root.tag}>")
     return root
 
 
@@ -196,6 +197,12 @@ class Domain:
     def interfaces(self) -> list[Interface]:
         return [Interface(el) for el in self.element.iterfind("devices/interface")]
 
+    @property
+    def pci_addresses(self) -> set[PciAddress]:
+        """Every guest PCI address a device of this domain holds."""
+        found = (PciAddress.parse(dev) for dev in self.element.iterfind("devices/*"))
+        return {a for a in found if a is not None}
+
     def set_uuid(self, uuid: str) -> None:
         el = self.element.find("uuid")
         if el is None:
@@ -209,3 +216,14 @@ class Domain:
 
     def to_xml(self) -> str:
         return to_string(self.element)
+
+
+def hotplug_interface(xml: str) -> Interface:
+    """The ``<interface>`` of a hotplug request: bare, or in VDSM's ``<hotplug>`` wrapper."""
+    root = parse(xml, "interface", "hotplug")
+    if root.tag == "interface":
+        return Interface(root)
+    found = root.findall("devices/interface")
+    if len(found) != 1:
+        raise XMLError("expected exactly one <interface> in <hotplug><devices>")
+    return Interface(found[0])

@@ -130,3 +130,17 @@ class UpdateDeviceFailed(HostError):
 class GeneralError(HostError):
     code = 100
     reason = "general"
+
+
+class HotplugNicError(VnicdError):
+    """A vNIC could not be plugged; nothing was changed."""
+
+    code = 49
+    reason = "hotplugNic"
+
+
+class HotunplugNicError(VnicdError):
+    """A vNIC could not be unplugged; it stays plugged."""
+
+    code = 50
+    reason = "hotunplugNic"

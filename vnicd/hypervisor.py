@@ -38,7 +38,7 @@ _STATES = {
 }
 
 DomainEventCallback = Callable[["Domain", int, int], None]
-DeviceEventCallback = Callable[["Domain", str], None]
+DeviceEventCallback = Callable[["Domain", str, bool], None]
 
 
 class HypervisorError(Exception):
@@ -48,6 +48,12 @@ class HypervisorError(Exception):
         self.libvirt_code = error.get_error_code()
         self.cause = error.get_error_message() or str(error)
         super().__init__(f"{action}: {self.cause}")
+
+
+def _affect(live: bool, persistent: bool) -> int:
+    return (libvirt.VIR_DOMAIN_AFFECT_LIVE if live else 0) | (
+        libvirt.VIR_DOMAIN_AFFECT_CONFIG if persistent else 0
+    )
 
 
 def embed_uri(root: Path) -> str:
@@ -90,11 +96,46 @@ class Domain:
         return str(self._call("reading XML", self._dom.XMLDesc, flags))
 
     def update_interface(self, xml: str, *, live: bool, persistent: bool) -> None:
-        flags = (libvirt.VIR_DOMAIN_AFFECT_LIVE if live else 0) | (
-            libvirt.VIR_DOMAIN_AFFECT_CONFIG if persistent else 0
-        )
+        flags = _affect(live, persistent)
         log.debug("VM %s: updateDeviceFlags(flags=%d) %s", self.uuid, flags, xml)
         self._call("updating interface", self._dom.updateDeviceFlags, xml, flags)
+
+    def attach_interface(self, xml: str, *, live: bool, persistent: bool) -> None:
+        log.debug("VM %s: attachDeviceFlags %s", self.uuid, xml)
+        self._call(
+            "plugging interface", self._dom.attachDeviceFlags, xml, _affect(live, persistent)
+        )
+
+    def detach_interface(self, xml: str, *, live: bool, persistent: bool) -> None:
+        """Ask for the device's removal; libvirt may return before the guest released it."""
+        log.debug("VM %s: detachDeviceFlags %s", self.uuid, xml)
+        self._call(
+            "unplugging interface", self._dom.detachDeviceFlags, xml, _affect(live, persistent)
+        )
+
+    def metadata(self, uri: str) -> str | None:
+        """The metadata element in namespace ``uri``: live for a running VM, else saved."""
+        try:
+            return str(self._dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, uri, 0))
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+                return None
+            raise HypervisorError(f"reading metadata of VM {self.uuid}", e) from e
+
+    def set_metadata(
+        self, xml: str | None, key: str, uri: str, *, live: bool, persistent: bool
+    ) -> None:
+        """Replace (or, with None, remove) vnicd's metadata element."""
+        log.debug("VM %s: setMetadata %s", self.uuid, xml)
+        self._call(
+            "writing metadata",
+            self._dom.setMetadata,
+            libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+            xml,
+            key if xml else None,
+            uri,
+            _affect(live, persistent),
+        )
 
     def start(self) -> None:
         self._call("starting", self._dom.create)
@@ -115,6 +156,7 @@ class Hypervisor:
         self.uri = uri
         self._conn: libvirt.virConnect | None = None
         self._callbacks: list[int] = []
+        self._device_listeners: list[DeviceEventCallback] = []
 
     @property
     def conn(self) -> libvirt.virConnect:
@@ -138,6 +180,7 @@ class Hypervisor:
             except libvirt.libvirtError as e:
                 log.warning("deregistering event callback %d: %s", cb, e)
         self._callbacks.clear()
+        self._device_listeners.clear()
         self._conn.close()
         self._conn = None
 
@@ -194,12 +237,25 @@ class Hypervisor:
             self.conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, cb, None)
         )
 
-    def on_device_removed(self, callback: DeviceEventCallback) -> None:
-        def cb(_conn: Any, dom: libvirt.virDomain, alias: str, _opaque: Any) -> None:
-            callback(Domain(dom), alias)
+    def on_device_removal(self, callback: DeviceEventCallback) -> None:
+        """Call ``callback(domain, alias, removed)`` when a guest released a device or refused.
 
-        self._callbacks.append(
-            self.conn.domainEventRegisterAny(
-                None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, cb, None
-            )
-        )
+        libvirt takes one callback per event type and connection, so listeners share it.
+        """
+        if not self._device_listeners:
+
+            def cb(removed: bool) -> Callable[..., None]:
+                def handler(_conn: Any, dom: libvirt.virDomain, alias: str, _opaque: Any) -> None:
+                    for listener in list(self._device_listeners):
+                        listener(Domain(dom), alias, removed)
+
+                return handler
+
+            for event, removed in (
+                (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, True),
+                (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVAL_FAILED, False),
+            ):
+                self._callbacks.append(
+                    self.conn.domainEventRegisterAny(None, event, cb(removed), None)
+                )
+        self._device_listeners.append(callback)

@@ -15,11 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from vnicd import __version__, errors, hostnet
+from vnicd import __version__, errors, hostnet, unplugged
 from vnicd.domxml import Domain as DomainXML
-from vnicd.domxml import Interface, XMLError
+from vnicd.domxml import Interface, XMLError, hotplug_interface
 from vnicd.hypervisor import Domain, Hypervisor, HypervisorError
 from vnicd.networks import NetworkMap
+from vnicd.plugging import Plugger
 from vnicd.wiring import NicChange, NicRef, Rewirer
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,15 @@ class UpdateNic:
 
 
 @dataclass(frozen=True)
+class PlugNic:
+    """Plug a known vNIC back (``nic``), or a new one from its XML (``xml``)."""
+
+    vm_id: str
+    nic: NicRef | None = None
+    xml: str | None = None
+
+
+@dataclass(frozen=True)
 class CreateVM:
     vm_id: str
     xml: str
@@ -42,11 +52,18 @@ class CreateVM:
 
 class Service:
     def __init__(
-        self, hypervisor: Hypervisor, networks: NetworkMap, rewirer: Rewirer, *, workers: int
+        self,
+        hypervisor: Hypervisor,
+        networks: NetworkMap,
+        rewirer: Rewirer,
+        plugger: Plugger,
+        *,
+        workers: int,
     ) -> None:
         self._hypervisor = hypervisor
         self._networks = networks
         self._rewirer = rewirer
+        self._plugger = plugger
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vnicd-worker")
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -93,6 +110,26 @@ class Service:
         async with self._lock(req.vm_id):
             dom = await self._domain(req.vm_id)
             await self._blocking(self._rewirer.update, dom, req.nic, req.change)
+            return await self._blocking(self._info, dom)
+
+    async def hotplug(self, req: PlugNic) -> dict[str, Any]:
+        async with self._lock(req.vm_id):
+            dom = await self._domain(req.vm_id)
+            if req.xml is not None:
+                try:
+                    iface = hotplug_interface(req.xml)
+                except XMLError as e:
+                    raise errors.InvalidParameter("params.xml", str(e)) from e
+                await self._blocking(self._plugger.plug_new, dom, iface)
+            else:
+                assert req.nic is not None
+                await self._blocking(self._plugger.plug, dom, req.nic)
+            return await self._blocking(self._info, dom)
+
+    async def hotunplug(self, vm_id: str, nic: NicRef) -> dict[str, Any]:
+        async with self._lock(vm_id):
+            dom = await self._domain(vm_id)
+            await self._blocking(self._plugger.unplug, dom, nic)
             return await self._blocking(self._info, dom)
 
     async def create(self, req: CreateVM) -> dict[str, Any]:
@@ -148,16 +185,30 @@ class Service:
         active = dom.is_active()
         if active and masters is None:
             masters = hostnet.masters()
-        xml = DomainXML(dom.xml(inactive=not active))
+        plugged = DomainXML(dom.xml(inactive=not active)).interfaces
+        nics = [self._nic(i, i.alias or "", masters if active else None) for i in plugged]
+        present = {i.mac for i in plugged}
+        nics += [
+            self._nic(i, alias, None, plugged=False)
+            for alias, i in unplugged.load(dom)
+            if i.mac not in present
+        ]
         return {
             "vmID": dom.uuid,
             "vmName": dom.name,
             "status": dom.status(),
             "persistent": dom.is_persistent(),
-            "nics": [self._nic(i, masters if active else None) for i in xml.interfaces],
+            "nics": nics,
         }
 
-    def _nic(self, iface: Interface, masters: dict[str, str] | None) -> dict[str, Any]:
+    def _nic(
+        self,
+        iface: Interface,
+        alias: str,
+        masters: dict[str, str] | None,
+        *,
+        plugged: bool = True,
+    ) -> dict[str, Any]:
         source = iface.source
         if masters is not None and iface.tap is not None:
             bridge = masters.get(iface.tap, "")
@@ -165,14 +216,14 @@ class Service:
             bridge = iface.bridge or (source.name if source and source.kind == "bridge" else "")
         address = iface.address
         return {
-            "alias": iface.alias or "",
+            "alias": alias,
             "macAddr": iface.mac or "",
             "nicModel": iface.model or "",
             "network": self._networks.name_of(source),
             "sourceType": source.kind if source else "",
             "bridge": bridge,
             "linkActive": iface.link_up,
-            "plugged": True,
+            "plugged": plugged,
             "pciAddress": str(address) if address else "",
             "tap": iface.tap or "",
         }

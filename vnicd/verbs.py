@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from vnicd.errors import InvalidParameter
 from vnicd.names import normalize_mac
-from vnicd.service import CreateVM, Service, UpdateNic
+from vnicd.service import CreateVM, PlugNic, Service, UpdateNic
 from vnicd.wiring import NicChange, NicRef
 
 Params = dict[str, Any]
@@ -17,13 +18,17 @@ def _vm_id(p: Params) -> str:
     return str(p["vmID"]).lower()
 
 
+def _nic(dev: Params) -> NicRef:
+    mac = dev.get("macAddr")
+    return NicRef(alias=dev.get("alias"), mac=normalize_mac(mac) if mac else None)
+
+
 def _update_device(svc: Service, p: Params) -> Awaitable[Any]:
     dev = p["params"]
-    mac = dev.get("macAddr")
     return svc.update_device(
         UpdateNic(
             vm_id=_vm_id(p),
-            nic=NicRef(alias=dev.get("alias"), mac=normalize_mac(mac) if mac else None),
+            nic=_nic(dev),
             change=NicChange(
                 link_up=dev.get("linkActive"),
                 network=dev.get("network"),
@@ -31,6 +36,26 @@ def _update_device(svc: Service, p: Params) -> Awaitable[Any]:
             ),
         )
     )
+
+
+def _hotplug(svc: Service, p: Params) -> Awaitable[Any]:
+    dev = p["params"]
+    _check_vm_id(p)
+    if "xml" in dev:
+        return svc.hotplug(PlugNic(_vm_id(p), xml=dev["xml"]))
+    return svc.hotplug(PlugNic(_vm_id(p), nic=_nic(dev)))
+
+
+def _hotunplug(svc: Service, p: Params) -> Awaitable[Any]:
+    _check_vm_id(p)
+    return svc.hotunplug(_vm_id(p), _nic(p["params"]))
+
+
+def _check_vm_id(p: Params) -> None:
+    """VDSM's engine repeats the VM in ``params.vmId``; it must name the same VM."""
+    inner = p["params"].get("vmId")
+    if inner is not None and inner.lower() != _vm_id(p):
+        raise InvalidParameter("params.vmId", f"{inner} differs from vmID {p['vmID']}")
 
 
 def _create(svc: Service, p: Params) -> Awaitable[Any]:
@@ -46,4 +71,6 @@ HANDLERS: dict[str, Handler] = {
     "VM.create": _create,
     "VM.destroy": lambda svc, p: svc.destroy(_vm_id(p)),
     "VM.updateDevice": _update_device,
+    "VM.hotplugNic": _hotplug,
+    "VM.hotunplugNic": _hotunplug,
 }

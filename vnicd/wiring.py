@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from vnicd import errors, hostnet
+from vnicd import errors, hostnet, unplugged
 from vnicd.domxml import Domain as DomainXML
 from vnicd.domxml import Interface
 from vnicd.hypervisor import Domain, HypervisorError
@@ -82,10 +82,18 @@ class Rewirer:
     def update(self, dom: Domain, ref: NicRef, change: NicChange) -> None:
         """Change a vNIC live (and in the persistent definition), or not at all."""
         wiring = self._resolve(dom, ref, change)
-        if not dom.is_active():
-            self._update_definition(dom, ref, change, wiring)
-            return
-        current = self._find(dom, dom.xml(), ref)
+        active = dom.is_active()
+        current = find(dom.xml(inactive=not active), ref)
+        if current is None:
+            self._update_unplugged(dom, ref, change, wiring)
+        elif active:
+            self._update_live(dom, ref, change, wiring, current)
+        else:
+            self._update_definition(dom, ref, change, wiring, current)
+
+    def _update_live(
+        self, dom: Domain, ref: NicRef, change: NicChange, wiring: Wiring | None, current: Interface
+    ) -> None:
         self._check(dom, ref, current, change)
         new = plan(current, change, wiring)
         config: tuple[Interface, Interface] | None = None
@@ -106,6 +114,7 @@ class Rewirer:
         except (HypervisorError, ConfirmError, hostnet.HostNetError) as e:
             problems = self._rollback(dom, current, old_bridge)
             raise self._failure(dom, ref, e, problems) from e
+        self._sync_pending_unplug(dom, new)
         log.info(
             "VM %s vNIC %s: network %r -> %r, link %s -> %s",
             dom.uuid,
@@ -117,10 +126,9 @@ class Rewirer:
         )
 
     def _update_definition(
-        self, dom: Domain, ref: NicRef, change: NicChange, wiring: Wiring | None
+        self, dom: Domain, ref: NicRef, change: NicChange, wiring: Wiring | None, current: Interface
     ) -> None:
         """A VM that is not running: store the change in its definition, address kept."""
-        current = self._find(dom, dom.xml(inactive=True), ref)
         self._check(dom, ref, current, change)
         new = plan(current, change, wiring)
         if new.to_xml() == current.to_xml():
@@ -131,6 +139,32 @@ class Rewirer:
             raise self._failure(dom, ref, e, []) from e
         log.info("VM %s vNIC %s: definition updated", dom.uuid, ref)
 
+    def _update_unplugged(
+        self, dom: Domain, ref: NicRef, change: NicChange, wiring: Wiring | None
+    ) -> None:
+        """An unplugged vNIC: change its stored definition; it takes effect when plugged."""
+        store = unplugged.load(dom)
+        entry = store.find(alias=ref.alias, mac=ref.mac)
+        if entry is None:
+            raise errors.NoSuchNic(dom.uuid, str(ref), ref.field)
+        alias, current = entry
+        self._check(dom, ref, current, change)
+        store.put(alias, plan(current, change, wiring))
+        try:
+            unplugged.save(dom, store)
+        except HypervisorError as e:
+            raise self._failure(dom, ref, e, []) from e
+        log.info("VM %s unplugged vNIC %s: stored definition updated", dom.uuid, ref)
+
+    @staticmethod
+    def _sync_pending_unplug(dom: Domain, new: Interface) -> None:
+        """A vNIC whose unplug the guest has not acknowledged keeps a stored copy: refresh it."""
+        store = unplugged.load(dom)
+        entry = store.find(mac=new.mac)
+        if entry is not None:
+            store.put(entry[0], new)
+            unplugged.save(dom, store)
+
     def _resolve(self, dom: Domain, ref: NicRef, change: NicChange) -> Wiring | None:
         if change.network is None:
             return None
@@ -139,7 +173,8 @@ class Rewirer:
             raise errors.UnknownNetwork(dom.uuid, str(ref), change.network)
         return wiring
 
-    def _find(self, dom: Domain, domain_xml: str, ref: NicRef) -> Interface:
+    @staticmethod
+    def _find(dom: Domain, domain_xml: str, ref: NicRef) -> Interface:
         iface = find(domain_xml, ref)
         if iface is None:
             raise errors.NoSuchNic(dom.uuid, str(ref), ref.field)

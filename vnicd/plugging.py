@@ -1,0 +1,193 @@
+"""Plugging and unplugging vNICs while keeping their identity.
+
+Unplug stores the vNIC's whole definition in the domain's metadata *before* asking
+libvirt to detach it, then waits for the guest to release it (DEVICE_REMOVED); plug
+attaches the stored definition again, so the vNIC comes back with the same MAC, model,
+PCI address, network and link state. A VM that is not running gets both in its
+persistent definition. Blocking: the service runs it off the event loop, one call per
+VM at a time; libvirt's events reach the waiting thread through :meth:`Plugger.removal`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from vnicd import errors, hostnet, unplugged
+from vnicd.domxml import Domain as DomainXML
+from vnicd.domxml import Interface
+from vnicd.hypervisor import Domain, HypervisorError
+from vnicd.wiring import NicRef, find
+
+log = logging.getLogger(__name__)
+
+
+class _Removal:
+    """One pending unplug: set when libvirt reports the guest's answer."""
+
+    def __init__(self) -> None:
+        self.answered = threading.Event()
+        self.removed = False
+
+
+class Plugger:
+    def __init__(self, *, unplug_timeout: float) -> None:
+        self._timeout = unplug_timeout
+        self._pending: dict[tuple[str, str], _Removal] = {}
+        self._lock = threading.Lock()
+
+    def removal(self, vm: str, alias: str, removed: bool) -> None:
+        """libvirt says the guest released (or refused to release) a device."""
+        with self._lock:
+            pending = self._pending.get((vm, alias))
+        log.info("VM %s device %s: %s", vm, alias, "removed" if removed else "removal refused")
+        if pending is not None:
+            pending.removed = removed
+            pending.answered.set()
+
+    def unplug(self, dom: Domain, ref: NicRef) -> None:
+        store = unplugged.load(dom)
+        active = dom.is_active()
+        current = find(dom.xml(inactive=not active), ref)
+        if current is None:
+            if store.find(alias=ref.alias, mac=ref.mac) is not None:
+                raise self._unplug_error(dom, ref, "notPlugged", "it is already unplugged")
+            raise self._unplug_error(dom, ref, "noNic", "there is no such vNIC", field=ref.field)
+        assert current.mac is not None
+        before = store.copy()
+        store.put(current.alias or "", current)
+        unplugged.save(dom, store)
+        try:
+            if active:
+                self._detach_live(dom, ref, current)
+            if dom.is_persistent():
+                saved = find(dom.xml(inactive=True), NicRef(mac=current.mac))
+                if saved is not None:
+                    dom.detach_interface(saved.to_xml(), live=False, persistent=True)
+        except HypervisorError as e:
+            if find(dom.xml(inactive=not active), NicRef(mac=current.mac)) is not None:
+                unplugged.save(dom, before)
+            raise self._unplug_error(dom, ref, "libvirt", str(e)) from e
+        log.info("VM %s vNIC %s unplugged (%s)", dom.uuid, ref, current.address)
+
+    def _detach_live(self, dom: Domain, ref: NicRef, current: Interface) -> None:
+        """Detach and wait for the guest; on timeout the vNIC stays, plugged and usable."""
+        key = (dom.uuid, current.alias or "")
+        removal = _Removal()
+        with self._lock:
+            self._pending[key] = removal
+        deadline = time.monotonic() + self._timeout
+        try:
+            dom.detach_interface(current.to_xml(), live=True, persistent=False)
+            removal.answered.wait(max(0.0, deadline - time.monotonic()))
+        finally:
+            with self._lock:
+                self._pending.pop(key, None)
+        if removal.answered.is_set() and not removal.removed:
+            raise self._unplug_error(dom, ref, "refused", "the guest refused to release it")
+        if find(dom.xml(), NicRef(mac=current.mac)) is not None:
+            raise self._unplug_error(
+                dom,
+                ref,
+                "timeout",
+                f"the guest did not release it within {self._timeout:g} s; it stays plugged",
+            )
+
+    def plug(self, dom: Domain, ref: NicRef) -> None:
+        store = unplugged.load(dom)
+        entry = store.find(alias=ref.alias, mac=ref.mac)
+        active = dom.is_active()
+        present = find(dom.xml(inactive=not active), ref)
+        if present is not None:
+            raise self._plug_error(dom, str(ref), "alreadyPlugged", "it is already plugged")
+        if entry is None:
+            raise self._plug_error(
+                dom, str(ref), "noNic", "there is no such unplugged vNIC", field=ref.field
+            )
+        _alias, iface = entry
+        assert iface.mac is not None
+        self._attach(dom, str(ref), iface)
+        store.remove(iface.mac)
+        unplugged.save(dom, store)
+        log.info("VM %s vNIC %s plugged (%s)", dom.uuid, ref, iface.address)
+
+    def plug_new(self, dom: Domain, iface: Interface) -> str:
+        """Plug a vNIC the VM never had; its MAC and PCI address must be free."""
+        name = iface.mac or "new vNIC"
+        domain = DomainXML(dom.xml(inactive=not dom.is_active()))
+        store = unplugged.load(dom)
+        macs = {i.mac for i in domain.interfaces} | {i.mac for _a, i in store}
+        if iface.mac is not None and iface.mac in macs:
+            raise self._plug_error(
+                dom, name, "macInUse", f"MAC {iface.mac} belongs to another vNIC", "params.xml"
+            )
+        taken = domain.pci_addresses | {i.address for _a, i in store if i.address}
+        if iface.address is not None and iface.address in taken:
+            raise self._plug_error(
+                dom, name, "addressInUse", f"PCI address {iface.address} is taken", "params.xml"
+            )
+        self._attach(dom, name, iface)
+        return name
+
+    def _attach(self, dom: Domain, name: str, iface: Interface) -> None:
+        """Attach live (and to the definition of a persistent VM), or not at all."""
+        active, persistent = dom.is_active(), dom.is_persistent()
+        try:
+            if active:
+                dom.attach_interface(iface.to_xml(), live=True, persistent=False)
+            if persistent:
+                try:
+                    dom.attach_interface(iface.to_xml(), live=False, persistent=True)
+                except HypervisorError:
+                    if active:
+                        self._undo_attach(dom, iface)
+                    raise
+        except HypervisorError as e:
+            raise self._plug_error(dom, name, "libvirt", str(e)) from e
+        if active:
+            self._confirm(dom, name, iface)
+
+    def _undo_attach(self, dom: Domain, iface: Interface) -> None:
+        live = find(dom.xml(), NicRef(mac=iface.mac))
+        if live is not None:
+            try:
+                dom.detach_interface(live.to_xml(), live=True, persistent=False)
+            except HypervisorError as e:
+                log.error("VM %s: could not undo plugging %s: %s", dom.uuid, iface.mac, e)
+
+    def _confirm(self, dom: Domain, name: str, iface: Interface) -> None:
+        live = find(dom.xml(), NicRef(mac=iface.mac)) if iface.mac else None
+        if live is None:
+            return
+        problem = None
+        if iface.address is not None and live.address != iface.address:
+            problem = f"it came back at {live.address}, not {iface.address}"
+        bridge = live.bridge
+        if problem is None and bridge and live.tap and hostnet.master(live.tap) != bridge:
+            problem = f"its tap {live.tap} is not on {bridge}"
+        if problem is not None:
+            self._undo_attach(dom, iface)
+            raise self._plug_error(dom, name, "confirm", problem)
+
+    def _plug_error(
+        self, dom: Domain, nic: str, reason: str, problem: str, field: str | None = None
+    ) -> errors.HotplugNicError:
+        return errors.HotplugNicError(
+            f"cannot plug vNIC {nic} of VM {dom.uuid}: {problem}",
+            vmID=dom.uuid,
+            nic=nic,
+            cause=reason,
+            field=field,
+        )
+
+    def _unplug_error(
+        self, dom: Domain, ref: NicRef, reason: str, problem: str, field: str | None = None
+    ) -> errors.HotunplugNicError:
+        return errors.HotunplugNicError(
+            f"cannot unplug vNIC {ref} of VM {dom.uuid}: {problem}",
+            vmID=dom.uuid,
+            nic=str(ref),
+            cause=reason,
+            field=field,
+        )
