@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import TypeVar
 
 from vnicd import errors, hostnet, unplugged
 from vnicd.domxml import Domain as DomainXML
@@ -21,6 +22,7 @@ from vnicd.hypervisor import Domain, HypervisorError
 from vnicd.wiring import NicRef, find
 
 log = logging.getLogger(__name__)
+E = TypeVar("E", errors.HotplugNicError, errors.HotunplugNicError)
 
 
 class _Removal:
@@ -52,8 +54,17 @@ class Plugger:
         current = find(dom.xml(inactive=not active), ref)
         if current is None:
             if store.find(alias=ref.alias, mac=ref.mac) is not None:
-                raise self._unplug_error(dom, ref, "notPlugged", "it is already unplugged")
-            raise self._unplug_error(dom, ref, "noNic", "there is no such vNIC", field=ref.field)
+                raise self._error(
+                    errors.HotunplugNicError, dom, str(ref), "notPlugged", "it is already unplugged"
+                )
+            raise self._error(
+                errors.HotunplugNicError,
+                dom,
+                str(ref),
+                "noNic",
+                "there is no such vNIC",
+                field=ref.field,
+            )
         assert current.mac is not None
         before = store.copy()
         store.put(current.alias or "", current)
@@ -68,7 +79,7 @@ class Plugger:
         except HypervisorError as e:
             if find(dom.xml(inactive=not active), NicRef(mac=current.mac)) is not None:
                 unplugged.save(dom, before)
-            raise self._unplug_error(dom, ref, "libvirt", str(e)) from e
+            raise self._error(errors.HotunplugNicError, dom, str(ref), "libvirt", str(e)) from e
         log.info("VM %s vNIC %s unplugged (%s)", dom.uuid, ref, current.address)
 
     def _detach_live(self, dom: Domain, ref: NicRef, current: Interface) -> None:
@@ -85,11 +96,18 @@ class Plugger:
             with self._lock:
                 self._pending.pop(key, None)
         if removal.answered.is_set() and not removal.removed:
-            raise self._unplug_error(dom, ref, "refused", "the guest refused to release it")
-        if find(dom.xml(), NicRef(mac=current.mac)) is not None:
-            raise self._unplug_error(
+            raise self._error(
+                errors.HotunplugNicError,
                 dom,
-                ref,
+                str(ref),
+                "refused",
+                "the guest refused to release it",
+            )
+        if find(dom.xml(), NicRef(mac=current.mac)) is not None:
+            raise self._error(
+                errors.HotunplugNicError,
+                dom,
+                str(ref),
                 "timeout",
                 f"the guest did not release it within {self._timeout:g} s; it stays plugged",
             )
@@ -100,10 +118,17 @@ class Plugger:
         active = dom.is_active()
         present = find(dom.xml(inactive=not active), ref)
         if present is not None:
-            raise self._plug_error(dom, str(ref), "alreadyPlugged", "it is already plugged")
+            raise self._error(
+                errors.HotplugNicError, dom, str(ref), "alreadyPlugged", "it is already plugged"
+            )
         if entry is None:
-            raise self._plug_error(
-                dom, str(ref), "noNic", "there is no such unplugged vNIC", field=ref.field
+            raise self._error(
+                errors.HotplugNicError,
+                dom,
+                str(ref),
+                "noNic",
+                "there is no such unplugged vNIC",
+                field=ref.field,
             )
         _alias, iface = entry
         assert iface.mac is not None
@@ -119,13 +144,23 @@ class Plugger:
         store = unplugged.load(dom)
         macs = {i.mac for i in domain.interfaces} | {i.mac for _a, i in store}
         if iface.mac is not None and iface.mac in macs:
-            raise self._plug_error(
-                dom, name, "macInUse", f"MAC {iface.mac} belongs to another vNIC", "params.xml"
+            raise self._error(
+                errors.HotplugNicError,
+                dom,
+                name,
+                "macInUse",
+                f"MAC {iface.mac} belongs to another vNIC",
+                "params.xml",
             )
         taken = domain.pci_addresses | {i.address for _a, i in store if i.address}
         if iface.address is not None and iface.address in taken:
-            raise self._plug_error(
-                dom, name, "addressInUse", f"PCI address {iface.address} is taken", "params.xml"
+            raise self._error(
+                errors.HotplugNicError,
+                dom,
+                name,
+                "addressInUse",
+                f"PCI address {iface.address} is taken",
+                "params.xml",
             )
         self._attach(dom, name, iface)
         return name
@@ -144,7 +179,7 @@ class Plugger:
                         self._undo_attach(dom, iface)
                     raise
         except HypervisorError as e:
-            raise self._plug_error(dom, name, "libvirt", str(e)) from e
+            raise self._error(errors.HotplugNicError, dom, name, "libvirt", str(e)) from e
         if active:
             self._confirm(dom, name, iface)
 
@@ -168,26 +203,17 @@ class Plugger:
             problem = f"its tap {live.tap} is not on {bridge}"
         if problem is not None:
             self._undo_attach(dom, iface)
-            raise self._plug_error(dom, name, "confirm", problem)
+            raise self._error(errors.HotplugNicError, dom, name, "confirm", problem)
 
-    def _plug_error(
-        self, dom: Domain, nic: str, reason: str, problem: str, field: str | None = None
-    ) -> errors.HotplugNicError:
-        return errors.HotplugNicError(
-            f"cannot plug vNIC {nic} of VM {dom.uuid}: {problem}",
+    @staticmethod
+    def _error(
+        kind: type[E], dom: Domain, nic: str, cause: str, problem: str, field: str | None = None
+    ) -> E:
+        verb = "plug" if kind is errors.HotplugNicError else "unplug"
+        return kind(
+            f"cannot {verb} vNIC {nic} of VM {dom.uuid}: {problem}",
             vmID=dom.uuid,
             nic=nic,
-            cause=reason,
-            field=field,
-        )
-
-    def _unplug_error(
-        self, dom: Domain, ref: NicRef, reason: str, problem: str, field: str | None = None
-    ) -> errors.HotunplugNicError:
-        return errors.HotunplugNicError(
-            f"cannot unplug vNIC {ref} of VM {dom.uuid}: {problem}",
-            vmID=dom.uuid,
-            nic=str(ref),
-            cause=reason,
+            cause=cause,
             field=field,
         )
