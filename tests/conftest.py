@@ -163,6 +163,7 @@ class Vms:
 @pytest.fixture
 def vms(vnicd: DaemonThread) -> Iterator[Vms]:
     made = Vms(vnicd)
+    vnicd.removed.clear()
     try:
         yield made
     finally:

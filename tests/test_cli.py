@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from tests.conftest import Nic, Vms
-from tests.evidence import seen
+from tests.evidence import interfaces, seen
 from tests.harness import DaemonThread
 
 CLIENT = Path(sys.executable).with_name("vnic-client")
@@ -93,3 +93,21 @@ def test_help_comes_from_schema(vnicd: DaemonThread) -> None:
     assert out.returncode == 0
     for verb in ("updateDevice", "create", "destroy", "getInfo"):
         assert verb in out.stdout
+
+
+def test_plug_and_unplug(vnicd: DaemonThread, vms: Vms) -> None:
+    """On a VM that is not running, so no guest has to acknowledge the unplug."""
+    keep, nic = Nic("vt-a"), Nic("vt-b")
+    vm_id = vms.create(keep, nic, persistent=True)
+    vnicd.domain(vm_id).destroy()
+    out = cli(vnicd, "unplug", vm_id, nic.mac)
+    assert out.returncode == 0, out.stderr
+    row = next(line for line in out.stdout.splitlines() if nic.mac in line)
+    assert " no " in row and "vt-b" in row
+    assert nic.mac not in interfaces(str(vnicd.domain(vm_id).XMLDesc(2)))
+
+    out = cli(vnicd, "plug", vm_id, nic.mac)
+    assert out.returncode == 0, out.stderr
+    assert nic.mac in interfaces(str(vnicd.domain(vm_id).XMLDesc(2)))
+    out = cli(vnicd, "plug", vm_id, nic.mac)
+    assert out.returncode == 1 and "error 49" in out.stderr and "already plugged" in out.stderr
