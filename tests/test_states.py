@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Nic, Vms
+from tests.conftest import Nic, Vms, nic_xml
 from tests.evidence import interfaces, pci_of, seen
 from tests.harness import DaemonThread, SchemaClient
 from vnicd.client import RpcError
@@ -214,4 +214,16 @@ def test_unplug_an_unplugged_vnic(vnicd: DaemonThread, vms: Vms, rpc: SchemaClie
     with pytest.raises(RpcError) as err:
         call(rpc, "VM.hotunplugNic", vm_id, macAddr=b.mac)
     assert err.value.code == 50 and "already unplugged" in err.value.message
+    assert str(vnicd.domain(vm_id).XMLDesc(2)) == saved
+
+
+def test_live_only_vnic_of_persistent_vm(vnicd: DaemonThread, vms: Vms, rpc: SchemaClient) -> None:
+    """A vNIC attached to the running VM only (by another tool) is rewired live only."""
+    vm_id = vms.create(Nic("vt-a"), persistent=True)
+    extra = vms.nic(Nic("vt-a"))
+    vnicd.domain(vm_id).attachDeviceFlags(nic_xml(extra), 1)  # VIR_DOMAIN_AFFECT_LIVE
+    saved = str(vnicd.domain(vm_id).XMLDesc(2))
+    update(rpc, vm_id, macAddr=extra.mac, network="vt-b", linkActive=False)
+    got = seen(vnicd, vm_id, extra.mac)
+    assert (got.kernel_bridge, got.link_up) == ("vt-b", False)
     assert str(vnicd.domain(vm_id).XMLDesc(2)) == saved

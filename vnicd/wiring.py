@@ -98,8 +98,10 @@ class Rewirer:
         new = plan(current, change, wiring)
         config: tuple[Interface, Interface] | None = None
         if self._persist_running and dom.is_persistent():
-            saved = self._find(dom, dom.xml(inactive=True), NicRef(mac=current.mac))
-            config = (saved, plan(saved, change, wiring))
+            # A vNIC attached live only has no saved definition to keep in step.
+            saved = find(dom.xml(inactive=True), NicRef(mac=current.mac))
+            if saved is not None:
+                config = (saved, plan(saved, change, wiring))
         if new.to_xml() == current.to_xml() and (
             config is None or config[0].to_xml() == config[1].to_xml()
         ):
@@ -172,13 +174,6 @@ class Rewirer:
         if wiring is None:
             raise errors.UnknownNetwork(dom.uuid, str(ref), change.network)
         return wiring
-
-    @staticmethod
-    def _find(dom: Domain, domain_xml: str, ref: NicRef) -> Interface:
-        iface = find(domain_xml, ref)
-        if iface is None:
-            raise errors.NoSuchNic(dom.uuid, str(ref), ref.field)
-        return iface
 
     def _check(self, dom: Domain, ref: NicRef, current: Interface, change: NicChange) -> None:
         if change.model is not None and change.model != current.model:
