@@ -137,7 +137,7 @@ class Plugger:
         unplugged.save(dom, store)
         log.info("VM %s vNIC %s plugged (%s)", dom.uuid, ref, iface.address)
 
-    def plug_new(self, dom: Domain, iface: Interface) -> str:
+    def plug_new(self, dom: Domain, iface: Interface) -> None:
         """Plug a vNIC the VM never had; its MAC and PCI address must be free."""
         name = iface.mac or "new vNIC"
         domain = DomainXML(dom.xml(inactive=not dom.is_active()))
@@ -163,7 +163,6 @@ class Plugger:
                 "params.xml",
             )
         self._attach(dom, name, iface)
-        return name
 
     def _attach(self, dom: Domain, name: str, iface: Interface) -> None:
         """Attach live (and to the definition of a persistent VM), or not at all."""
