@@ -63,6 +63,7 @@ def test_invalid_config_names_the_key(state: Path) -> None:
         ("workers: many\n", "workers: expected int"),
         ("networks: {lab: {bridge: 'a b'}}\n", "networks.lab.bridge"),
         ("state_dir: relative\n", "state_dir: must be an absolute path"),
+        ("rpc: {socket_mode: '0666'}\n", "rpc.socket_mode: 0666 gives others access"),
     ):
         (state / "bad.yml").write_text(text)
         proc = subprocess.run(
@@ -126,3 +127,17 @@ def test_inprocess_restart_keeps_vms(vnicd: DaemonThread) -> None:
         assert master(nic.tap) == "vt-b"
     finally:
         vms.cleanup()
+
+
+def test_one_vnicd_per_state_dir(vnicd: DaemonThread, state: Path) -> None:
+    """A second vnicd on the session's state directory refuses to start and changes nothing."""
+    config = state / "second.yml"
+    sock = state / "second.sock"
+    config.write_text(f"state_dir: {vnicd.config.state_dir}\nrpc: {{unix_socket: {sock}}}\n")
+    proc = subprocess.run(
+        [str(VNICD), "--config", str(config)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 1 and "another vnicd is running" in proc.stderr
+    assert not sock.exists()
+    with vnicd.client() as c:
+        c.call("Host.ping2")

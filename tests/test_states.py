@@ -168,6 +168,27 @@ BAD_PLUGS = [
         "params.vmId",
     ),
     ("MAC in use", "VM.hotplugNic", {"xml": "MAC"}, 49, "belongs to another vNIC"),
+    (
+        "not a bridge vNIC",
+        "VM.hotplugNic",
+        {"xml": "<interface type='ethernet'/>"},
+        -32602,
+        "type 'ethernet'",
+    ),
+    (
+        "a script",
+        "VM.hotplugNic",
+        {"xml": "<interface type='bridge'><script path='/bin/x'/></interface>"},
+        -32602,
+        "<script>",
+    ),
+    (
+        "bad PCI number",
+        "VM.hotplugNic",
+        {"xml": "<interface type='bridge'><address type='pci' slot='09'/></interface>"},
+        -32602,
+        "bad PCI address",
+    ),
     ("PCI address in use", "VM.hotplugNic", {"xml": "SLOT"}, 49, "is taken"),
 ]
 
@@ -227,3 +248,20 @@ def test_live_only_vnic_of_persistent_vm(vnicd: DaemonThread, vms: Vms, rpc: Sch
     got = seen(vnicd, vm_id, extra.mac)
     assert (got.kernel_bridge, got.link_up) == ("vt-b", False)
     assert str(vnicd.domain(vm_id).XMLDesc(2)) == saved
+
+
+def test_new_vnic_without_mac_or_address(vnicd: DaemonThread, vms: Vms, rpc: SchemaClient) -> None:
+    """libvirt picks the slot once, vnicd the MAC: the definition gets what the guest has."""
+    vm_id = vms.create(Nic("vt-a"), persistent=True)
+    macs = set(interfaces(vnicd.live_xml(vm_id)))
+    info = call(
+        rpc,
+        "VM.hotplugNic",
+        vm_id,
+        xml="<interface type='bridge'><source bridge='vt-b'/><model type='virtio'/></interface>",
+    )
+    (new,) = [n for n in info["nics"] if n["macAddr"] not in macs]
+    live = interfaces(vnicd.live_xml(vm_id))[new["macAddr"]]
+    saved = saved_interfaces(vnicd, vm_id)[new["macAddr"]]
+    assert pci_of(saved) == pci_of(live)
+    assert seen(vnicd, vm_id, new["macAddr"]).kernel_bridge == "vt-b"

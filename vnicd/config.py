@@ -115,6 +115,8 @@ def parse(data: Any) -> Config:
         raise ConfigError(
             f"rpc.socket_mode: {v['rpc.socket_mode']!r} is not an octal mode"
         ) from None
+    if mode & 0o007:
+        raise ConfigError(f"rpc.socket_mode: {v['rpc.socket_mode']} gives others access to vnicd")
     if v["log_level"].upper() not in logging.getLevelNamesMapping():
         raise ConfigError(f"log_level: unknown level {v['log_level']!r}")
     if v["unplug_timeout"] <= 0:

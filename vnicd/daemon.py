@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import logging
 import signal
 import sys
 from pathlib import Path
+from typing import TextIO
 
 import libvirtaio
 
@@ -35,6 +37,7 @@ class Daemon:
         self.hypervisor = Hypervisor(config.uri)
         self._service: Service | None = None
         self._server: UnixServer | None = None
+        self._lock: TextIO | None = None
 
     async def start(self) -> None:
         cfg = self.config
@@ -45,6 +48,7 @@ class Daemon:
         elif impl.loop is not loop:
             raise RuntimeError("libvirt's event loop is bound to another asyncio loop")
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        self._hold_state_dir()
         if cfg.embedded:
             prepare_embed_root(cfg.embed_root)
         await asyncio.to_thread(self.hypervisor.open)
@@ -67,6 +71,17 @@ class Daemon:
         sdnotify.notify(f"READY=1\nSTATUS=serving on {cfg.unix_socket}")
         log.info("vnicd %s ready (%s)", __version__, cfg.uri)
 
+    def _hold_state_dir(self) -> None:
+        """One vnicd per state directory: two must never open the same embedded root."""
+        path = self.config.state_dir / "vnicd.lock"
+        self._lock = path.open("a")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            self._lock = None
+            raise RuntimeError(f"another vnicd is running on {self.config.state_dir}") from None
+
     async def stop(self) -> None:
         sdnotify.notify("STOPPING=1")
         if self._server is not None:
@@ -74,6 +89,9 @@ class Daemon:
         if self._service is not None:
             await asyncio.to_thread(self._service.close)
         await asyncio.to_thread(self.hypervisor.close)
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
         log.info("vnicd stopped")
 
     def _lifecycle(self, dom: Domain, event: int, detail: int) -> None:

@@ -52,7 +52,10 @@ class PciAddress:
         el = iface.find("address")
         if el is None or el.get("type") != "pci":
             return None
-        return cls(*(int(el.get(k, "0"), 0) for k in ("domain", "bus", "slot", "function")))
+        try:
+            return cls(*(int(el.get(k, "0"), 0) for k in ("domain", "bus", "slot", "function")))
+        except ValueError as e:
+            raise XMLError(f"bad PCI address: {e}") from e
 
     def __str__(self) -> str:
         return f"{self.domain:04x}:{self.bus:02x}:{self.slot:02x}.{self.function:x}"
@@ -175,6 +178,13 @@ class Interface:
     def link_up(self, up: bool) -> None:
         Link(up).format(self.element)
 
+    def set_mac(self, mac: str) -> None:
+        el = self.element.find("mac")
+        if el is None:
+            el = etree.Element("mac")
+            self.element.insert(0, el)
+        el.set("address", mac.lower())
+
     def matches(self, *, alias: str | None = None, mac: str | None = None) -> bool:
         return (alias is None or self.alias == alias) and (mac is None or self.mac == mac.lower())
 
@@ -221,9 +231,9 @@ class Domain:
 def hotplug_interface(xml: str) -> Interface:
     """The ``<interface>`` of a hotplug request: bare, or in VDSM's ``<hotplug>`` wrapper."""
     root = parse(xml, "interface", "hotplug")
-    if root.tag == "interface":
-        return Interface(root)
-    found = root.findall("devices/interface")
+    found = [root] if root.tag == "interface" else root.findall("devices/interface")
     if len(found) != 1:
         raise XMLError("expected exactly one <interface> in <hotplug><devices>")
-    return Interface(found[0])
+    iface = Interface(found[0])
+    PciAddress.parse(iface.element)  # a malformed address is the request's fault
+    return iface

@@ -11,6 +11,7 @@ VM at a time; libvirt's events reach the waiting thread through :meth:`Plugger.r
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from typing import TypeVar
@@ -31,6 +32,14 @@ class _Removal:
     def __init__(self) -> None:
         self.answered = threading.Event()
         self.removed = False
+
+
+def random_mac(taken: set[str | None]) -> str:
+    """A locally administered QEMU-style MAC that no vNIC of the VM has."""
+    while True:
+        mac = "52:54:00:" + ":".join(f"{secrets.randbelow(256):02x}" for _ in range(3))
+        if mac not in taken:
+            return mac
 
 
 class Plugger:
@@ -68,8 +77,8 @@ class Plugger:
         assert current.mac is not None
         before = store.copy()
         store.put(current.alias or "", current)
-        unplugged.save(dom, store)
         try:
+            unplugged.save(dom, store)
             if active:
                 self._detach_live(dom, ref, current)
             if dom.is_persistent():
@@ -77,25 +86,24 @@ class Plugger:
                 if saved is not None:
                     dom.detach_interface(saved.to_xml(), live=False, persistent=True)
         except HypervisorError as e:
-            if find(dom.xml(inactive=not active), NicRef(mac=current.mac)) is not None:
-                unplugged.save(dom, before)
-            raise self._error(errors.HotunplugNicError, dom, str(ref), "libvirt", str(e)) from e
+            still = find(dom.xml(inactive=not active), NicRef(mac=current.mac)) is not None
+            problem = str(e) if still else f"it left the guest, but its definition kept it: {e}"
+            if still:
+                self._restore_store(dom, before)
+            raise self._error(errors.HotunplugNicError, dom, str(ref), "libvirt", problem) from e
         log.info("VM %s vNIC %s unplugged (%s)", dom.uuid, ref, current.address)
+
+    @staticmethod
+    def _restore_store(dom: Domain, store: unplugged.Unplugged) -> None:
+        try:
+            unplugged.save(dom, store)
+        except HypervisorError as e:
+            log.error("VM %s: could not restore the unplugged vNIC records: %s", dom.uuid, e)
 
     def _detach_live(self, dom: Domain, ref: NicRef, current: Interface) -> None:
         """Detach and wait for the guest; on timeout the vNIC stays, plugged and usable."""
-        key = (dom.uuid, current.alias or "")
-        removal = _Removal()
-        with self._lock:
-            self._pending[key] = removal
-        deadline = time.monotonic() + self._timeout
-        try:
-            dom.detach_interface(current.to_xml(), live=True, persistent=False)
-            removal.answered.wait(max(0.0, deadline - time.monotonic()))
-        finally:
-            with self._lock:
-                self._pending.pop(key, None)
-        if removal.answered.is_set() and not removal.removed:
+        released = self._release(dom, current)
+        if released is False:
             raise self._error(
                 errors.HotunplugNicError,
                 dom,
@@ -103,7 +111,7 @@ class Plugger:
                 "refused",
                 "the guest refused to release it",
             )
-        if find(dom.xml(), NicRef(mac=current.mac)) is not None:
+        if released is None:
             raise self._error(
                 errors.HotunplugNicError,
                 dom,
@@ -111,6 +119,23 @@ class Plugger:
                 "timeout",
                 f"the guest did not release it within {self._timeout:g} s; it stays plugged",
             )
+
+    def _release(self, dom: Domain, live: Interface) -> bool | None:
+        """Ask the guest to release a vNIC: True when gone, False when refused, None on timeout."""
+        key = (dom.uuid, live.alias or "")
+        removal = _Removal()
+        with self._lock:
+            self._pending[key] = removal
+        deadline = time.monotonic() + self._timeout
+        try:
+            dom.detach_interface(live.to_xml(), live=True, persistent=False)
+            removal.answered.wait(max(0.0, deadline - time.monotonic()))
+        finally:
+            with self._lock:
+                self._pending.pop(key, None)
+        if removal.answered.is_set() and not removal.removed:
+            return False
+        return True if find(dom.xml(), NicRef(mac=live.mac)) is None else None
 
     def plug(self, dom: Domain, ref: NicRef) -> None:
         store = unplugged.load(dom)
@@ -132,18 +157,41 @@ class Plugger:
             )
         _alias, iface = entry
         assert iface.mac is not None
+        if active and dom.is_persistent():
+            stale = find(dom.xml(inactive=True), NicRef(mac=iface.mac))
+            if stale is not None:  # the guest released it after an unplug had timed out
+                try:
+                    dom.detach_interface(stale.to_xml(), live=False, persistent=True)
+                except HypervisorError as e:
+                    raise self._error(
+                        errors.HotplugNicError, dom, str(ref), "libvirt", str(e)
+                    ) from e
         self._attach(dom, str(ref), iface)
         store.remove(iface.mac)
         unplugged.save(dom, store)
         log.info("VM %s vNIC %s plugged (%s)", dom.uuid, ref, iface.address)
 
     def plug_new(self, dom: Domain, iface: Interface) -> None:
-        """Plug a vNIC the VM never had; its MAC and PCI address must be free."""
-        name = iface.mac or "new vNIC"
+        """Plug a vNIC the VM never had; its MAC and PCI address must be free.
+
+        Only vNICs that reach a bridge or a libvirt network are taken: no scripts, no
+        other backends. Without a MAC one is chosen here, so live and saved agree.
+        """
+        kind = iface.element.get("type")
+        if kind not in ("bridge", "network"):
+            raise errors.InvalidParameter(
+                "params.xml", f"a vNIC of type {kind!r} (bridge or network)"
+            )
+        for tag in ("script", "backend", "ip", "route"):
+            if iface.element.find(tag) is not None:
+                raise errors.InvalidParameter("params.xml", f"<{tag}> is not accepted in a vNIC")
         domain = DomainXML(dom.xml(inactive=not dom.is_active()))
         store = unplugged.load(dom)
         macs = {i.mac for i in domain.interfaces} | {i.mac for _a, i in store}
-        if iface.mac is not None and iface.mac in macs:
+        if iface.mac is None:
+            iface.set_mac(random_mac(macs))
+        name = str(iface.mac)
+        if iface.mac in macs:
             raise self._error(
                 errors.HotplugNicError,
                 dom,
@@ -165,44 +213,48 @@ class Plugger:
         self._attach(dom, name, iface)
 
     def _attach(self, dom: Domain, name: str, iface: Interface) -> None:
-        """Attach live (and to the definition of a persistent VM), or not at all."""
+        """Attach live, confirm, then add to the definition of a persistent VM; or not at all.
+
+        The definition gets the live result (MAC and PCI address as libvirt settled them),
+        so the VM boots with the vNIC where the guest has it now.
+        """
         active, persistent = dom.is_active(), dom.is_persistent()
+        if not active:
+            try:
+                dom.attach_interface(iface.to_xml(), live=False, persistent=True)
+            except HypervisorError as e:
+                raise self._error(errors.HotplugNicError, dom, name, "libvirt", str(e)) from e
+            return
         try:
-            if active:
-                dom.attach_interface(iface.to_xml(), live=True, persistent=False)
-            if persistent:
-                try:
-                    dom.attach_interface(iface.to_xml(), live=False, persistent=True)
-                except HypervisorError:
-                    if active:
-                        self._undo_attach(dom, iface)
-                    raise
+            dom.attach_interface(iface.to_xml(), live=True, persistent=False)
         except HypervisorError as e:
             raise self._error(errors.HotplugNicError, dom, name, "libvirt", str(e)) from e
-        if active:
-            self._confirm(dom, name, iface)
-
-    def _undo_attach(self, dom: Domain, iface: Interface) -> None:
         live = find(dom.xml(), NicRef(mac=iface.mac))
-        if live is not None:
-            try:
-                dom.detach_interface(live.to_xml(), live=True, persistent=False)
-            except HypervisorError as e:
-                log.error("VM %s: could not undo plugging %s: %s", dom.uuid, iface.mac, e)
-
-    def _confirm(self, dom: Domain, name: str, iface: Interface) -> None:
-        live = find(dom.xml(), NicRef(mac=iface.mac)) if iface.mac else None
         if live is None:
-            return
-        problem = None
-        if iface.address is not None and live.address != iface.address:
-            problem = f"it came back at {live.address}, not {iface.address}"
-        bridge = live.bridge
-        if problem is None and bridge and live.tap and hostnet.master(live.tap) != bridge:
-            problem = f"its tap {live.tap} is not on {bridge}"
+            raise self._error(
+                errors.HotplugNicError, dom, name, "confirm", "libvirt does not show it plugged"
+            )
+        cause, problem = "confirm", self._misplaced(iface, live)
+        if problem is None and persistent:
+            try:
+                saved = unplugged.definition(live)
+                dom.attach_interface(saved.to_xml(), live=False, persistent=True)
+            except HypervisorError as e:
+                cause, problem = "libvirt", str(e)
         if problem is not None:
-            self._undo_attach(dom, iface)
-            raise self._error(errors.HotplugNicError, dom, name, "confirm", problem)
+            released = self._release(dom, live)
+            if released is not True:
+                problem += "; and the guest did not release it again: it stays plugged"
+            raise self._error(errors.HotplugNicError, dom, name, cause, problem)
+
+    @staticmethod
+    def _misplaced(iface: Interface, live: Interface) -> str | None:
+        if iface.address is not None and live.address != iface.address:
+            return f"it came back at {live.address}, not {iface.address}"
+        bridge = live.bridge
+        if bridge and live.tap and hostnet.master(live.tap) != bridge:
+            return f"its tap {live.tap} is not on {bridge}"
+        return None
 
     @staticmethod
     def _error(

@@ -20,11 +20,15 @@ KEY = "vnicd"
 
 
 def definition(iface: Interface) -> Interface:
-    """What to keep of a plugged vNIC: everything but libvirt's own alias."""
+    """What to keep of a plugged vNIC: all but what libvirt sets on a running one (its
+    own alias, a network source's port and bridge)."""
     kept = iface.copy()
     alias = kept.element.find("alias")
     if alias is not None and not str(alias.get("name", "")).startswith("ua-"):
         kept.element.remove(alias)
+    source = kept.source
+    if source is not None:
+        kept.source = source
     return kept
 
 

@@ -161,11 +161,14 @@ class Rewirer:
     @staticmethod
     def _sync_pending_unplug(dom: Domain, new: Interface) -> None:
         """A vNIC whose unplug the guest has not acknowledged keeps a stored copy: refresh it."""
-        store = unplugged.load(dom)
-        entry = store.find(mac=new.mac)
-        if entry is not None:
-            store.put(entry[0], new)
-            unplugged.save(dom, store)
+        try:
+            store = unplugged.load(dom)
+            entry = store.find(mac=new.mac)
+            if entry is not None:
+                store.put(entry[0], new)
+                unplugged.save(dom, store)
+        except HypervisorError as e:  # the update itself is done; keep it
+            log.warning("VM %s: stored copy of vNIC %s not refreshed: %s", dom.uuid, new.mac, e)
 
     def _resolve(self, dom: Domain, ref: NicRef, change: NicChange) -> Wiring | None:
         if change.network is None:
