@@ -123,3 +123,9 @@ def test_create_libvirt_refusal(rpc: SchemaClient, vms: Vms) -> None:
         rpc.call("VM.create", vmID=vm_id, vmParams={"xml": xml})
     assert err.value.code == 9 and "no-such-br" in err.value.message
     assert vm_id not in {v["vmID"] for v in rpc.call("Host.getVMList")}
+
+
+def test_oversized_message_is_answered(rpc: SchemaClient) -> None:
+    reply = rpc.send("[" + " " * (17 * 1024 * 1024) + "]")
+    assert reply["error"]["code"] == -32600 and "over" in reply["error"]["message"]
+    assert rpc.call("Host.ping2") == {}, "the connection must go on serving"

@@ -7,6 +7,7 @@ request's id. The socket is root-only by default.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -16,6 +17,16 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[str], Awaitable[str]]
 MAX_MESSAGE = 16 * 1024 * 1024
+TOO_LARGE = (
+    json.dumps(
+        {
+            "jsonrpc": "2.0",
+            "error": {"code": -32600, "message": f"message over {MAX_MESSAGE} bytes"},
+            "id": None,
+        }
+    ).encode()
+    + b"\n"
+)
 
 
 class UnixServer:
@@ -50,18 +61,37 @@ class UnixServer:
         lock = asyncio.Lock()
         pending: set[asyncio.Task[None]] = set()
         try:
-            while line := await reader.readline():
+            while True:
+                try:
+                    line = await reader.readline()
+                except ValueError:
+                    await self._skip_line(reader)
+                    log.warning("refused a message over %d bytes", MAX_MESSAGE)
+                    async with lock:
+                        writer.write(TOO_LARGE)
+                    continue
+                if not line:
+                    break
                 task = asyncio.create_task(self._one(line, writer, lock))
                 pending.add(task)
                 task.add_done_callback(pending.discard)
-        except (asyncio.LimitOverrunError, ValueError) as e:
-            log.warning("dropping client: message over %d bytes: %s", MAX_MESSAGE, e)
         except ConnectionError as e:
             log.debug("client went away: %s", e)
         finally:
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
             writer.close()
+
+    @staticmethod
+    async def _skip_line(reader: asyncio.StreamReader) -> None:
+        """Discard the rest of an oversized message, up to its newline."""
+        while True:
+            try:
+                chunk = await reader.readline()
+            except ValueError:
+                continue
+            if not chunk or chunk.endswith(b"\n"):
+                return
 
     async def _one(self, line: bytes, writer: asyncio.StreamWriter, lock: asyncio.Lock) -> None:
         response = await self._handle(line.decode(errors="replace"))
