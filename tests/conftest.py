@@ -47,9 +47,12 @@ def pytest_report_header(config: pytest.Config) -> str:
     return f"vnicd test host: netns {_host.name}, domain type {DOMAIN_TYPE}"
 
 
-@pytest.fixture(scope="session")
-def host() -> TestHost:
-    return _host
+def remove(dom: libvirt.virDomain) -> None:
+    """Stop a VM and drop its definition, whichever of the two it still has."""
+    with contextlib.suppress(libvirt.libvirtError):
+        dom.destroy()
+    with contextlib.suppress(libvirt.libvirtError):
+        dom.undefine()
 
 
 @pytest.fixture(scope="session")
@@ -72,10 +75,7 @@ def vnicd() -> Iterator[DaemonThread]:
         try:
             if daemon.daemon is not None:
                 for dom in daemon.conn.listAllDomains(0):
-                    with contextlib.suppress(libvirt.libvirtError):
-                        dom.destroy()
-                    with contextlib.suppress(libvirt.libvirtError):
-                        dom.undefine()
+                    remove(dom)
         finally:
             daemon.close()
             kill_qemus(str(state))
@@ -153,11 +153,7 @@ class Vms:
             return
         for vm_id in self.created:
             with contextlib.suppress(libvirt.libvirtError):
-                dom = self.vnicd.domain(vm_id)
-                with contextlib.suppress(libvirt.libvirtError):
-                    dom.destroy()
-                with contextlib.suppress(libvirt.libvirtError):
-                    dom.undefine()
+                remove(self.vnicd.domain(vm_id))
 
 
 @pytest.fixture

@@ -43,9 +43,8 @@ from __future__ import annotations
 import ipaddress
 import re
 import subprocess
-import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from xml.etree import ElementTree
@@ -55,17 +54,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 BUILD_SCRIPT = REPO_ROOT / "contrib" / "build-test-guest"
 DEFAULT_CACHE_DIR = Path("/var/cache/vnicd/test-guest")
 REPORT_PREFIX = "VNICD-GUEST "
-LOG_PREFIX = "VNICD-LOG "
 
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 
 class GuestError(Exception):
     """The test guest image could not be built or its arguments are invalid."""
-
-
-class GuestTimeoutError(TimeoutError):
-    """A :meth:`Console.wait_for` condition did not become true in time."""
 
 
 @dataclass(frozen=True)
@@ -160,10 +154,6 @@ class GuestReport:
     oper: str | None = None
     slot: str | None = None
 
-    @property
-    def ping_attempt(self) -> int:
-        return self.ping_n
-
     def ping_failed_after(self, guest_time: float) -> bool:
         """True if an attempt that started after ``guest_time`` (guest uptime) failed."""
         return self.ping == "fail" and self.ping_t > guest_time
@@ -249,12 +239,10 @@ class Console:
         self._offset = 0
         self._partial = b""
         self._pending: list[GuestReport] = []
-        self._indexed: deque[tuple[int, ReportRound]] = deque(maxlen=history)
-        self._count = 0  # rounds completed so far (monotonic, unlike seq)
-        self._tail: deque[str] = deque(maxlen=20)
+        self._rounds: deque[ReportRound] = deque(maxlen=history)
 
-    def poll(self) -> int:
-        """Read what was appended to the file; return the number of new complete rounds."""
+    def poll(self) -> None:
+        """Read what was appended to the file."""
         try:
             with self.path.open("rb") as f:
                 size = f.seek(0, 2)
@@ -263,19 +251,14 @@ class Console:
                 f.seek(self._offset)
                 data = f.read()
         except FileNotFoundError:
-            return 0
+            return
         self._offset += len(data)
         chunks = (self._partial + data).split(b"\n")
         self._partial = chunks.pop()
-        before = self._count
         for raw in chunks:
-            line = raw.decode("utf-8", errors="replace").rstrip("\r")
-            if line.strip():
-                self._tail.append(line)
-            report = parse_report_line(line)
+            report = parse_report_line(raw.decode("utf-8", errors="replace").rstrip("\r"))
             if report is not None:
                 self._add(report)
-        return self._count - before
 
     def _add(self, report: GuestReport) -> None:
         if self._pending and (
@@ -295,69 +278,17 @@ class Console:
     def _complete(self, lines: list[GuestReport]) -> None:
         reports = {r.mac: r for r in lines if r.mac is not None}
         rnd = ReportRound(lines[0].seq, lines[0].uptime, tuple(lines), reports)
-        self._indexed.append((self._count, rnd))
-        self._count += 1
+        self._rounds.append(rnd)
 
     def latest_round(self) -> ReportRound | None:
         """The last complete round in the file (after reading what is new)."""
         self.poll()
-        return self._indexed[-1][1] if self._indexed else None
-
-    def latest(self) -> dict[str, GuestReport]:
-        """MAC -> report from the last complete round ({} if none yet or no NIC)."""
-        last = self.latest_round()
-        return dict(last.reports) if last else {}
+        return self._rounds[-1] if self._rounds else None
 
     def rounds(self) -> list[ReportRound]:
         """All complete rounds still in the history."""
         self.poll()
-        return [rnd for _, rnd in self._indexed]
-
-    def wait_for_round(
-        self,
-        predicate: Callable[[ReportRound], bool],
-        timeout: float,
-        interval: float = 0.05,
-        what: str | None = None,
-    ) -> ReportRound:
-        """Wait until a round satisfies ``predicate``; return that round.
-
-        Considers the latest complete round at call time and every later one (none is
-        skipped between polls). Raises :class:`GuestTimeoutError` with the last round and
-        console tail after ``timeout`` seconds.
-        """
-        self.poll()
-        start = max(self._count - 1, 0)  # completion index of the first round to check
-        deadline = time.monotonic() + timeout
-        while True:
-            for index, rnd in self._indexed:
-                if index >= start and predicate(rnd):
-                    return rnd
-            start = self._count
-            if time.monotonic() >= deadline:
-                raise GuestTimeoutError(self._timeout_message(what, timeout))
-            time.sleep(interval)
-            self.poll()
-
-    def wait_for(
-        self,
-        predicate: Callable[[dict[str, GuestReport]], bool],
-        timeout: float,
-        interval: float = 0.05,
-        what: str | None = None,
-    ) -> dict[str, GuestReport]:
-        """Like :meth:`wait_for_round` with a predicate on MAC -> report."""
-        rnd = self.wait_for_round(lambda r: predicate(dict(r.reports)), timeout, interval, what)
-        return dict(rnd.reports)
-
-    def _timeout_message(self, what: str | None, timeout: float) -> str:
-        last = self._indexed[-1][1] if self._indexed else None
-        tail = "\n".join(self._tail)
-        return (
-            f"guest condition {what or '(predicate)'} not met within {timeout:.1f} s "
-            f"({self.path})\nlast round:\n{last if last else '(no complete round)'}\n"
-            f"console tail:\n{tail}"
-        )
+        return list(self._rounds)
 
 
 def guest_domain_xml(

@@ -112,9 +112,12 @@ def test_create_rejects_bad_xml(rpc: SchemaClient, vms: Vms) -> None:
 def test_create_existing_vm(rpc: SchemaClient, vms: Vms) -> None:
     vm_id = vms.create(Nic("vt-a"))
     xml = vms.vnicd.live_xml(vm_id)
+    qemu_id = vms.vnicd.domain(vm_id).ID()
     with pytest.raises(RpcError) as err:
         rpc.call("VM.create", vmID=vm_id, vmParams={"xml": xml})
     assert err.value.code == 4
+    assert vms.vnicd.domain(vm_id).ID() == qemu_id, "the running VM was restarted"
+    assert vms.vnicd.live_xml(vm_id) == xml
 
 
 def test_create_libvirt_refusal(rpc: SchemaClient, vms: Vms) -> None:

@@ -68,13 +68,6 @@ class VMExists(RequestError):
         super().__init__(f"virtual machine {vm} already exists", vmID=vm)
 
 
-class NotSupported(RequestError):
-    """A valid request for something vnicd does not do."""
-
-    code = 44
-    reason = "noimpl"
-
-
 class UpdateDeviceError(RequestError):
     """A VM.updateDevice request that cannot be carried out as asked."""
 

@@ -42,10 +42,9 @@ DeviceEventCallback = Callable[["Domain", str, bool], None]
 
 
 class HypervisorError(Exception):
-    """libvirt refused or failed; keeps libvirt's error code and says what was attempted."""
+    """libvirt refused or failed; says what was attempted and libvirt's cause."""
 
     def __init__(self, action: str, error: libvirt.libvirtError) -> None:
-        self.libvirt_code = error.get_error_code()
         self.cause = error.get_error_message() or str(error)
         super().__init__(f"{action}: {self.cause}")
 

@@ -145,16 +145,14 @@ class Service:
         async with self._lock(req.vm_id):
             if await self._blocking(self._hypervisor.domain, req.vm_id) is not None:
                 raise errors.VMExists(req.vm_id)
-            try:
-                dom = await asyncio.get_running_loop().run_in_executor(
-                    self._executor,
-                    functools.partial(
-                        self._hypervisor.create, xml.to_xml(), persistent=req.persistent
-                    ),
-                )
-            except HypervisorError as e:
-                raise errors.CreateError(str(e), vmID=req.vm_id, cause=e.cause) from e
+            dom = await self._blocking(self._create, req.vm_id, xml.to_xml(), req.persistent)
             return await self._blocking(self._info, dom)
+
+    def _create(self, vm_id: str, xml: str, persistent: bool) -> Domain:
+        try:
+            return self._hypervisor.create(xml, persistent=persistent)
+        except HypervisorError as e:
+            raise errors.CreateError(str(e), vmID=vm_id, cause=e.cause) from e
 
     async def destroy(self, vm_id: str) -> dict[str, Any]:
         async with self._lock(vm_id):
