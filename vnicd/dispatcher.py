@@ -8,6 +8,7 @@ from typing import Any
 
 from jsonrpcserver import Error, Result, Success, async_dispatch
 
+from vnicd import caller as callers
 from vnicd import errors
 from vnicd.schema import Schema, Verb
 from vnicd.verbs import HANDLERS, Params
@@ -56,6 +57,14 @@ class Dispatcher:
 
         return call
 
-    async def handle(self, message: str) -> str:
-        """The JSON-RPC response to one message; empty for notifications."""
-        return await async_dispatch(message, methods=self._methods)
+    async def handle(self, message: str, caller: callers.Caller = callers.LOCAL) -> str:
+        """The JSON-RPC response to one message; empty for notifications.
+
+        ``caller`` is current while the message is handled, so its flow id reaches every
+        log line about it (each transport task runs in its own context copy).
+        """
+        token = callers.current.set(caller)
+        try:
+            return await async_dispatch(message, methods=self._methods)
+        finally:
+            callers.current.reset(token)

@@ -10,12 +10,16 @@ import asyncio
 import json
 import logging
 import os
+import socket
+import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from vnicd.caller import Caller
+
 log = logging.getLogger(__name__)
 
-Handler = Callable[[str], Awaitable[str]]
+Handler = Callable[[str, Caller], Awaitable[str]]
 MAX_MESSAGE = 16 * 1024 * 1024
 TOO_LARGE = (
     json.dumps(
@@ -59,6 +63,7 @@ class UnixServer:
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         lock = asyncio.Lock()
+        caller = Caller("unix", _peer(writer))
         pending: set[asyncio.Task[None]] = set()
         try:
             while True:
@@ -72,7 +77,7 @@ class UnixServer:
                     continue
                 if not line:
                     break
-                task = asyncio.create_task(self._one(line, writer, lock))
+                task = asyncio.create_task(self._one(line, caller, writer, lock))
                 pending.add(task)
                 task.add_done_callback(pending.discard)
         except ConnectionError as e:
@@ -93,8 +98,10 @@ class UnixServer:
             if not chunk or chunk.endswith(b"\n"):
                 return
 
-    async def _one(self, line: bytes, writer: asyncio.StreamWriter, lock: asyncio.Lock) -> None:
-        response = await self._handle(line.decode(errors="replace"))
+    async def _one(
+        self, line: bytes, caller: Caller, writer: asyncio.StreamWriter, lock: asyncio.Lock
+    ) -> None:
+        response = await self._handle(line.decode(errors="replace"), caller)
         if not response:
             return
         async with lock:
@@ -103,3 +110,14 @@ class UnixServer:
                 return
             writer.write(response.encode() + b"\n")
             await writer.drain()
+
+
+def _peer(writer: asyncio.StreamWriter) -> str:
+    """The connecting process's uid, as the kernel vouches for it (SO_PEERCRED)."""
+    sock = writer.get_extra_info("socket")
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return "uid=?"
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return f"uid={uid}"
