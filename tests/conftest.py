@@ -1,7 +1,8 @@
 """Session fixtures: the test host (a network namespace), vnicd, and VMs that never outlive a test.
 
-Real-VM tests need root, /dev/net/tun and libvirt's QEMU driver; where they are
-missing the session stops with a clear message instead of skipping.
+Real-VM tests (those using the ``vnicd`` fixture) need root, /dev/net/tun, libvirt's QEMU
+driver and, for guest tests, the test guest image the set-up built; where one is missing
+the session stops with a clear message instead of skipping. Pure-logic tests need none.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from tests.guest import GuestError, find_image
 from tests.harness import DaemonThread, SchemaClient
 from tests.hostenv import PREFIX, TestHost, kill_qemus, sweep_stale
 from vnicd.config import Config
@@ -30,9 +32,23 @@ BRIDGES = ("vt-a", "vt-b", "vt-c")
 _host = TestHost()
 
 
-def pytest_configure(config: pytest.Config) -> None:
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Set up the test host, once, only when a collected test needs real VMs.
+
+    Pure-logic tests run without root. Everything a real-VM run needs from the network
+    (the test guest image) was fetched by the set-up: the namespace entered here has none,
+    so a missing piece stops the run with one message instead of failing test by test.
+    """
+    real = [item for item in session.items if "vnicd" in getattr(item, "fixturenames", ())]
+    if not real:
+        return
     if os.geteuid() != 0:
-        raise pytest.UsageError("vnicd's tests boot VMs on bridges: run them as root")
+        pytest.exit("vnicd's real-VM tests boot VMs on bridges: run them as root", 4)
+    if any(item.get_closest_marker("guest") for item in real):
+        try:
+            find_image()
+        except GuestError as e:
+            pytest.exit(str(e), 4)
     sweep_stale(TMP)
     _host.enter()
     for name in BRIDGES:
@@ -41,10 +57,6 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     _host.leave()
-
-
-def pytest_report_header(config: pytest.Config) -> str:
-    return f"vnicd test host: netns {_host.name}, domain type {DOMAIN_TYPE}"
 
 
 def remove(dom: libvirt.virDomain) -> None:

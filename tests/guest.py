@@ -1,8 +1,9 @@
 """A tiny Linux test guest that reports, from inside, what its NICs look like.
 
-The image (Debian cloud kernel + busybox initramfs) is built by ``contrib/build-test-guest``;
-its ``/init`` is ``contrib/test-guest-init``. Boot it with the :func:`cmdline` parameters and a
-serial console written to a file, then read that file with :class:`Console`.
+The image (Debian cloud kernel + busybox initramfs) is built at set-up by
+``contrib/build-test-guest``; its ``/init`` is ``contrib/test-guest-init``. Boot it with the
+:func:`cmdline` parameters and a serial console written to a file, then read that file with
+:class:`Console`.
 
 Report format (one "round" every 0.2 s on the console, one line per NIC, all on ``ttyS0``)::
 
@@ -40,9 +41,9 @@ NIC models: the cloud kernel has drivers for virtio-net (libvirt model ``virtio`
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
-import subprocess
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -52,6 +53,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUILD_SCRIPT = REPO_ROOT / "contrib" / "build-test-guest"
+INIT_SCRIPT = REPO_ROOT / "contrib" / "test-guest-init"
 DEFAULT_CACHE_DIR = Path("/var/cache/vnicd/test-guest")
 REPORT_PREFIX = "VNICD-GUEST "
 
@@ -68,21 +70,24 @@ class GuestImage:
     initrd: Path
 
 
-def build_image(cache_dir: Path = DEFAULT_CACHE_DIR) -> GuestImage:
-    """Build (or reuse from ``cache_dir``) the guest kernel and initrd."""
-    proc = subprocess.run(
-        [str(BUILD_SCRIPT), str(cache_dir)],
-        capture_output=True,
-        text=True,
-        check=False,
+def find_image(cache_dir: Path = DEFAULT_CACHE_DIR) -> GuestImage:
+    """The guest kernel and initrd that the host set-up built, read only.
+
+    Building needs the network, which the test namespace does not have: the set-up
+    (``contrib/setup-host --tests``) builds it, and an image built from other recipes is
+    refused here rather than silently used.
+    """
+    fix = "run `contrib/setup-host --tests` (contrib/run-tests does) to build it"
+    current = cache_dir / "current"
+    image = GuestImage(kernel=current / "vmlinuz", initrd=current / "initrd.gz")
+    if not (image.kernel.is_file() and image.initrd.is_file()):
+        raise GuestError(f"no test guest image in {current}: {fix}")
+    recipe = hashlib.sha256(BUILD_SCRIPT.read_bytes() + INIT_SCRIPT.read_bytes()).hexdigest()
+    info = dict(
+        line.split("=", 1) for line in (current / "info").read_text().splitlines() if "=" in line
     )
-    lines = proc.stdout.splitlines()
-    if proc.returncode != 0 or len(lines) < 2:
-        raise GuestError(f"{BUILD_SCRIPT} failed (exit {proc.returncode}):\n{proc.stderr.strip()}")
-    image = GuestImage(kernel=Path(lines[-2]), initrd=Path(lines[-1]))
-    for path in (image.kernel, image.initrd):
-        if not path.is_file():
-            raise GuestError(f"{BUILD_SCRIPT} printed {path}, which is not a file")
+    if info.get("recipe_hash") != recipe[:8]:
+        raise GuestError(f"the test guest image in {current} is from other recipes: {fix}")
     return image
 
 

@@ -108,16 +108,20 @@ class TestHost:
     def __init__(self) -> None:
         self.name = f"{PREFIX}{os.getpid()}"
         self.bridges: list[str] = []
+        self.entered = False
 
     def enter(self) -> None:
         if threading.active_count() != 1:
             raise RuntimeError("enter the test namespace before any thread starts")
         ip("netns", "add", self.name)
         _setns(f"/run/netns/{self.name}")
+        self.entered = True
         ip("link", "set", "dev", "lo", "up")
 
     def leave(self) -> None:
         """Delete the bridges and the namespace's name; the namespace dies with this process."""
+        if not self.entered:
+            return
         for name in self.bridges:
             subprocess.run(["ip", "link", "del", "dev", name], check=False, capture_output=True)
         subprocess.run(["ip", "netns", "del", self.name], check=False)

@@ -23,8 +23,8 @@ from tests.guest import (
     Console,
     GuestImage,
     GuestReport,
-    build_image,
     cmdline,
+    find_image,
     guest_domain_xml,
 )
 from tests.harness import DaemonThread, SchemaClient
@@ -195,7 +195,7 @@ def boot(
 def guests(vnicd: DaemonThread, record_testsuite_property: Record) -> Iterator[tuple[Guest, Guest]]:
     """Guests A and B, booted once (TCG takes seconds) and destroyed even if tests fail."""
     with contextlib.ExitStack() as stack:
-        image = build_image()
+        image = find_image()
         start = time.monotonic()
         a, b = boot(vnicd, stack, image, "a", 1), boot(vnicd, stack, image, "b", 2)
         events = [
