@@ -100,7 +100,7 @@ def test_create_rejects_bad_xml(rpc: SchemaClient, vms: Vms) -> None:
     for xml, text in (
         ("<domain", "malformed XML"),
         ("<interface type='bridge'/>", "expected <domain>"),
-        (vms.xml(Nic("vt-a"))[1], "differs from vmID"),
+        (vms.xml(Nic("vt-a"))[1], "differs from the VM id"),
     ):
         with pytest.raises(RpcError) as err:
             rpc.call("VM.create", vmID=vm_id, vmParams={"xml": xml})

@@ -6,8 +6,9 @@ import pytest
 from lxml import etree
 
 from vnicd.domxml import Domain, Interface, PciAddress, Source, XMLError
+from vnicd.model import NicChange
 from vnicd.networks import UNWIRED, Wiring
-from vnicd.wiring import NicChange, plan
+from vnicd.planning import edit
 
 LIVE = """<interface type='bridge'>
   <mac address='52:54:00:AA:bb:01'/>
@@ -91,7 +92,7 @@ def test_plan_changes_only_source_and_link(
     change: NicChange, wiring: Wiring | None, kind: str, source: dict[str, str], link: str
 ) -> None:
     current = Interface.from_xml(LIVE)
-    new = plan(current, change, wiring)
+    new = edit(current, change, wiring)
     root = etree.fromstring(new.to_xml().encode())
     assert root.get("type") == kind
     assert root.find("source").attrib == source  # type: ignore[union-attr]
@@ -103,9 +104,9 @@ def test_plan_changes_only_source_and_link(
 def test_plan_writes_link_explicitly() -> None:
     """A network-only change of a down vNIC must say down: a missing <link> means up."""
     down = Interface.from_xml(LIVE.replace("<rom", "<link state='down'/><rom"))
-    new = plan(down, NicChange(network="br-b"), Wiring("br-b", Source("bridge", "br-b"), "br-b"))
+    new = edit(down, NicChange(network="br-b"), Wiring("br-b", Source("bridge", "br-b"), "br-b"))
     assert '<link state="down"/>' in new.to_xml()
-    up = plan(
+    up = edit(
         Interface.from_xml(LIVE),
         NicChange(network="br-b"),
         Wiring("br-b", Source("bridge", "br-b"), "br-b"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from vnicd.domxml import Source, SourceKind
 from vnicd.networks import UNWIRED, NetworkMap, Target, Wiring
 
@@ -18,13 +20,33 @@ class Table:
         return sorted(self._bridges)
 
 
+class Ports:
+    def __init__(self) -> None:
+        self.taps: dict[str, str] = {}
+
+    def where(self, tap: str) -> str | None:
+        return self.taps.get(tap)
+
+    def move(self, tap: str, bridge: str) -> None:
+        self.taps[tap] = bridge
+
+    def masters(self) -> dict[str, str]:
+        return dict(self.taps)
+
+
+class Broken(Table):
+    def bridge_of(self, name: str) -> str | None:
+        raise OSError("the host does not answer")
+
+
 NETWORKS = NetworkMap(
     {"mgmt": Target("bridge", "br-mgmt"), "lab": Target("network", "labnet")},
     [
         Table("bridge", {"br-mgmt": "br-mgmt", "br-x": "br-x", "void": "void"}),
-        Table("network", {"labnet": "virbr7"}),
+        Table("network", {"labnet": "virbr7", "default": "virbr0", "br-x": "virbr9"}),
     ],
     unwired_bridge="void",
+    ports=Ports(),
 )
 
 
@@ -35,9 +57,13 @@ def test_resolve() -> None:
     assert NETWORKS.resolve(UNWIRED) == Wiring(UNWIRED, Source("bridge", "void"), "void")
 
 
+def test_unmapped_libvirt_network_resolves_by_its_name() -> None:
+    assert NETWORKS.resolve("default") == Wiring("default", Source("network", "default"), "virbr0")
+
+
 def test_unknown_names_resolve_to_nothing() -> None:
     assert NETWORKS.resolve("nosuch") is None
-    assert NETWORKS.resolve("labnet") is None, "a libvirt network is reached by its mapped name"
+    assert NETWORKS.resolve("labnet") is None, "a mapped libvirt network is reached by its name"
     assert NETWORKS.resolve("void") is None, "the unwired bridge is not a network"
 
 
@@ -49,9 +75,20 @@ def test_names_reported() -> None:
     assert NETWORKS.name_of(None) == UNWIRED
 
 
-def test_available() -> None:
-    assert NETWORKS.available() == [
-        {"name": "br-x", "type": "bridge", "bridge": "br-x"},
-        {"name": "lab", "type": "network", "bridge": "virbr7"},
-        {"name": "mgmt", "type": "bridge", "bridge": "br-mgmt"},
+def test_available_is_exactly_what_resolves() -> None:
+    listed = NETWORKS.available()
+    assert listed == [
+        ("br-x", "bridge", "br-x"),
+        ("default", "network", "virbr0"),
+        ("lab", "network", "virbr7"),
+        ("mgmt", "bridge", "br-mgmt"),
     ]
+    for name, kind, bridge in listed:
+        wiring = NETWORKS.resolve(name)
+        assert wiring is not None and (wiring.source.kind, wiring.bridge) == (kind, bridge)
+
+
+def test_host_fault_is_not_an_unknown_network() -> None:
+    broken = NetworkMap({}, [Broken("bridge", {})], "void", ports=Ports())
+    with pytest.raises(OSError, match="does not answer"):
+        broken.resolve("br-x")

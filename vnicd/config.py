@@ -33,6 +33,10 @@ _SCHEMA: dict[str, Any] = {
     "workers": (int, 16),
     "unplug_timeout": (float, 30.0),
     "unwired_bridge": (str, "vnicd-unwired"),
+    "link_bounce": {
+        "enabled": (bool, False),
+        "seconds": (float, 2.0),
+    },
     "networks": (dict, {}),
 }
 
@@ -52,6 +56,8 @@ class Config:
     workers: int = 16
     unplug_timeout: float = 30.0
     unwired_bridge: str = "vnicd-unwired"
+    link_bounce: bool = False
+    link_bounce_seconds: float = 2.0
     networks: dict[str, Target] = field(default_factory=dict)
 
     @property
@@ -121,6 +127,8 @@ def parse(data: Any) -> Config:
         raise ConfigError(f"log_level: unknown level {v['log_level']!r}")
     if v["unplug_timeout"] <= 0:
         raise ConfigError("unplug_timeout: must be positive")
+    if not 0 < v["link_bounce.seconds"] <= 60:
+        raise ConfigError("link_bounce.seconds: must be more than 0 and at most 60")
     if v["workers"] < 1:
         raise ConfigError("workers: must be at least 1")
     if not names.is_ifname(v["unwired_bridge"]):
@@ -138,6 +146,8 @@ def parse(data: Any) -> Config:
         workers=v["workers"],
         unplug_timeout=v["unplug_timeout"],
         unwired_bridge=v["unwired_bridge"],
+        link_bounce=v["link_bounce.enabled"],
+        link_bounce_seconds=v["link_bounce.seconds"],
         networks=_networks(v["networks"]),
     )
 

@@ -13,20 +13,21 @@ from typing import TextIO
 
 import libvirtaio
 
-from vnicd import __version__, hostnet, sdnotify
+from vnicd import __version__, sdnotify
 from vnicd.config import DEFAULT_PATH, Config, ConfigError, load
 from vnicd.dispatcher import Dispatcher
 from vnicd.hypervisor import Domain, Hypervisor, prepare_embed_root
 from vnicd.networks import LibvirtNetworks, LinuxBridges, NetworkMap
-from vnicd.plugging import Plugger
 from vnicd.rpc_unix import UnixServer
 from vnicd.schema import Schema
 from vnicd.service import Service
-from vnicd.wiring import Rewirer
 
 log = logging.getLogger(__name__)
 
 _EVENTS = ["defined", "undefined", "started", "suspended", "resumed", "stopped", "shutdown"]
+# After these, a VM's stored vNICs are settled with its domain (a definition may have
+# been replaced, a guest may have released a vNIC while vnicd was away).
+_SETTLE = {"defined", "started", "stopped"}
 
 
 class Daemon:
@@ -52,19 +53,29 @@ class Daemon:
         if cfg.embedded:
             prepare_embed_root(cfg.embed_root)
         await asyncio.to_thread(self.hypervisor.open)
-        await asyncio.to_thread(hostnet.ensure_isolated_bridge, cfg.unwired_bridge)
-        self.hypervisor.on_lifecycle(self._lifecycle)
+        bridges = LinuxBridges()
+        await asyncio.to_thread(bridges.ensure_isolated, cfg.unwired_bridge)
         networks = NetworkMap(
-            cfg.networks, [LinuxBridges(), LibvirtNetworks(self.hypervisor)], cfg.unwired_bridge
+            cfg.networks,
+            [bridges, LibvirtNetworks(self.hypervisor)],
+            cfg.unwired_bridge,
+            ports=bridges,
         )
-        rewirer = Rewirer(networks, persist_running=cfg.persistent_updates)
-        plugger = Plugger(unplug_timeout=cfg.unplug_timeout)
+        service = self._service = Service(
+            self.hypervisor,
+            networks,
+            workers=cfg.workers,
+            unplug_timeout=cfg.unplug_timeout,
+            persist_running=cfg.persistent_updates,
+            bounce_seconds=cfg.link_bounce_seconds,
+            bounce_default=cfg.link_bounce,
+        )
+        self.hypervisor.on_lifecycle(self._lifecycle)
         self.hypervisor.on_device_removal(
-            lambda dom, alias, removed: plugger.removal(dom.uuid, alias, removed)
+            lambda dom, alias, removed: service.device_removed(dom.uuid, alias, removed)
         )
-        self._service = Service(self.hypervisor, networks, rewirer, plugger, workers=cfg.workers)
-        running = await asyncio.to_thread(self.hypervisor.domains)
-        log.info("found %d VMs: %s", len(running), ", ".join(d.name for d in running) or "none")
+        found = await service.reconcile_all()
+        log.info("found %d VMs: %s", len(found), ", ".join(found) or "none")
         dispatcher = Dispatcher(Schema.load(), self._service)
         self._server = UnixServer(cfg.unix_socket, dispatcher.handle, cfg.socket_mode)
         await self._server.start()
@@ -87,7 +98,8 @@ class Daemon:
         if self._server is not None:
             await self._server.stop()
         if self._service is not None:
-            await asyncio.to_thread(self._service.close)
+            await self._service.close()
+            self._service = None
         await asyncio.to_thread(self.hypervisor.close)
         if self._lock is not None:
             self._lock.close()
@@ -97,6 +109,8 @@ class Daemon:
     def _lifecycle(self, dom: Domain, event: int, detail: int) -> None:
         name = _EVENTS[event] if 0 <= event < len(_EVENTS) else str(event)
         log.info("VM %s (%s): %s (detail %d)", dom.uuid, dom.name, name, detail)
+        if name in _SETTLE and self._service is not None:
+            self._service.spawn(self._service.reconcile(dom.uuid))
 
 
 async def serve(config: Config) -> None:

@@ -137,6 +137,11 @@ class Interface:
         return None if el is None else el.get(attr)
 
     @property
+    def kind(self) -> str:
+        """libvirt's interface type: bridge, network, direct, ethernet, ..."""
+        return self.element.get("type", "")
+
+    @property
     def mac(self) -> str | None:
         mac = self._attr("mac", "address")
         return mac.lower() if mac else None
@@ -188,6 +193,26 @@ class Interface:
     def matches(self, *, alias: str | None = None, mac: str | None = None) -> bool:
         return (alias is None or self.alias == alias) and (mac is None or self.mac == mac.lower())
 
+    def identity(self) -> tuple[str | None, str | None, PciAddress | None]:
+        """What must never change while a vNIC lives: MAC, model and guest PCI address."""
+        return self.mac, self.model, self.address
+
+    def definition(self) -> Interface:
+        """A copy fit for a definition: without what libvirt sets on a running vNIC (its
+        own alias, a network source's port and bridge). A user alias (``ua-``) stays."""
+        kept = self.copy()
+        alias = kept.element.find("alias")
+        if alias is not None and not str(alias.get("name", "")).startswith("ua-"):
+            kept.element.remove(alias)
+        source = kept.source
+        if source is not None:
+            kept.source = source
+        return kept
+
+    def has_any(self, *tags: str) -> str | None:
+        """The first of ``tags`` this interface has as a child, if any."""
+        return next((tag for tag in tags if self.element.find(tag) is not None), None)
+
 
 class Domain:
     """A parsed domain definition: identity and interfaces."""
@@ -206,6 +231,22 @@ class Domain:
     @property
     def interfaces(self) -> list[Interface]:
         return [Interface(el) for el in self.element.iterfind("devices/interface")]
+
+    def interface(self, *, alias: str | None = None, mac: str | None = None) -> Interface | None:
+        return next((i for i in self.interfaces if i.matches(alias=alias, mac=mac)), None)
+
+    def metadata(self, namespace: str) -> str | None:
+        """The ``<metadata>`` child in ``namespace``, namespaces stripped (as libvirt's
+        metadata API returns it), or None."""
+        found = self.element.find(f"metadata/{{{namespace}}}*")
+        if found is None:
+            return None
+        copied = copy.deepcopy(found)
+        for el in copied.iter():
+            if isinstance(el.tag, str):
+                el.tag = etree.QName(el).localname
+        etree.cleanup_namespaces(copied)
+        return to_string(copied)
 
     @property
     def pci_addresses(self) -> set[PciAddress]:
@@ -237,3 +278,41 @@ def hotplug_interface(xml: str) -> Interface:
     iface = Interface(found[0])
     PciAddress.parse(iface.element)  # a malformed address is the request's fault
     return iface
+
+
+@dataclass(frozen=True)
+class StoredNic:
+    """An unplugged vNIC's definition in vnicd's metadata, with the alias it had and whether
+    its removal from the guest is still awaited (``pending``)."""
+
+    alias: str
+    iface: Interface
+    pending: bool = False
+
+
+def parse_stored(xml: str | None) -> list[StoredNic]:
+    """vnicd's ``<vnics>`` metadata element; raises XMLError when it is malformed."""
+    if not xml:
+        return []
+    root = parse(xml, "vnics")
+    found = []
+    for el in root.iterfind("unplugged"):
+        iface_el = el.find("interface")
+        if iface_el is None:
+            raise XMLError("an <unplugged> entry without <interface>")
+        iface = Interface(copy.deepcopy(iface_el))
+        if iface.mac is None:
+            raise XMLError("an unplugged <interface> without <mac>")
+        PciAddress.parse(iface.element)
+        found.append(StoredNic(el.get("alias", ""), iface, el.get("pending") == "yes"))
+    return found
+
+
+def format_stored(entries: list[StoredNic]) -> str:
+    root = etree.Element("vnics")
+    for entry in entries:
+        el = etree.SubElement(root, "unplugged", alias=entry.alias)
+        if entry.pending:
+            el.set("pending", "yes")
+        el.append(copy.deepcopy(entry.iface.element))
+    return to_string(root)

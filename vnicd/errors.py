@@ -4,25 +4,43 @@ Every error has a stable numeric ``code`` (VDSM's where VDSM has one), a stable
 ``reason`` string, and named fields (VM, vNIC, field, cause) that build its message.
 Caller errors (:class:`RequestError`) and host failures (:class:`HostError`) are
 separate branches. Only the dispatcher turns these into JSON-RPC error objects.
+
+The core names a request's fields in its own words (``nic``, ``alias``, ``mac``,
+``network``, ``link``, ``model``, ``xml``); the API layer renames them to the wire's
+(:meth:`VnicdError.rename_field`), so a message always names what the caller sent.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 INVALID_PARAMS = -32602
 
 
 class VnicdError(Exception):
-    """Base of every error vnicd reports to a caller."""
+    """Base of every error vnicd reports to a caller. ``{field}`` in the message stands
+    for the ``field`` it names."""
 
     code: ClassVar[int] = 100
     reason: ClassVar[str] = "general"
 
     def __init__(self, message: str, **fields: Any) -> None:
         super().__init__(message)
-        self.message = message
+        self._template = message
         self.fields = {k: v for k, v in fields.items() if v is not None}
+
+    @property
+    def message(self) -> str:
+        return self._template.replace("{field}", str(self.fields.get("field", "")))
+
+    def __str__(self) -> str:
+        return self.message
+
+    def rename_field(self, names: Mapping[str, str]) -> None:
+        field = self.fields.get("field")
+        if isinstance(field, str) and field in names:
+            self.fields["field"] = names[field]
 
     def data(self) -> dict[str, Any]:
         return {"reason": self.reason, **self.fields}
@@ -41,7 +59,7 @@ class InvalidParameter(RequestError):
     reason = "invalidParameter"
 
     def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"invalid parameter {field}: {problem}", field=field)
+        super().__init__(f"invalid parameter {{field}}: {problem}", field=field)
 
 
 class MissingParameter(RequestError):
@@ -49,7 +67,7 @@ class MissingParameter(RequestError):
     reason = "MissParam"
 
     def __init__(self, field: str) -> None:
-        super().__init__(f"missing required parameter {field}", field=field)
+        super().__init__("missing required parameter {field}", field=field)
 
 
 class NoSuchVM(RequestError):
@@ -91,7 +109,7 @@ class UnknownNetwork(UpdateDeviceError):
             "maps to no bridge or libvirt network on this host",
             vmID=vm,
             nic=nic,
-            field="params.network",
+            field="network",
             network=network,
         )
 
@@ -101,7 +119,7 @@ class UnsupportedChange(UpdateDeviceError):
 
     def __init__(self, vm: str, nic: str, field: str, problem: str) -> None:
         super().__init__(
-            f"cannot change {field} of vNIC {nic} of VM {vm}: {problem}",
+            f"cannot change {{field}} of vNIC {nic} of VM {vm}: {problem}",
             vmID=vm,
             nic=nic,
             field=field,

@@ -14,6 +14,8 @@ from typing import Any
 
 import libvirt
 
+from vnicd.model import VmStatus
+
 log = logging.getLogger(__name__)
 
 # libvirt prints every error to stderr unless a handler is set; errors reach us as exceptions.
@@ -30,11 +32,11 @@ namespaces = [ ]
 """
 
 _STATES = {
-    libvirt.VIR_DOMAIN_RUNNING: "Up",
-    libvirt.VIR_DOMAIN_BLOCKED: "Up",
-    libvirt.VIR_DOMAIN_PAUSED: "Paused",
-    libvirt.VIR_DOMAIN_PMSUSPENDED: "Paused",
-    libvirt.VIR_DOMAIN_SHUTDOWN: "Powering down",
+    libvirt.VIR_DOMAIN_RUNNING: VmStatus.RUNNING,
+    libvirt.VIR_DOMAIN_BLOCKED: VmStatus.RUNNING,
+    libvirt.VIR_DOMAIN_PAUSED: VmStatus.PAUSED,
+    libvirt.VIR_DOMAIN_PMSUSPENDED: VmStatus.PAUSED,
+    libvirt.VIR_DOMAIN_SHUTDOWN: VmStatus.SHUTTING_DOWN,
 }
 
 DomainEventCallback = Callable[["Domain", int, int], None]
@@ -86,9 +88,9 @@ class Domain:
     def is_persistent(self) -> bool:
         return bool(self._call("reading persistence", self._dom.isPersistent))
 
-    def status(self) -> str:
+    def status(self) -> VmStatus:
         state, _reason = self._call("reading state", self._dom.state)
-        return _STATES.get(state, "Down")
+        return _STATES.get(state, VmStatus.STOPPED)
 
     def xml(self, *, inactive: bool = False) -> str:
         flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
@@ -110,6 +112,16 @@ class Domain:
         log.debug("VM %s: detachDeviceFlags %s", self.uuid, xml)
         self._call(
             "unplugging interface", self._dom.detachDeviceFlags, xml, _affect(live, persistent)
+        )
+
+    def detach_alias(self, alias: str) -> None:
+        """Ask the guest to release a device; returns at once (DEVICE_REMOVED tells when)."""
+        log.debug("VM %s: detachDeviceAlias %s", self.uuid, alias)
+        self._call(
+            "unplugging interface",
+            self._dom.detachDeviceAlias,
+            alias,
+            libvirt.VIR_DOMAIN_AFFECT_LIVE,
         )
 
     def metadata(self, uri: str) -> str | None:
@@ -207,8 +219,12 @@ class Hypervisor:
         dom = Domain(self._call("defining VM", self.conn.defineXML, xml))
         try:
             dom.start()
-        except HypervisorError:
-            dom.undefine()
+        except HypervisorError as e:
+            try:
+                dom.undefine()
+            except HypervisorError as cleanup:
+                log.error("VM %s: undefining after a failed start: %s", dom.uuid, cleanup)
+                e.args = (f"{e}; and undefining it failed too: {cleanup}",)
             raise
         return dom
 
@@ -217,16 +233,21 @@ class Hypervisor:
         try:
             return sorted(n.name() for n in self.conn.listAllNetworks(0))
         except libvirt.libvirtError as e:
+            if e.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
+                raise HypervisorError("listing libvirt networks", e) from e
             log.debug("no libvirt networks on %s: %s", self.uri, e)
             return []
 
     def network_bridge(self, name: str) -> str | None:
-        """The host bridge behind an active libvirt network, None if there is no such network."""
+        """The host bridge behind an active libvirt network, None if there is no such
+        network (or no network driver); a failing connection raises."""
         try:
             net = self.conn.networkLookupByName(name)
             return str(net.bridgeName()) if net.isActive() else None
-        except libvirt.libvirtError:
-            return None
+        except libvirt.libvirtError as e:
+            if e.get_error_code() in (libvirt.VIR_ERR_NO_NETWORK, libvirt.VIR_ERR_NO_SUPPORT):
+                return None
+            raise HypervisorError(f"looking up network {name}", e) from e
 
     def on_lifecycle(self, callback: DomainEventCallback) -> None:
         def cb(_conn: Any, dom: libvirt.virDomain, event: int, detail: int, _opaque: Any) -> None:

@@ -1,12 +1,15 @@
-"""From a network name to what a vNIC's ``<source>`` must say, behind a narrow backend boundary.
+"""From a network name to what a vNIC's ``<source>`` must say, and where its tap really is.
 
-A backend knows one way a tap reaches a network (a Linux bridge, a libvirt network)
-and answers three questions; the wiring core talks only to :class:`NetworkMap`.
+The boundary to how a tap reaches a network (os-vif's plugin boundary is the model): a
+:class:`NetworkBackend` names what a vNIC can be wired to (a Linux bridge, a libvirt
+network) and the kernel bridge behind it; a :class:`PortBackend` tells where a tap sits
+now and puts it back after a failure. The core talks only to :class:`NetworkMap`; a new
+kind (Open vSwitch) is a new backend module, not an edit of the core.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -38,13 +41,27 @@ class NetworkBackend(Protocol):
     kind: SourceKind
 
     def bridge_of(self, name: str) -> str | None:
-        """The kernel bridge behind ``name``, None when it does not exist here."""
+        """The kernel bridge behind ``name``; None when there is no such thing here.
+        A host fault raises (it is not an unknown network)."""
 
     def names(self) -> list[str]:
         """Everything of this kind a vNIC can be wired to on this host."""
 
 
+class PortBackend(Protocol):
+    def where(self, tap: str) -> str | None:
+        """The bridge the tap is attached to now, as the host reports it."""
+
+    def move(self, tap: str, bridge: str) -> None:
+        """Attach the tap to ``bridge`` (to undo a half-done move)."""
+
+    def masters(self) -> dict[str, str]:
+        """Every tap and its bridge, in one read (for listings)."""
+
+
 class LinuxBridges:
+    """Host bridges by name; taps enslaved to them in the kernel."""
+
     kind: SourceKind = "bridge"
 
     def bridge_of(self, name: str) -> str | None:
@@ -52,6 +69,19 @@ class LinuxBridges:
 
     def names(self) -> list[str]:
         return hostnet.bridges()
+
+    def where(self, tap: str) -> str | None:
+        return hostnet.master(tap)
+
+    def move(self, tap: str, bridge: str) -> None:
+        hostnet.set_master(tap, bridge)
+
+    def masters(self) -> dict[str, str]:
+        return hostnet.masters()
+
+    @staticmethod
+    def ensure_isolated(name: str) -> None:
+        hostnet.ensure_isolated_bridge(name)
 
 
 class LibvirtNetworks:
@@ -68,30 +98,44 @@ class LibvirtNetworks:
 
 
 class NetworkMap:
-    """Network names of this host: configured mappings first, then same-named host bridges."""
+    """Network names of this host: configured mappings first, then same-named host
+    bridges, then same-named libvirt networks. What :meth:`available` lists resolves."""
 
     def __init__(
         self,
         mapping: Mapping[str, Target],
-        backends: list[NetworkBackend],
+        backends: Sequence[NetworkBackend],
         unwired_bridge: str,
+        ports: PortBackend,
     ) -> None:
         self._mapping = dict(mapping)
         self._backends = {b.kind: b for b in backends}
+        self._mapped = {(t.kind, t.name) for t in self._mapping.values()}
         self.unwired_bridge = unwired_bridge
+        self.ports = ports
 
     def resolve(self, network: str) -> Wiring | None:
         """Where ``network`` leads now, or None when it maps to nothing on this host."""
         if network == UNWIRED:
             return Wiring(UNWIRED, Source("bridge", self.unwired_bridge), self.unwired_bridge)
-        target = self._mapping.get(network, Target("bridge", network))
-        if target.kind == "bridge" and target.name == self.unwired_bridge:
-            return None
-        backend = self._backends.get(target.kind)
-        bridge = backend.bridge_of(target.name) if backend else None
-        if bridge is None:
-            return None
-        return Wiring(network, Source(target.kind, target.name), bridge)
+        if network in self._mapping:
+            candidates = [self._mapping[network]]
+        else:
+            candidates = [Target(kind, network) for kind in self._backends]
+        for target in candidates:
+            if target.kind == "bridge" and target.name == self.unwired_bridge:
+                return None
+            if (
+                network not in self._mapping
+                and target.kind == "network"
+                and (target.kind, target.name) in self._mapped
+            ):
+                continue  # a mapped libvirt network is reached by its mapped name only
+            backend = self._backends.get(target.kind)
+            bridge = backend.bridge_of(target.name) if backend else None
+            if bridge is not None:
+                return Wiring(network, Source(target.kind, target.name), bridge)
+        return None
 
     def name_of(self, source: Source | None) -> str:
         """The network name to report for a source: the unwired bridge is ``""``."""
@@ -104,22 +148,19 @@ class NetworkMap:
                 return name
         return source.name
 
-    def available(self) -> list[dict[str, str]]:
-        """Every network a vNIC can be wired to now, with its kind and kernel bridge."""
-        found: dict[str, dict[str, str]] = {}
+    def available(self) -> list[tuple[str, SourceKind, str]]:
+        """Every network a vNIC can be wired to now: name, kind, kernel bridge."""
+        found: dict[str, tuple[str, SourceKind, str]] = {}
         for name, target in self._mapping.items():
             wiring = self.resolve(name)
             if wiring is not None:
-                found[name] = {"name": name, "type": target.kind, "bridge": wiring.bridge or ""}
+                found[name] = (name, target.kind, wiring.bridge or "")
         for kind, backend in self._backends.items():
             for item in backend.names():
-                if item == self.unwired_bridge:
-                    continue
                 name = self.name_of(Source(kind, item))
-                if name not in found:
-                    found[name] = {
-                        "name": name,
-                        "type": kind,
-                        "bridge": backend.bridge_of(item) or "",
-                    }
-        return sorted(found.values(), key=lambda n: n["name"])
+                if name == UNWIRED or name in found:
+                    continue
+                wiring = self.resolve(name)
+                if wiring is not None and wiring.source == Source(kind, item):
+                    found[name] = (name, kind, wiring.bridge or "")
+        return sorted(found.values())

@@ -72,14 +72,40 @@ class Schema:
     @classmethod
     def load(cls) -> Schema:
         text = resources.files("vnicd").joinpath("vnicd-api.yml").read_text()
-        return cls(yaml.safe_load(text))
+        schema = cls(yaml.safe_load(text))
+        schema.check_schema()
+        return schema
 
     def resolve(self, spec: Spec) -> Spec:
-        """Expand a named type into its definition, local keys winning."""
+        """Expand a named type into its definition, local keys winning. An unknown type
+        name is a defect of the schema itself: ValueError."""
         while spec.get("type") in self.types:
             local = {k: v for k, v in spec.items() if k != "type"}
             spec = {**self.types[spec["type"]], **local}
+        kind = spec.get("type", "string")
+        if kind not in _TYPES and "oneOf" not in spec:
+            raise ValueError(f"unknown type {kind!r} in the schema")
         return spec
+
+    def check_schema(self) -> None:
+        """Resolve every spec of every verb and type: a schema that names an unknown type
+        or nests one is refused when loaded, not when a request happens to reach it."""
+
+        def walk(spec: Spec) -> None:
+            spec = self.resolve(spec)
+            for sub in spec.get("oneOf", []):
+                walk(sub)
+            for sub in spec.get("properties", {}).values():
+                walk(sub)
+            if "items" in spec:
+                walk(spec["items"])
+
+        for verb in self.verbs.values():
+            for spec in verb.params.values():
+                walk(spec)
+            walk(verb.result)
+        for name in self.types:
+            walk({"type": name})
 
     def validate_params(self, verb: Verb, params: dict[str, Any]) -> None:
         """Raise MissingParameter or InvalidParameter naming the first bad field."""
@@ -94,6 +120,11 @@ class Schema:
 
     def _check(self, spec: Spec, value: Any, path: str) -> None:
         spec = self.resolve(spec)
+        if value is None and spec.get("nullable"):
+            return
+        if "oneOf" in spec:
+            self._check_one_of(spec["oneOf"], value, path)
+            return
         kind = spec.get("type", "string")
         if not _TYPES[kind](value):
             raise errors.InvalidParameter(path, f"expected {kind}, got {type(value).__name__}")
@@ -109,6 +140,16 @@ class Schema:
             for i, item in enumerate(value):
                 self._check(spec["items"], item, f"{path}[{i}]")
 
+    def _check_one_of(self, specs: list[Spec], value: Any, path: str) -> None:
+        problems = []
+        for spec in specs:
+            try:
+                self._check(spec, value, path)
+                return
+            except errors.RequestError as e:
+                problems.append(e.message)
+        raise errors.InvalidParameter(path, "matches none of: " + " | ".join(problems))
+
     def _check_fields(
         self, fields: dict[str, Spec], value: dict[str, Any], prefix: str, any_of: list[str] | None
     ) -> None:
@@ -118,6 +159,11 @@ class Schema:
         for key, spec in fields.items():
             if key in value:
                 self._check(spec, value[key], prefix + key)
+                for other in spec.get("excludes", []):
+                    if other in value:
+                        raise errors.InvalidParameter(
+                            prefix + key, f"cannot be given together with {prefix + other}"
+                        )
             elif spec.get("required"):
                 raise errors.MissingParameter(prefix + key)
         if any_of and not any(k in value for k in any_of):

@@ -1,27 +1,33 @@
-"""What the verbs do, independent of any transport.
+"""What the verbs do, independent of any wire: one transaction path for every vNIC change.
 
-Typed requests in, plain JSON-ready results out. Blocking libvirt and iproute2
-work runs in a thread pool; operations on one VM are serialized by a per-VM lock,
-different VMs proceed in parallel.
+Every change goes: read the domain once -> plan (pure) -> hooks -> apply, confirm, commit
+or undo (:mod:`vnicd.transaction`) -> listeners -> the new state. Blocking libvirt and
+kernel work runs in a thread pool; changes of one VM are serialized by a per-VM lock,
+different VMs proceed in parallel. Reads take no lock: while a change of a VM is in
+flight they answer the state from before it, never a half-done one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol, TypeVar
 
-from vnicd import __version__, errors, hostnet, unplugged
+from vnicd import __version__, errors, hostnet, planning
 from vnicd.domxml import Domain as DomainXML
-from vnicd.domxml import Interface, XMLError, hotplug_interface
+from vnicd.domxml import XMLError, hotplug_interface
 from vnicd.hypervisor import Domain, Hypervisor, HypervisorError
-from vnicd.networks import NetworkMap
-from vnicd.plugging import Plugger
-from vnicd.wiring import NicChange, NicRef, Rewirer
+from vnicd.model import NicChange, NicRef, Snapshot, VmState, VmStatus
+from vnicd.networks import NetworkMap, Wiring
+from vnicd.planning import Action, Plan
+from vnicd.report import vm_state
+from vnicd.transaction import ConfirmError, Failed, Pending, Refused, Removals, Transaction
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -32,6 +38,8 @@ class UpdateNic:
     vm_id: str
     nic: NicRef
     change: NicChange
+    bounce: bool | None = None  # None: as configured
+    dry_run: bool = False
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,14 @@ class PlugNic:
     vm_id: str
     nic: NicRef | None = None
     xml: str | None = None
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
+class UnplugNic:
+    vm_id: str
+    nic: NicRef
+    dry_run: bool = False
 
 
 @dataclass(frozen=True)
@@ -50,178 +66,433 @@ class CreateVM:
     persistent: bool = False
 
 
+@dataclass(frozen=True)
+class DryRun:
+    """A plan that was not carried out."""
+
+    plan: Plan
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    version: str
+    uri: str
+    unwired_bridge: str
+    networks: list[tuple[str, str, str]]  # name, kind, kernel bridge
+
+
+class Hooks(Protocol):
+    """The seam for site hooks: they may rewrite or veto a plan, and hear how it ended."""
+
+    async def before(self, plan: Plan) -> Plan: ...
+
+    async def after(self, plan: Plan, error: Exception | None) -> None: ...
+
+
+class NoHooks:
+    async def before(self, plan: Plan) -> Plan:
+        return plan
+
+    async def after(self, plan: Plan, error: Exception | None) -> None:
+        return None
+
+
+Listener = Callable[[Plan, VmState], None]
+
+
+@dataclass
+class _Slot:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+    generation: int = 0
+
+
+class VmLocks:
+    """One lock per VM, kept only while someone holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._slots: dict[str, _Slot] = {}
+        self._counter = itertools.count(1)
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def generation(self, vm: str) -> int:
+        """Changes whenever a write of ``vm`` starts; 0 when none is held or awaited."""
+        slot = self._slots.get(vm)
+        return slot.generation if slot else 0
+
+    @contextlib.asynccontextmanager
+    async def hold(self, vm: str) -> AsyncIterator[None]:
+        slot = self._slots.setdefault(vm, _Slot())
+        slot.users += 1
+        try:
+            async with slot.lock:
+                slot.generation = next(self._counter)
+                yield
+        finally:
+            slot.users -= 1
+            if slot.users == 0:
+                del self._slots[vm]
+
+
 class Service:
     def __init__(
         self,
         hypervisor: Hypervisor,
         networks: NetworkMap,
-        rewirer: Rewirer,
-        plugger: Plugger,
         *,
         workers: int,
+        unplug_timeout: float,
+        persist_running: bool = True,
+        bounce_seconds: float = 2.0,
+        bounce_default: bool = False,
     ) -> None:
         self._hypervisor = hypervisor
         self._networks = networks
-        self._rewirer = rewirer
-        self._plugger = plugger
+        self._persist_running = persist_running
+        self._unplug_timeout = unplug_timeout
+        self._bounce_seconds = bounce_seconds
+        self._bounce_default = bounce_default
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vnicd-worker")
-        self._locks: dict[str, asyncio.Lock] = {}
+        self.locks = VmLocks()
+        self._before: dict[str, Snapshot] = {}
+        self.removals = Removals()
+        self.hooks: Hooks = NoHooks()
+        self.listeners: list[Listener] = []
+        self._tasks: set[asyncio.Task[None]] = set()
 
-    def close(self) -> None:
-        self._executor.shutdown(wait=True)
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.removals.cancel_all("vnicd is stopping")
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
 
-    async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
+    async def _raw(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+
+    async def _blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run off the loop; a host failure becomes the caller's 'general' error."""
         try:
-            return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+            return await self._raw(fn, *args, **kwargs)
         except (HypervisorError, hostnet.HostNetError) as e:
             raise errors.GeneralError(str(e), cause=str(e)) from e
 
-    def _lock(self, vm_id: str) -> asyncio.Lock:
-        return self._locks.setdefault(vm_id, asyncio.Lock())
+    # Reading.
 
-    async def _domain(self, vm_id: str) -> Domain:
-        dom = await self._blocking(self._hypervisor.domain, vm_id)
+    def _domain(self, vm_id: str) -> Domain:
+        dom = self._hypervisor.domain(vm_id)
         if dom is None:
             raise errors.NoSuchVM(vm_id)
         return dom
 
-    async def ping(self) -> dict[str, Any]:
-        return {}
+    @staticmethod
+    def _snapshot(dom: Domain, *, saved: bool) -> Snapshot:
+        """One read: the live XML when running, the saved one when asked or not running."""
+        status = dom.status()
+        persistent = dom.is_persistent()
+        active = status is not VmStatus.STOPPED
+        live = dom.xml() if active else None
+        inactive = dom.xml(inactive=True) if persistent and (saved or not active) else None
+        return Snapshot.parse(dom.uuid, status, persistent, live, inactive)
 
-    async def capabilities(self) -> dict[str, Any]:
+    def _read(self, vm_id: str, *, saved: bool) -> tuple[Domain, Snapshot]:
+        dom = self._domain(vm_id)
+        return dom, self._snapshot(dom, saved=saved)
+
+    def _state(self, snap: Snapshot, bridges: dict[str, str] | None = None) -> VmState:
+        return vm_state(snap, self._networks.name_of, bridges=bridges)
+
+    def _read_state(self, vm_id: str) -> VmState:
+        _dom, snap = self._read(vm_id, saved=False)
+        return self._state(snap, self._bridges(snap.current) if snap.active else None)
+
+    def _bridges(self, domain: DomainXML) -> dict[str, str]:
+        """The kernel's view of each tap of a running VM, one device read each."""
+        where = self._networks.ports.where
+        return {i.tap: where(i.tap) or "" for i in domain.interfaces if i.tap}
+
+    def _consistent(self, vm_id: str, generation: int, state: VmState) -> VmState | None:
+        """``state`` if no change of the VM started while it was read; the state from
+        before a change in flight; None to read again."""
+        before = self._before.get(vm_id)
+        if before is not None:
+            return self._state(before)
+        return state if self.locks.generation(vm_id) == generation else None
+
+    async def get_info(self, vm_id: str) -> VmState:
+        for _ in range(3):
+            before = self._before.get(vm_id)
+            if before is not None:
+                return self._state(before)
+            generation = self.locks.generation(vm_id)
+            state = await self._blocking(self._read_state, vm_id)
+            found = self._consistent(vm_id, generation, state)
+            if found is not None:
+                return found
+        return state
+
+    async def vm_list(self) -> list[VmState]:
+        generations = {vm: self.locks.generation(vm) for vm in list(self._before)}
+        states = await self._blocking(self._all_states)
+        found = []
+        for state in states:
+            consistent = self._consistent(state.uuid, generations.get(state.uuid, 0), state)
+            found.append(consistent or await self._reread(state))
+        return found
+
+    async def _reread(self, state: VmState) -> VmState:
+        try:
+            return await self.get_info(state.uuid)
+        except errors.NoSuchVM:
+            return state
+
+    def _all_states(self) -> list[VmState]:
+        masters = self._networks.ports.masters()
+        found = []
+        for dom in self._hypervisor.domains():
+            try:
+                snap = self._snapshot(dom, saved=False)
+            except HypervisorError as e:
+                log.debug("VM %s vanished while listing: %s", dom.uuid, e)
+                continue
+            found.append(self._state(snap, masters))
+        return found
+
+    async def capabilities(self) -> Capabilities:
         networks = await self._blocking(self._networks.available)
-        return {
-            "version": __version__,
-            "libvirtURI": self._hypervisor.uri,
-            "unwiredBridge": self._networks.unwired_bridge,
-            "networks": networks,
-        }
+        return Capabilities(
+            __version__, self._hypervisor.uri, self._networks.unwired_bridge, list(networks)
+        )
 
-    async def vm_list(self) -> list[dict[str, Any]]:
-        return await self._blocking(self._all_info)
+    # Changing.
 
-    async def get_info(self, vm_id: str) -> dict[str, Any]:
-        async with self._lock(vm_id):
-            dom = await self._domain(vm_id)
-            return await self._blocking(self._info, dom)
+    async def update_device(self, req: UpdateNic) -> VmState | DryRun:
+        wiring = await self._resolve(req)
+        bounce = self._bounce_default if req.bounce is None else req.bounce
+        change = replace(req.change, bounce=self._bounce_seconds if bounce else None)
+        namer = self._networks.name_of
+        persist = self._persist_running
 
-    async def update_device(self, req: UpdateNic) -> dict[str, Any]:
-        async with self._lock(req.vm_id):
-            dom = await self._domain(req.vm_id)
-            await self._blocking(self._rewirer.update, dom, req.nic, req.change)
-            return await self._blocking(self._info, dom)
+        def plan(snap: Snapshot) -> Plan:
+            return planning.plan_update(
+                snap, req.nic, change, wiring, namer, persist_running=persist
+            )
 
-    async def hotplug(self, req: PlugNic) -> dict[str, Any]:
-        async with self._lock(req.vm_id):
-            dom = await self._domain(req.vm_id)
-            if req.xml is not None:
+        return await self._change(req.vm_id, plan, req.dry_run)
+
+    async def _resolve(self, req: UpdateNic) -> Wiring | None:
+        network = req.change.network
+        if network is None:
+            return None
+        wiring = await self._blocking(self._networks.resolve, network)
+        if wiring is None:
+            raise errors.UnknownNetwork(req.vm_id, str(req.nic), network)
+        return wiring
+
+    async def hotplug(self, req: PlugNic) -> VmState | DryRun:
+        namer = self._networks.name_of
+        if req.xml is not None:
+            try:
+                iface = hotplug_interface(req.xml)
+            except XMLError as e:
+                raise errors.InvalidParameter("xml", str(e)) from e
+            return await self._change(
+                req.vm_id, lambda s: planning.plan_plug_new(s, iface, namer), req.dry_run
+            )
+        nic = req.nic
+        assert nic is not None
+        return await self._change(
+            req.vm_id, lambda s: planning.plan_plug(s, nic, namer), req.dry_run
+        )
+
+    async def hotunplug(self, req: UnplugNic) -> VmState | DryRun:
+        namer = self._networks.name_of
+        return await self._change(
+            req.vm_id, lambda s: planning.plan_unplug(s, req.nic, namer), req.dry_run
+        )
+
+    async def _change(
+        self, vm_id: str, make_plan: Callable[[Snapshot], Plan], dry_run: bool
+    ) -> VmState | DryRun:
+        async with self.locks.hold(vm_id):
+            dom, snap = await self._blocking(self._read, vm_id, saved=True)
+            plan = make_plan(snap)
+            if dry_run:
+                return DryRun(plan)
+            if not plan.steps:
+                return await self._blocking(self._answer, dom, snap, snap.live, plan)
+            plan = await self.hooks.before(plan)
+            self._before[vm_id] = snap
+            try:
+                tx = await self._execute(dom, snap, plan)
+            except errors.VnicdError as e:
+                await self.hooks.after(plan, e)
+                raise
+            finally:
+                del self._before[vm_id]
+            state = await self._blocking(self._answer, dom, snap, tx.live, plan)
+        await self.hooks.after(plan, None)
+        self._notify(plan, state)
+        return state
+
+    async def _execute(self, dom: Domain, snap: Snapshot, plan: Plan) -> Transaction:
+        tx = Transaction(
+            dom, snap, self._networks.ports, self._raw, self.removals, self._unplug_timeout
+        )
+        try:
+            await tx.execute(plan)
+        except Pending as e:
+            raise _error(plan, "timeout", str(e), rolled_back=False) from e
+        except Failed as e:
+            cause = _cause(e.cause)
+            outcome = (
+                f"rollback incomplete: {'; '.join(e.problems)}"
+                if e.problems
+                else "the previous state was restored"
+            )
+            raise _error(plan, cause, f"{e}; {outcome}", rolled_back=not e.problems) from e
+        log.info(
+            "VM %s vNIC %s: %s done (%s)",
+            plan.vm,
+            plan.nic,
+            plan.action.value,
+            _summary(plan),
+        )
+        return tx
+
+    def _answer(self, dom: Domain, snap: Snapshot, live: DomainXML | None, plan: Plan) -> VmState:
+        """The state after a change, from what confirming it already read."""
+        if snap.active:
+            domain = live or DomainXML(dom.xml())
+            return vm_state(
+                snap,
+                self._networks.name_of,
+                domain=domain,
+                store=plan.store,
+                bridges=self._bridges(domain),
+            )
+        saved = DomainXML(dom.xml(inactive=True))
+        return vm_state(snap, self._networks.name_of, domain=saved, store=plan.store)
+
+    def _notify(self, plan: Plan, state: VmState) -> None:
+        for listener in self.listeners:
+            try:
+                listener(plan, state)
+            except Exception:
+                log.exception("a change listener failed")
+
+    # Keeping the store in step with the domain.
+
+    def device_removed(self, vm_id: str, alias: str, removed: bool) -> None:
+        """libvirt's answer to a device removal; one nobody waits for settles the store."""
+        log.info("VM %s device %s: %s", vm_id, alias, "removed" if removed else "refused")
+        if not self.removals.answered(vm_id, alias, removed):
+            self.spawn(self.reconcile(vm_id, refused=None if removed else alias))
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def reconcile(self, vm_id: str, refused: str | None = None) -> None:
+        """Settle a VM's stored vNICs with its domain (see :func:`planning.plan_reconcile`)."""
+        try:
+            async with self.locks.hold(vm_id):
+                dom, snap = await self._raw(self._read, vm_id, saved=True)
+                if snap.store_error is not None:
+                    log.error("VM %s: %s", vm_id, snap.store_error)
+                    return
+                plan = planning.plan_reconcile(snap, refused)
+                if plan is None:
+                    return
+                log.info("VM %s: settling stored vNICs (%s)", vm_id, _summary(plan))
+                self._before[vm_id] = snap
                 try:
-                    iface = hotplug_interface(req.xml)
-                except XMLError as e:
-                    raise errors.InvalidParameter("params.xml", str(e)) from e
-                await self._blocking(self._plugger.plug_new, dom, iface)
-            else:
-                assert req.nic is not None
-                await self._blocking(self._plugger.plug, dom, req.nic)
-            return await self._blocking(self._info, dom)
+                    await self._execute(dom, snap, plan)
+                finally:
+                    del self._before[vm_id]
+        except errors.NoSuchVM:
+            return
+        except (errors.VnicdError, HypervisorError, hostnet.HostNetError) as e:
+            log.error("VM %s: settling stored vNICs failed: %s", vm_id, e)
 
-    async def hotunplug(self, vm_id: str, nic: NicRef) -> dict[str, Any]:
-        async with self._lock(vm_id):
-            dom = await self._domain(vm_id)
-            await self._blocking(self._plugger.unplug, dom, nic)
-            return await self._blocking(self._info, dom)
+    async def reconcile_all(self) -> list[str]:
+        """Settle every VM (at start); returns their names."""
+        domains = await self._raw(self._hypervisor.domains)
+        await asyncio.gather(*(self.reconcile(d.uuid) for d in domains))
+        return [d.name for d in domains]
 
-    async def create(self, req: CreateVM) -> dict[str, Any]:
+    # VMs.
+
+    async def create(self, req: CreateVM) -> VmState:
         try:
             xml = DomainXML(req.xml)
         except XMLError as e:
-            raise errors.InvalidParameter("vmParams.xml", str(e)) from e
+            raise errors.InvalidParameter("vm.xml", str(e)) from e
         if xml.uuid is not None and xml.uuid.lower() != req.vm_id.lower():
             raise errors.InvalidParameter(
-                "vmParams.xml", f"<uuid> {xml.uuid} differs from vmID {req.vm_id}"
+                "vm.xml", f"<uuid> {xml.uuid} differs from the VM id {req.vm_id}"
             )
         xml.set_uuid(req.vm_id)
-        async with self._lock(req.vm_id):
+        async with self.locks.hold(req.vm_id):
             if await self._blocking(self._hypervisor.domain, req.vm_id) is not None:
                 raise errors.VMExists(req.vm_id)
-            dom = await self._blocking(self._create, req.vm_id, xml.to_xml(), req.persistent)
-            return await self._blocking(self._info, dom)
+            await self._blocking(self._create, req.vm_id, xml.to_xml(), req.persistent)
+        return await self.get_info(req.vm_id)
 
-    def _create(self, vm_id: str, xml: str, persistent: bool) -> Domain:
+    def _create(self, vm_id: str, xml: str, persistent: bool) -> None:
         try:
-            return self._hypervisor.create(xml, persistent=persistent)
+            self._hypervisor.create(xml, persistent=persistent)
         except HypervisorError as e:
             raise errors.CreateError(str(e), vmID=vm_id, cause=e.cause) from e
 
-    async def destroy(self, vm_id: str) -> dict[str, Any]:
-        async with self._lock(vm_id):
-            dom = await self._domain(vm_id)
-            await self._blocking(self._destroy, dom)
-        return {}
+    async def destroy(self, vm_id: str) -> None:
+        async with self.locks.hold(vm_id):
+            await self._blocking(self._destroy, vm_id)
 
-    @staticmethod
-    def _destroy(dom: Domain) -> None:
+    def _destroy(self, vm_id: str) -> None:
+        dom = self._domain(vm_id)
         persistent = dom.is_persistent()  # a transient VM is gone once destroyed
         if dom.is_active():
             dom.destroy()
         if persistent:
             dom.undefine()
 
-    def _all_info(self) -> list[dict[str, Any]]:
-        masters = hostnet.masters()
-        found = []
-        for dom in self._hypervisor.domains():
-            try:
-                found.append(self._info(dom, masters))
-            except HypervisorError as e:
-                log.debug("VM %s vanished while listing: %s", dom.uuid, e)
-        return found
 
-    def _info(self, dom: Domain, masters: dict[str, str] | None = None) -> dict[str, Any]:
-        """A VM and its vNICs; ``masters`` (tap -> bridge) is read once per listing."""
-        active = dom.is_active()
-        if active and masters is None:
-            masters = hostnet.masters()
-        plugged = DomainXML(dom.xml(inactive=not active)).interfaces
-        nics = [self._nic(i, i.alias or "", masters if active else None) for i in plugged]
-        present = {i.mac for i in plugged}
-        nics += [
-            self._nic(i, alias, None, plugged=False)
-            for alias, i in unplugged.load(dom)
-            if i.mac not in present
-        ]
-        return {
-            "vmID": dom.uuid,
-            "vmName": dom.name,
-            "status": dom.status(),
-            "persistent": dom.is_persistent(),
-            "nics": nics,
-        }
+def _cause(e: Exception) -> str:
+    if isinstance(e, Refused):
+        return "refused"
+    return "confirm" if isinstance(e, ConfirmError) else "libvirt"
 
-    def _nic(
-        self,
-        iface: Interface,
-        alias: str,
-        masters: dict[str, str] | None,
-        *,
-        plugged: bool = True,
-    ) -> dict[str, Any]:
-        source = iface.source
-        if masters is not None and iface.tap is not None:
-            bridge = masters.get(iface.tap, "")
-        else:
-            bridge = iface.bridge or (source.name if source and source.kind == "bridge" else "")
-        address = iface.address
-        return {
-            "alias": alias,
-            "macAddr": iface.mac or "",
-            "nicModel": iface.model or "",
-            "network": self._networks.name_of(source),
-            "sourceType": source.kind if source else "",
-            "bridge": bridge,
-            "linkActive": iface.link_up,
-            "plugged": plugged,
-            "pciAddress": str(address) if address else "",
-            "tap": iface.tap or "",
-        }
+
+def _error(plan: Plan, cause: str, problem: str, *, rolled_back: bool) -> errors.VnicdError:
+    what = f"vNIC {plan.nic} of VM {plan.vm}"
+    if plan.action is Action.PLUG:
+        return errors.HotplugNicError(
+            f"cannot plug {what}: {problem}", vmID=plan.vm, nic=plan.nic, cause=cause
+        )
+    if plan.action is Action.UNPLUG:
+        return errors.HotunplugNicError(
+            f"cannot unplug {what}: {problem}", vmID=plan.vm, nic=plan.nic, cause=cause
+        )
+    return errors.UpdateDeviceFailed(
+        f"updating {what} failed: {problem}",
+        vmID=plan.vm,
+        nic=plan.nic,
+        cause=cause,
+        rolledBack=rolled_back,
+    )
+
+
+def _summary(plan: Plan) -> str:
+    before, after = plan.before, plan.after
+    if before is None or after is None:
+        return ", ".join(type(s).__name__ for s in plan.steps)
+    return (
+        f"network {before.network!r} -> {after.network!r}, "
+        f"link {'up' if before.link_up else 'down'} -> {'up' if after.link_up else 'down'}, "
+        f"plugged {before.plugged} -> {after.plugged}"
+    )

@@ -1,101 +1,63 @@
-"""Unplugged vNICs, kept in the domain's own ``<metadata>`` in vnicd's namespace.
+"""The unplugged vNICs of one VM, as kept in the domain's own ``<metadata>``.
 
-An unplugged vNIC keeps its whole definition (MAC, model, source, link, PCI address),
-so it survives vnicd restarts and comes back exactly as it was. An entry whose MAC is
-still in the guest is a pending unplug (the guest has not released it yet): the vNIC
-counts as plugged, and the entry only ensures a late release loses nothing.
+An unplugged vNIC keeps its whole definition (MAC, model, source, link, PCI address), so
+it survives vnicd restarts and comes back exactly as it was. An entry marked ``pending``
+was written before its removal from the guest was asked for: while the guest still has
+the vNIC it counts as plugged, and a late release finishes the unplug (see
+:mod:`vnicd.reconcile`). The XML codec is :mod:`vnicd.domxml`'s; this is the set.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-from lxml import etree
-
-from vnicd.domxml import Interface, XMLError, parse, to_string
-from vnicd.hypervisor import Domain
+from vnicd.domxml import Interface, StoredNic, format_stored, parse_stored
 
 NAMESPACE = "urn:x-vnicd:unplugged:1"
 KEY = "vnicd"
 
 
-def definition(iface: Interface) -> Interface:
-    """What to keep of a plugged vNIC: all but what libvirt sets on a running one (its
-    own alias, a network source's port and bridge)."""
-    kept = iface.copy()
-    alias = kept.element.find("alias")
-    if alias is not None and not str(alias.get("name", "")).startswith("ua-"):
-        kept.element.remove(alias)
-    source = kept.source
-    if source is not None:
-        kept.source = source
-    return kept
+class Store:
+    """Stored vNIC definitions by MAC. Immutable: edits return a new store."""
 
-
-class Unplugged:
-    """The set of stored vNIC definitions of one domain, with the alias each one had."""
-
-    def __init__(self, entries: dict[str, tuple[str, Interface]] | None = None) -> None:
-        self._entries = dict(entries or {})  # MAC -> (alias, definition)
+    def __init__(self, entries: list[StoredNic] | None = None) -> None:
+        self._entries = {e.iface.mac: e for e in entries or [] if e.iface.mac}
 
     @classmethod
-    def parse(cls, xml: str | None) -> Unplugged:
-        if not xml:
-            return cls()
-        root = parse(xml, "vnics")
-        entries = {}
-        for el in root.iterfind("unplugged"):
-            iface_el = el.find("interface")
-            if iface_el is None:
-                raise XMLError("an <unplugged> entry without <interface>")
-            iface = Interface(iface_el)
-            if iface.mac is None:
-                raise XMLError("an unplugged <interface> without <mac>")
-            entries[iface.mac] = (el.get("alias", ""), iface)
-        return cls(entries)
+    def parse(cls, xml: str | None) -> Store:
+        return cls(parse_stored(xml))
 
-    def format(self) -> str:
-        root = etree.Element("vnics")
-        for alias, iface in self._entries.values():
-            el = etree.SubElement(root, "unplugged", alias=alias)
-            el.append(Interface.from_xml(iface.to_xml()).element)
-        return to_string(root)
+    def format(self) -> str | None:
+        """The metadata element, or None when there is nothing to keep."""
+        return format_stored(list(self._entries.values())) if self._entries else None
 
     def __bool__(self) -> bool:
         return bool(self._entries)
 
-    def __iter__(self) -> Iterator[tuple[str, Interface]]:
+    def __iter__(self) -> Iterator[StoredNic]:
         return iter(self._entries.values())
 
-    def find(
-        self, *, alias: str | None = None, mac: str | None = None
-    ) -> tuple[str, Interface] | None:
-        for entry_alias, iface in self._entries.values():
-            if (alias is None or alias == entry_alias) and iface.matches(mac=mac):
-                return entry_alias, iface
-        return None
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Store) and self.format() == other.format()
 
-    def put(self, alias: str, iface: Interface) -> None:
+    def __hash__(self) -> int:
+        return hash(self.format())
+
+    def find(self, *, alias: str | None = None, mac: str | None = None) -> StoredNic | None:
+        return next(
+            (
+                e
+                for e in self._entries.values()
+                if (alias is None or alias == e.alias) and e.iface.matches(mac=mac)
+            ),
+            None,
+        )
+
+    def put(self, alias: str, iface: Interface, *, pending: bool = False) -> Store:
         assert iface.mac is not None
-        self._entries[iface.mac] = (alias, definition(iface))
+        entries = dict(self._entries)
+        entries[iface.mac] = StoredNic(alias, iface.definition(), pending)
+        return Store(list(entries.values()))
 
-    def remove(self, mac: str) -> None:
-        self._entries.pop(mac.lower(), None)
-
-    def copy(self) -> Unplugged:
-        return Unplugged(self._entries)
-
-
-def load(dom: Domain) -> Unplugged:
-    return Unplugged.parse(dom.metadata(NAMESPACE))
-
-
-def save(dom: Domain, store: Unplugged) -> None:
-    """Write the store where the VM keeps state: live if running, saved if persistent."""
-    dom.set_metadata(
-        store.format() if store else None,
-        KEY,
-        NAMESPACE,
-        live=dom.is_active(),
-        persistent=dom.is_persistent(),
-    )
+    def remove(self, mac: str) -> Store:
+        return Store([e for m, e in self._entries.items() if m != mac.lower()])

@@ -1,17 +1,130 @@
-"""Each API verb bound to the service, its typed request built once from validated params."""
+"""The API layer: each verb's wire params to a typed request, and core results to the wire.
+
+The only place that knows VDSM's field names and status strings; the core speaks its own
+words (:mod:`vnicd.model`), and errors' field names are renamed here to the wire's.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from vnicd.errors import InvalidParameter
+from vnicd import errors
+from vnicd.model import NicChange, NicRef, NicState, VmState, VmStatus
 from vnicd.names import normalize_mac
-from vnicd.service import CreateVM, PlugNic, Service, UpdateNic
-from vnicd.wiring import NicChange, NicRef
+from vnicd.planning import (
+    DefinitionAttach,
+    DefinitionDetach,
+    DefinitionUpdate,
+    LiveAttach,
+    LiveDetach,
+    LiveUpdate,
+    Pause,
+    Step,
+    StoreWrite,
+)
+from vnicd.service import (
+    Capabilities,
+    CreateVM,
+    DryRun,
+    PlugNic,
+    Service,
+    UnplugNic,
+    UpdateNic,
+)
 
 Params = dict[str, Any]
 Handler = Callable[[Service, Params], Awaitable[Any]]
+
+STATUS = {
+    VmStatus.RUNNING: "Up",
+    VmStatus.PAUSED: "Paused",
+    VmStatus.SHUTTING_DOWN: "Powering down",
+    VmStatus.STOPPED: "Down",
+}
+# The core's names for request fields -> where the caller put them.
+WIRE_FIELDS = {
+    "alias": "params.alias",
+    "mac": "params.macAddr",
+    "network": "params.network",
+    "link": "params.linkActive",
+    "model": "params.nicModel",
+    "xml": "params.xml",
+    "vm.xml": "vmParams.xml",
+}
+
+
+def nic_wire(nic: NicState) -> dict[str, Any]:
+    return {
+        "alias": nic.alias,
+        "macAddr": nic.mac,
+        "nicModel": nic.model,
+        "network": nic.network,
+        "sourceType": nic.kind,
+        "bridge": nic.bridge,
+        "linkActive": nic.link_up,
+        "plugged": nic.plugged,
+        "pciAddress": nic.pci,
+        "tap": nic.tap,
+    }
+
+
+def vm_wire(vm: VmState) -> dict[str, Any]:
+    return {
+        "vmID": vm.uuid,
+        "vmName": vm.name,
+        "status": STATUS[vm.status],
+        "persistent": vm.persistent,
+        "nics": [nic_wire(n) for n in vm.nics],
+    }
+
+
+def step_text(step: Step) -> str:
+    match step:
+        case LiveUpdate():
+            return "update the vNIC live" + (f", tap to {step.bridge}" if step.bridge else "")
+        case Pause():
+            return f"wait {step.seconds:g} s"
+        case DefinitionUpdate():
+            return "update the vNIC in the definition"
+        case LiveAttach():
+            return "attach the vNIC to the guest"
+        case LiveDetach():
+            return "ask the guest to release the vNIC, and wait"
+        case DefinitionAttach():
+            return "add the vNIC to the definition"
+        case DefinitionDetach():
+            return "remove the vNIC from the definition"
+        case StoreWrite():
+            return "write vnicd's stored vNICs (domain metadata)"
+
+
+def outcome_wire(outcome: VmState | DryRun) -> dict[str, Any]:
+    if isinstance(outcome, VmState):
+        return vm_wire(outcome)
+    plan = outcome.plan
+    return {
+        "dryRun": True,
+        "vmID": plan.vm,
+        "action": plan.action.value,
+        "nic": plan.nic,
+        "before": nic_wire(plan.before) if plan.before else None,
+        "after": nic_wire(plan.after) if plan.after else None,
+        "liveXML": plan.live_xml,
+        "definitionXML": plan.definition_xml,
+        "steps": [step_text(s) for s in plan.steps],
+    }
+
+
+def capabilities_wire(caps: Capabilities) -> dict[str, Any]:
+    return {
+        "version": caps.version,
+        "libvirtURI": caps.uri,
+        "unwiredBridge": caps.unwired_bridge,
+        "networks": [
+            {"name": name, "type": kind, "bridge": bridge} for name, kind, bridge in caps.networks
+        ],
+    }
 
 
 def _vm_id(p: Params) -> str:
@@ -23,54 +136,95 @@ def _nic(dev: Params) -> NicRef:
     return NicRef(alias=dev.get("alias"), mac=normalize_mac(mac) if mac else None)
 
 
-def _update_device(svc: Service, p: Params) -> Awaitable[Any]:
-    dev = p["params"]
-    return svc.update_device(
-        UpdateNic(
-            vm_id=_vm_id(p),
-            nic=_nic(dev),
-            change=NicChange(
-                link_up=dev.get("linkActive"),
-                network=dev.get("network"),
-                model=dev.get("nicModel"),
-            ),
-        )
-    )
-
-
-def _hotplug(svc: Service, p: Params) -> Awaitable[Any]:
-    dev = p["params"]
-    _check_vm_id(p)
-    if "xml" in dev:
-        return svc.hotplug(PlugNic(_vm_id(p), xml=dev["xml"]))
-    return svc.hotplug(PlugNic(_vm_id(p), nic=_nic(dev)))
-
-
-def _hotunplug(svc: Service, p: Params) -> Awaitable[Any]:
-    _check_vm_id(p)
-    return svc.hotunplug(_vm_id(p), _nic(p["params"]))
-
-
 def _check_vm_id(p: Params) -> None:
     """VDSM's engine repeats the VM in ``params.vmId``; it must name the same VM."""
     inner = p["params"].get("vmId")
     if inner is not None and inner.lower() != _vm_id(p):
-        raise InvalidParameter("params.vmId", f"{inner} differs from vmID {p['vmID']}")
+        raise errors.InvalidParameter("params.vmId", f"{inner} differs from vmID {p['vmID']}")
 
 
-def _create(svc: Service, p: Params) -> Awaitable[Any]:
+async def _update_device(svc: Service, p: Params) -> Any:
+    dev = p["params"]
+    req = UpdateNic(
+        vm_id=_vm_id(p),
+        nic=_nic(dev),
+        change=NicChange(
+            link_up=dev.get("linkActive"), network=dev.get("network"), model=dev.get("nicModel")
+        ),
+        bounce=dev.get("linkBounce"),
+        dry_run=dev.get("dryRun", False),
+    )
+    return outcome_wire(await svc.update_device(req))
+
+
+async def _hotplug(svc: Service, p: Params) -> Any:
+    dev = p["params"]
+    _check_vm_id(p)
+    dry_run = dev.get("dryRun", False)
+    if "xml" in dev:
+        req = PlugNic(_vm_id(p), xml=dev["xml"], dry_run=dry_run)
+    else:
+        req = PlugNic(_vm_id(p), nic=_nic(dev), dry_run=dry_run)
+    return outcome_wire(await svc.hotplug(req))
+
+
+async def _hotunplug(svc: Service, p: Params) -> Any:
+    _check_vm_id(p)
+    dev = p["params"]
+    req = UnplugNic(_vm_id(p), _nic(dev), dry_run=dev.get("dryRun", False))
+    return outcome_wire(await svc.hotunplug(req))
+
+
+async def _create(svc: Service, p: Params) -> Any:
     vm = p["vmParams"]
-    return svc.create(CreateVM(_vm_id(p), vm["xml"], vm.get("persistent", False)))
+    return vm_wire(await svc.create(CreateVM(_vm_id(p), vm["xml"], vm.get("persistent", False))))
+
+
+async def _destroy(svc: Service, p: Params) -> Any:
+    await svc.destroy(_vm_id(p))
+    return {}
+
+
+async def _get_info(svc: Service, p: Params) -> Any:
+    return vm_wire(await svc.get_info(_vm_id(p)))
+
+
+async def _vm_list(svc: Service, _p: Params) -> Any:
+    return [vm_wire(vm) for vm in await svc.vm_list()]
+
+
+async def _capabilities(svc: Service, _p: Params) -> Any:
+    return capabilities_wire(await svc.capabilities())
+
+
+async def _ping(_svc: Service, _p: Params) -> Any:
+    return {}
+
+
+def _wire_fields(handler: Handler) -> Handler:
+    """Errors name the field where the caller put it."""
+
+    async def call(svc: Service, p: Params) -> Any:
+        try:
+            return await handler(svc, p)
+        except errors.VnicdError as e:
+            e.rename_field(WIRE_FIELDS)
+            raise
+
+    return call
 
 
 HANDLERS: dict[str, Handler] = {
-    "Host.ping2": lambda svc, _p: svc.ping(),
-    "Host.getCapabilities": lambda svc, _p: svc.capabilities(),
-    "Host.getVMList": lambda svc, _p: svc.vm_list(),
-    "VM.getInfo": lambda svc, p: svc.get_info(_vm_id(p)),
-    "VM.create": _create,
-    "VM.destroy": lambda svc, p: svc.destroy(_vm_id(p)),
-    "VM.updateDevice": _update_device,
-    "VM.hotplugNic": _hotplug,
-    "VM.hotunplugNic": _hotunplug,
+    name: _wire_fields(handler)
+    for name, handler in {
+        "Host.ping2": _ping,
+        "Host.getCapabilities": _capabilities,
+        "Host.getVMList": _vm_list,
+        "VM.getInfo": _get_info,
+        "VM.create": _create,
+        "VM.destroy": _destroy,
+        "VM.updateDevice": _update_device,
+        "VM.hotplugNic": _hotplug,
+        "VM.hotunplugNic": _hotunplug,
+    }.items()
 }

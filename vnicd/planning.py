@@ -1,0 +1,420 @@
+"""Planning a vNIC change: from one snapshot of a domain to the exact steps, with no I/O.
+
+Every verb that changes a vNIC (update, plug, unplug, plug of a new vNIC) and the
+reconciliation of stored vNICs is planned here as a :class:`Plan`: an ordered list of
+steps, each carrying the XML it will send and what it replaces, so the transaction can
+apply, confirm and undo them, and a dry run can show them. Checks that refuse a request
+happen here, before anything is touched.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+from dataclasses import dataclass, field
+
+from vnicd import errors
+from vnicd.domxml import Interface
+from vnicd.model import NicChange, NicRef, NicState, Snapshot
+from vnicd.networks import UNWIRED, Wiring
+from vnicd.report import WIRABLE, Namer, nic_state
+from vnicd.unplugged import Store
+
+# How a request names a vNIC, for errors: the API layer maps these to its field names.
+ALIAS, MAC = "alias", "mac"
+HOTPLUG_FORBIDDEN = ("script", "backend", "ip", "route")
+
+
+class Action(enum.Enum):
+    UPDATE = "update"
+    PLUG = "plug"
+    UNPLUG = "unplug"
+    RECONCILE = "reconcile"
+
+
+@dataclass(frozen=True)
+class LiveUpdate:
+    before: Interface
+    after: Interface
+    bridge: str | None  # the kernel bridge the tap must be on afterwards
+    bridge_before: str | None
+
+
+@dataclass(frozen=True)
+class Pause:
+    seconds: float
+
+
+@dataclass(frozen=True)
+class DefinitionUpdate:
+    before: Interface
+    after: Interface
+
+
+@dataclass(frozen=True)
+class LiveAttach:
+    iface: Interface
+
+
+@dataclass(frozen=True)
+class LiveDetach:
+    iface: Interface
+
+
+@dataclass(frozen=True)
+class DefinitionAttach:
+    """Add ``iface`` to the definition; ``from_live``: as the guest has it now (MAC and PCI
+    address as libvirt settled them), ``iface`` being what is expected."""
+
+    iface: Interface
+    from_live: bool = False
+
+
+@dataclass(frozen=True)
+class DefinitionDetach:
+    iface: Interface
+
+
+@dataclass(frozen=True)
+class StoreWrite:
+    before: Store
+    after: Store
+    best_effort: bool = False  # a failure is logged, not undone (the change itself is done)
+
+
+Step = (
+    LiveUpdate
+    | Pause
+    | DefinitionUpdate
+    | LiveAttach
+    | LiveDetach
+    | DefinitionAttach
+    | DefinitionDetach
+    | StoreWrite
+)
+
+
+@dataclass(frozen=True)
+class Plan:
+    action: Action
+    vm: str
+    nic: str  # how the request named it, for messages
+    mac: str
+    steps: tuple[Step, ...]
+    before: NicState | None
+    after: NicState | None
+    store: Store  # the store once the plan is done
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def live_xml(self) -> str | None:
+        """The ``<interface>`` sent live last (the final one), if any."""
+        for step in reversed(self.steps):
+            if isinstance(step, LiveUpdate):
+                return step.after.to_xml()
+            if isinstance(step, LiveAttach):
+                return step.iface.to_xml()
+        return None
+
+    @property
+    def definition_xml(self) -> str | None:
+        for step in reversed(self.steps):
+            if isinstance(step, DefinitionUpdate):
+                return step.after.to_xml()
+            if isinstance(step, DefinitionAttach):
+                return step.iface.to_xml()
+        return None
+
+
+def edit(current: Interface, change: NicChange, wiring: Wiring | None) -> Interface:
+    """The interface as it must be after the change, on a copy. ``<link>`` is always
+    explicit: libvirt reads a missing one as up and would reconnect an unlinked vNIC."""
+    new = current.copy()
+    if wiring is not None:
+        new.source = wiring.source
+    if wiring is not None and wiring.network == UNWIRED:
+        new.link_up = False
+    elif change.link_up is not None:
+        new.link_up = change.link_up
+    else:
+        new.link_up = current.link_up
+    return new
+
+
+def _ref_field(ref: NicRef) -> str:
+    return ALIAS if ref.alias is not None else MAC
+
+
+def _usable(snap: Snapshot) -> None:
+    if snap.store_error is not None:
+        raise errors.GeneralError(snap.store_error, vmID=snap.uuid)
+
+
+def _check_update(
+    snap: Snapshot, ref: NicRef, current: Interface, change: NicChange, namer: Namer
+) -> None:
+    nic = str(ref)
+    if change.model is not None and change.model != current.model:
+        raise errors.UnsupportedChange(
+            snap.uuid,
+            nic,
+            "model",
+            f"the model is {current.model}; a live update cannot make it {change.model}",
+        )
+    if change.network is not None and current.kind not in WIRABLE:
+        raise errors.UnsupportedChange(
+            snap.uuid,
+            nic,
+            "network",
+            f"a vNIC of type {current.kind!r} is not on a network vnicd can move it from",
+        )
+    network = change.network if change.network is not None else namer(current.source)
+    if change.link_up and current.kind in WIRABLE and network == UNWIRED:
+        raise errors.UnsupportedChange(snap.uuid, nic, "link", "an unwired vNIC cannot be linked")
+
+
+def plan_update(
+    snap: Snapshot,
+    ref: NicRef,
+    change: NicChange,
+    wiring: Wiring | None,
+    namer: Namer,
+    *,
+    persist_running: bool,
+) -> Plan:
+    """A link and/or network change: live (and the definition), the definition of a VM
+    that is not running, or the stored copy of an unplugged vNIC."""
+    _usable(snap)
+    current = snap.find(ref)
+    store = snap.store
+    if current is None:
+        entry = store.find(alias=ref.alias, mac=ref.mac)
+        if entry is None:
+            raise errors.NoSuchNic(snap.uuid, str(ref), _ref_field(ref))
+        _check_update(snap, ref, entry.iface, change, namer)
+        new = edit(entry.iface, change, wiring)
+        after_store = store.put(entry.alias, new, pending=entry.pending)
+        steps: list[Step] = [StoreWrite(store, after_store)] if after_store != store else []
+        return Plan(
+            Action.UPDATE,
+            snap.uuid,
+            str(ref),
+            entry.iface.mac or "",
+            tuple(steps),
+            nic_state(entry.iface, namer, plugged=False, alias=entry.alias),
+            nic_state(new, namer, plugged=False, alias=entry.alias),
+            after_store,
+        )
+    _check_update(snap, ref, current, change, namer)
+    assert current.mac is not None
+    new = edit(current, change, wiring)
+    steps = []
+    if snap.active:
+        old_bridge = current.bridge
+        new_bridge = wiring.bridge if wiring is not None else old_bridge
+        moved = wiring is not None and wiring.source != current.source
+        if change.bounce and moved and current.link_up and new.link_up:
+            down = edit(current, NicChange(link_up=False), wiring)
+            steps += [
+                LiveUpdate(current, down, new_bridge, old_bridge),
+                Pause(change.bounce),
+                LiveUpdate(down, new, new_bridge, new_bridge),
+            ]
+        elif new.to_xml() != current.to_xml():
+            steps.append(LiveUpdate(current, new, new_bridge, old_bridge))
+        saved = snap.saved_nic(current.mac) if persist_running else None
+        if saved is not None:
+            saved_new = edit(saved, change, wiring)
+            if saved_new.to_xml() != saved.to_xml():
+                steps.append(DefinitionUpdate(saved, saved_new))
+    elif new.to_xml() != current.to_xml():
+        steps.append(DefinitionUpdate(current, new))
+    after_store = store
+    pending = store.find(mac=current.mac)
+    if pending is not None and steps:  # a late release must keep the new state
+        after_store = store.put(pending.alias, new, pending=pending.pending)
+        steps.append(StoreWrite(store, after_store))
+    return Plan(
+        Action.UPDATE,
+        snap.uuid,
+        str(ref),
+        current.mac,
+        tuple(steps),
+        nic_state(current, namer, plugged=True),
+        nic_state(new, namer, plugged=True, bridge=_bridge_after(steps, new)),
+        after_store,
+    )
+
+
+def _bridge_after(steps: list[Step], new: Interface) -> str | None:
+    live = [s for s in steps if isinstance(s, LiveUpdate)]
+    return live[-1].bridge if live and live[-1].bridge else None
+
+
+def plan_unplug(snap: Snapshot, ref: NicRef, namer: Namer) -> Plan:
+    """Store the vNIC first (pending), remove it from the guest and the definition, then
+    mark it unplugged: a crash at any point leaves a state reconciliation settles."""
+    _usable(snap)
+    current = snap.find(ref)
+    store = snap.store
+    if current is None:
+        if store.find(alias=ref.alias, mac=ref.mac) is not None:
+            raise _unplug_error(snap, ref, "notPlugged", "it is already unplugged")
+        raise _unplug_error(snap, ref, "noNic", "there is no such vNIC", _ref_field(ref))
+    assert current.mac is not None
+    alias = current.alias or ""
+    pending = store.put(alias, current, pending=True)
+    done = store.put(alias, current)
+    steps: list[Step] = [StoreWrite(store, pending)]
+    if snap.active:
+        steps.append(LiveDetach(current))
+        saved = snap.saved_nic(current.mac)
+        if saved is not None:
+            steps.append(DefinitionDetach(saved))
+    else:
+        steps.append(DefinitionDetach(current))
+    steps.append(StoreWrite(pending, done))
+    before = nic_state(current, namer, plugged=True)
+    after = nic_state(current.definition(), namer, plugged=False, alias=alias)
+    return Plan(Action.UNPLUG, snap.uuid, str(ref), current.mac, tuple(steps), before, after, done)
+
+
+def plan_plug(snap: Snapshot, ref: NicRef, namer: Namer) -> Plan:
+    """Attach a stored vNIC again (same MAC, model, address, network, link)."""
+    _usable(snap)
+    store = snap.store
+    if snap.find(ref) is not None:
+        raise _plug_error(snap, str(ref), "alreadyPlugged", "it is already plugged")
+    entry = store.find(alias=ref.alias, mac=ref.mac)
+    if entry is None:
+        raise _plug_error(
+            snap, str(ref), "noNic", "there is no such unplugged vNIC", _ref_field(ref)
+        )
+    iface = entry.iface
+    assert iface.mac is not None
+    steps: list[Step] = []
+    stale = snap.saved_nic(iface.mac) if snap.active else None
+    if stale is not None:  # the guest released it, but the definition kept it
+        steps.append(DefinitionDetach(stale))
+    steps += _attach(snap, iface)
+    after_store = store.remove(iface.mac)
+    steps.append(StoreWrite(store, after_store, best_effort=True))
+    before = nic_state(iface, namer, plugged=False, alias=entry.alias)
+    after = nic_state(iface, namer, plugged=True)
+    return Plan(
+        Action.PLUG, snap.uuid, str(ref), iface.mac, tuple(steps), before, after, after_store
+    )
+
+
+def plan_plug_new(snap: Snapshot, iface: Interface, namer: Namer) -> Plan:
+    """Plug a vNIC the VM never had. Only vNICs that reach a bridge or a libvirt network,
+    with a free MAC and PCI address; without a MAC one is chosen here."""
+    _usable(snap)
+    if iface.kind not in WIRABLE:
+        raise errors.InvalidParameter("xml", f"a vNIC of type {iface.kind!r} (bridge or network)")
+    forbidden = iface.has_any(*HOTPLUG_FORBIDDEN)
+    if forbidden is not None:
+        raise errors.InvalidParameter("xml", f"<{forbidden}> is not accepted in a vNIC")
+    domain = snap.current
+    macs = {i.mac for i in domain.interfaces} | {e.iface.mac for e in snap.store}
+    iface = iface.copy()
+    if iface.mac is None:
+        iface.set_mac(random_mac(macs))
+    name = str(iface.mac)
+    if iface.mac in macs:
+        raise _plug_error(snap, name, "macInUse", f"MAC {iface.mac} belongs to another vNIC", "xml")
+    taken = domain.pci_addresses | {e.iface.address for e in snap.store if e.iface.address}
+    if iface.address is not None and iface.address in taken:
+        raise _plug_error(
+            snap, name, "addressInUse", f"PCI address {iface.address} is taken", "xml"
+        )
+    assert iface.mac is not None
+    return Plan(
+        Action.PLUG,
+        snap.uuid,
+        name,
+        iface.mac,
+        tuple(_attach(snap, iface)),
+        None,
+        nic_state(iface, namer, plugged=True),
+        snap.store,
+    )
+
+
+def _attach(snap: Snapshot, iface: Interface) -> list[Step]:
+    """Live first, confirmed, then the definition gets the live result (MAC and PCI
+    address as libvirt settled them), so the VM boots with the vNIC where the guest has it."""
+    if not snap.active:
+        return [DefinitionAttach(iface)]
+    steps: list[Step] = [LiveAttach(iface)]
+    if snap.persistent:
+        steps.append(DefinitionAttach(iface.definition(), from_live=True))
+    return steps
+
+
+def plan_reconcile(snap: Snapshot, refused: str | None = None) -> Plan | None:
+    """Settle stored vNICs with the domain after a crash, a late guest answer or a restart.
+
+    A stored vNIC that the guest (or, when stopped, the definition) has is plugged: its
+    entry goes, unless its removal is still awaited (pending, running) and the guest did
+    not refuse it (``refused``: the alias it refused). One that it does not have is
+    unplugged: the definition must not bring it back.
+    """
+    if snap.store_error is not None or not snap.store:
+        return None
+    store = snap.store
+    steps: list[Step] = []
+    for entry in snap.store:
+        mac = entry.iface.mac
+        assert mac is not None
+        present = snap.current.interface(mac=mac) is not None
+        saved = snap.saved_nic(mac)
+        if present and entry.pending and snap.active and entry.alias != refused:
+            continue
+        if present:
+            store = store.remove(mac)
+            if snap.active and snap.persistent and saved is None and not entry.pending:
+                # a plug stopped before the definition got it: finish it
+                steps.append(DefinitionAttach(entry.iface, from_live=True))
+            continue
+        if entry.pending:
+            store = store.put(entry.alias, entry.iface)
+        if saved is not None:
+            steps.append(DefinitionDetach(saved))
+    if store != snap.store:
+        steps.append(StoreWrite(snap.store, store))
+    if not steps:
+        return None
+    return Plan(Action.RECONCILE, snap.uuid, "", "", tuple(steps), None, None, store)
+
+
+def random_mac(taken: set[str | None]) -> str:
+    """A locally administered QEMU-style MAC that no vNIC of the VM has."""
+    while True:
+        mac = "52:54:00:" + ":".join(f"{secrets.randbelow(256):02x}" for _ in range(3))
+        if mac not in taken:
+            return mac
+
+
+def _plug_error(
+    snap: Snapshot, nic: str, cause: str, problem: str, field: str | None = None
+) -> errors.HotplugNicError:
+    return errors.HotplugNicError(
+        f"cannot plug vNIC {nic} of VM {snap.uuid}: {problem}",
+        vmID=snap.uuid,
+        nic=nic,
+        cause=cause,
+        field=field,
+    )
+
+
+def _unplug_error(
+    snap: Snapshot, ref: NicRef, cause: str, problem: str, field: str | None = None
+) -> errors.HotunplugNicError:
+    return errors.HotunplugNicError(
+        f"cannot unplug vNIC {ref} of VM {snap.uuid}: {problem}",
+        vmID=snap.uuid,
+        nic=str(ref),
+        cause=cause,
+        field=field,
+    )

@@ -1,0 +1,283 @@
+"""Carrying out a plan: apply each step, confirm it where it happens, undo for real.
+
+Blocking libvirt and kernel calls run through ``run`` (the service's worker pool); the
+wait for a guest to release a vNIC is an asyncio future resolved from libvirt's event on
+the loop, so no worker is held while a guest thinks. A failure undoes the completed steps
+in reverse, each by sending back what it replaced (and moving the tap back in the kernel:
+after a partial failure libvirt's XML may name the old bridge while the tap already sits
+on the new one), then confirms the original state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from vnicd import hostnet
+from vnicd.domxml import Domain as DomainXML
+from vnicd.domxml import Interface
+from vnicd.hypervisor import Domain, HypervisorError
+from vnicd.model import Snapshot
+from vnicd.networks import PortBackend
+from vnicd.planning import (
+    DefinitionAttach,
+    DefinitionDetach,
+    DefinitionUpdate,
+    LiveAttach,
+    LiveDetach,
+    LiveUpdate,
+    Pause,
+    Plan,
+    Step,
+    StoreWrite,
+)
+from vnicd.unplugged import KEY, NAMESPACE, Store
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Runner = Callable[..., Awaitable[Any]]
+FAULTS = (HypervisorError, hostnet.HostNetError)
+
+
+class ConfirmError(Exception):
+    """The host does not show the state that was asked for."""
+
+
+class Refused(Exception):
+    """The guest refused to release a vNIC."""
+
+
+class Pending(Exception):
+    """The guest did not answer in time; its release, if it comes, finishes the change."""
+
+
+class Failed(Exception):
+    """A step failed; the completed steps were undone (``problems``: what could not be)."""
+
+    def __init__(self, cause: Exception, problems: list[str]) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.problems = problems
+
+
+class Removals:
+    """Guests' answers to device removals, awaited on the event loop."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[tuple[str, str], asyncio.Future[bool]] = {}
+
+    def expect(self, vm: str, alias: str) -> asyncio.Future[bool]:
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiting[(vm, alias)] = future
+        return future
+
+    def forget(self, vm: str, alias: str) -> None:
+        self._waiting.pop((vm, alias), None)
+
+    def answered(self, vm: str, alias: str, removed: bool) -> bool:
+        """Deliver libvirt's answer; False when nobody waits for it (a late answer)."""
+        future = self._waiting.pop((vm, alias), None)
+        if future is None or future.done():
+            return False
+        future.get_loop().call_soon_threadsafe(_settle, future, removed)
+        return True
+
+    def cancel_all(self, reason: str) -> None:
+        for future in self._waiting.values():
+            if not future.done():
+                future.get_loop().call_soon_threadsafe(_fail, future, reason)
+        self._waiting.clear()
+
+
+def _settle(future: asyncio.Future[bool], removed: bool) -> None:
+    if not future.done():
+        future.set_result(removed)
+
+
+def _fail(future: asyncio.Future[bool], reason: str) -> None:
+    if not future.done():
+        future.set_exception(ConnectionError(reason))
+
+
+class Transaction:
+    """One plan on one domain. ``live`` is the last live XML read while confirming."""
+
+    def __init__(
+        self,
+        dom: Domain,
+        snap: Snapshot,
+        ports: PortBackend,
+        run: Runner,
+        removals: Removals,
+        unplug_timeout: float,
+    ) -> None:
+        self._dom = dom
+        self._snap = snap
+        self._ports = ports
+        self._run = run
+        self._removals = removals
+        self._timeout = unplug_timeout
+        self.live: DomainXML | None = snap.live
+
+    async def execute(self, plan: Plan) -> None:
+        """Apply every step, or undo the completed ones and raise :class:`Failed`.
+        :class:`Pending` leaves what was done: the guest's late answer finishes it."""
+        done: list[Step] = []
+        for step in plan.steps:
+            try:
+                await self._apply(step)
+            except Pending:
+                raise
+            except (*FAULTS, ConfirmError, Refused) as e:
+                if isinstance(step, StoreWrite) and step.best_effort:
+                    log.warning("VM %s: %s (the change itself is done)", plan.vm, e)
+                    continue
+                # a live step may have half-happened (libvirt's own change has no rollback)
+                half: list[Step] = [step] if isinstance(step, LiveUpdate | LiveAttach) else []
+                problems = await self._undo(done + half)
+                raise Failed(e, problems) from e
+            done.append(step)
+
+    async def _apply(self, step: Step) -> None:
+        dom = self._dom
+        match step:
+            case LiveUpdate(after=after, bridge=bridge):
+                await self._run(dom.update_interface, after.to_xml(), live=True, persistent=False)
+                await self._run(self._confirm, after, bridge)
+            case Pause(seconds=seconds):
+                await asyncio.sleep(seconds)
+            case DefinitionUpdate(after=after):
+                await self._run(dom.update_interface, after.to_xml(), live=False, persistent=True)
+            case LiveAttach(iface=iface):
+                await self._run(dom.attach_interface, iface.to_xml(), live=True, persistent=False)
+                await self._run(self._confirm_attached, iface)
+            case LiveDetach(iface=iface):
+                await self._release(iface)
+            case DefinitionAttach(iface=iface, from_live=from_live):
+                xml = (self._live_definition(iface.mac) if from_live else iface).to_xml()
+                await self._run(dom.attach_interface, xml, live=False, persistent=True)
+            case DefinitionDetach(iface=iface):
+                await self._run(dom.detach_interface, iface.to_xml(), live=False, persistent=True)
+            case StoreWrite(after=after):
+                await self._run(self._write_store, after)
+
+    async def _undo(self, done: list[Step]) -> list[str]:
+        problems: list[str] = []
+        dom = self._dom
+        for step in reversed(done):
+            try:
+                match step:
+                    case LiveUpdate(before=before, bridge_before=bridge):
+                        await self._run(self._restore_live, before, bridge)
+                    case DefinitionUpdate(before=before):
+                        xml = before.to_xml()
+                        await self._run(dom.update_interface, xml, live=False, persistent=True)
+                    case LiveAttach(iface=iface):
+                        live = (await self._run(self._read_live)).interface(mac=iface.mac)
+                        if live is not None:
+                            await self._release(live)
+                    case LiveDetach(iface=iface):
+                        xml = iface.definition().to_xml()
+                        await self._run(dom.attach_interface, xml, live=True, persistent=False)
+                        await self._run(self._confirm_attached, iface)
+                    case DefinitionAttach(iface=iface):
+                        saved = DomainXML(await self._run(dom.xml, inactive=True))
+                        found = saved.interface(mac=iface.mac)
+                        if found is not None:
+                            xml = found.to_xml()
+                            await self._run(dom.detach_interface, xml, live=False, persistent=True)
+                    case DefinitionDetach(iface=iface):
+                        xml = iface.to_xml()
+                        await self._run(dom.attach_interface, xml, live=False, persistent=True)
+                    case StoreWrite(before=before):
+                        await self._run(self._write_store, before)
+            except (*FAULTS, ConfirmError, Refused, Pending) as e:
+                problems.append(str(e))
+        if problems:
+            log.error("VM %s: undo incomplete: %s", self._snap.uuid, "; ".join(problems))
+        return problems
+
+    async def _release(self, iface: Interface) -> None:
+        """Ask the guest to release a vNIC and wait for its answer on the loop."""
+        alias, vm = iface.alias or "", self._snap.uuid
+        answer = self._removals.expect(vm, alias)
+        try:
+            await self._run(self._dom.detach_alias, alias)
+            removed = await asyncio.wait_for(answer, self._timeout)
+        except TimeoutError:
+            if await self._run(self._present, iface.mac) is False:
+                return  # gone, the event was missed
+            raise Pending(
+                f"the guest did not release it within {self._timeout:g} s; it stays plugged"
+            ) from None
+        finally:
+            self._removals.forget(vm, alias)
+        if not removed:
+            raise Refused("the guest refused to release it")
+        if await self._run(self._present, iface.mac):
+            raise ConfirmError(f"vNIC {iface.mac} is still in the live XML after its release")
+
+    # Blocking helpers, run in a worker.
+
+    def _read_live(self) -> DomainXML:
+        self.live = DomainXML(self._dom.xml())
+        return self.live
+
+    def _present(self, mac: str | None) -> bool:
+        return self._read_live().interface(mac=mac) is not None
+
+    def _confirm(self, expected: Interface, bridge: str | None) -> None:
+        now = self._read_live().interface(mac=expected.mac)
+        if now is None:
+            raise ConfirmError(f"vNIC {expected.mac} is gone from the live XML")
+        if now.source != expected.source or now.link_up != expected.link_up:
+            raise ConfirmError(
+                f"libvirt reports {now.source} link {'up' if now.link_up else 'down'}, "
+                f"expected {expected.source} link {'up' if expected.link_up else 'down'}"
+            )
+        if bridge is not None and now.tap is not None:
+            actual = self._ports.where(now.tap)
+            if actual != bridge:
+                raise ConfirmError(f"tap {now.tap} is on {actual}, expected {bridge}")
+
+    def _confirm_attached(self, iface: Interface) -> None:
+        live = self._read_live().interface(mac=iface.mac)
+        if live is None:
+            raise ConfirmError("libvirt does not show it plugged")
+        if iface.address is not None and live.address != iface.address:
+            raise ConfirmError(f"it came back at {live.address}, not {iface.address}")
+        if live.bridge and live.tap and self._ports.where(live.tap) != live.bridge:
+            raise ConfirmError(f"its tap {live.tap} is not on {live.bridge}")
+
+    def _restore_live(self, before: Interface, bridge: str | None) -> None:
+        problems = []
+        try:
+            self._dom.update_interface(before.to_xml(), live=True, persistent=False)
+        except HypervisorError as e:
+            problems.append(str(e))
+        tap = before.tap
+        if bridge is not None and tap is not None and self._ports.where(tap) != bridge:
+            self._ports.move(tap, bridge)
+        try:
+            self._confirm(before, bridge)
+        except ConfirmError as e:
+            problems.append(str(e))
+        if problems:
+            raise ConfirmError("; ".join(problems))
+
+    def _live_definition(self, mac: str | None) -> Interface:
+        live = self.live.interface(mac=mac) if self.live is not None else None
+        if live is None:
+            raise ConfirmError(f"vNIC {mac} is not in the live XML")
+        return live.definition()
+
+    def _write_store(self, store: Store) -> None:
+        self._dom.set_metadata(
+            store.format(),
+            KEY,
+            NAMESPACE,
+            live=self._snap.active,
+            persistent=self._snap.persistent,
+        )
