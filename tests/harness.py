@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -23,6 +23,7 @@ from vnicd.config import Config
 from vnicd.daemon import Daemon
 from vnicd.hypervisor import Domain
 from vnicd.schema import Schema
+from vnicd.service import Service
 
 T = TypeVar("T")
 SCHEMA = Schema.load()
@@ -87,6 +88,15 @@ class DaemonThread:
     def _on_removal(self, dom: Domain, alias: str, removed: bool) -> None:
         if removed:
             self.removed.append((dom.uuid, alias))
+
+    @property
+    def service(self) -> Service:
+        assert self.daemon is not None and self.daemon.service is not None, "vnicd is not running"
+        return self.daemon.service
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on vnicd's event loop (where libvirt's events are delivered)."""
+        self.loop.call_soon_threadsafe(fn)
 
     @property
     def conn(self) -> libvirt.virConnect:

@@ -35,8 +35,28 @@ def test_every_error_class_is_declared() -> None:
 def test_declared_errors_exist() -> None:
     for verb in SCHEMA.verbs.values():
         assert set(verb.errors) <= set(SCHEMA.errors), verb.name
-        for spec in verb.params.values():
-            SCHEMA.resolve(spec)
+
+
+def test_unknown_type_names_are_refused() -> None:
+    with pytest.raises(ValueError, match="unknown type 'Nicc'"):
+        SCHEMA.resolve({"type": "Nicc"})
+    broken = {
+        "errors": {},
+        "types": {"A": {"type": "object", "properties": {"b": {"type": "Missing"}}}},
+        "verbs": {"X.y": {"params": {"a": {"type": "A"}}, "result": {"type": "object"}}},
+    }
+    with pytest.raises(ValueError, match="unknown type 'Missing'"):
+        Schema(broken).check_schema()
+    Schema.load().check_schema()  # the shipped schema resolves everywhere
+
+
+def test_new_vnic_xml_excludes_naming_a_known_one() -> None:
+    verb = SCHEMA.verbs["VM.hotplugNic"]
+    with pytest.raises(errors.InvalidParameter) as err:
+        SCHEMA.validate_params(verb, {"vmID": VM, "params": {"xml": "<x/>", "alias": "net0"}})
+    assert err.value.fields["field"] == "params.xml"
+    assert "params.alias" in err.value.message
+    SCHEMA.validate_params(verb, {"vmID": VM, "params": {"xml": "<x/>"}})
 
 
 UPDATE = SCHEMA.verbs["VM.updateDevice"]
@@ -98,3 +118,21 @@ def test_result_validation() -> None:
         SCHEMA.validate_result(verb, {**good, "status": "Running"})
     with pytest.raises(ValueError, match=r"result\.nics"):
         SCHEMA.validate_result(verb, {k: v for k, v in good.items() if k != "nics"})
+
+
+def test_dry_run_result_validates_as_a_plan() -> None:
+    verb = SCHEMA.verbs["VM.updateDevice"]
+    plan = {
+        "dryRun": True,
+        "vmID": VM,
+        "action": "update",
+        "nic": "net0",
+        "before": None,
+        "after": None,
+        "liveXML": "<interface/>",
+        "definitionXML": None,
+        "steps": ["update the vNIC live"],
+    }
+    SCHEMA.validate_result(verb, plan)
+    with pytest.raises(ValueError, match="matches none of"):
+        SCHEMA.validate_result(verb, {**plan, "steps": "all"})

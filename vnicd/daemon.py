@@ -36,7 +36,7 @@ class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.hypervisor = Hypervisor(config.uri)
-        self._service: Service | None = None
+        self.service: Service | None = None
         self._server: UnixServer | None = None
         self._lock: TextIO | None = None
 
@@ -61,7 +61,7 @@ class Daemon:
             cfg.unwired_bridge,
             ports=bridges,
         )
-        service = self._service = Service(
+        service = self.service = Service(
             self.hypervisor,
             networks,
             workers=cfg.workers,
@@ -76,7 +76,7 @@ class Daemon:
         )
         found = await service.reconcile_all()
         log.info("found %d VMs: %s", len(found), ", ".join(found) or "none")
-        dispatcher = Dispatcher(Schema.load(), self._service)
+        dispatcher = Dispatcher(Schema.load(), self.service)
         self._server = UnixServer(cfg.unix_socket, dispatcher.handle, cfg.socket_mode)
         await self._server.start()
         sdnotify.notify(f"READY=1\nSTATUS=serving on {cfg.unix_socket}")
@@ -97,9 +97,9 @@ class Daemon:
         sdnotify.notify("STOPPING=1")
         if self._server is not None:
             await self._server.stop()
-        if self._service is not None:
-            await self._service.close()
-            self._service = None
+        if self.service is not None:
+            await self.service.close()
+            self.service = None
         await asyncio.to_thread(self.hypervisor.close)
         if self._lock is not None:
             self._lock.close()
@@ -109,8 +109,8 @@ class Daemon:
     def _lifecycle(self, dom: Domain, event: int, detail: int) -> None:
         name = _EVENTS[event] if 0 <= event < len(_EVENTS) else str(event)
         log.info("VM %s (%s): %s (detail %d)", dom.uuid, dom.name, name, detail)
-        if name in _SETTLE and self._service is not None:
-            self._service.spawn(self._service.reconcile(dom.uuid))
+        if name in _SETTLE and self.service is not None:
+            self.service.spawn(self.service.reconcile(dom.uuid))
 
 
 async def serve(config: Config) -> None:

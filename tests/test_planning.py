@@ -1,0 +1,300 @@
+"""Planning and reporting: pure logic on parsed XML, no libvirt, no root."""
+
+from __future__ import annotations
+
+import pytest
+
+from vnicd import errors
+from vnicd.domxml import Interface, Source, StoredNic, format_stored
+from vnicd.model import NicChange, NicRef, Snapshot, VmStatus
+from vnicd.networks import UNWIRED, Wiring
+from vnicd.planning import (
+    DefinitionAttach,
+    DefinitionDetach,
+    DefinitionUpdate,
+    LiveAttach,
+    LiveDetach,
+    LiveUpdate,
+    Pause,
+    StoreWrite,
+    plan_plug,
+    plan_plug_new,
+    plan_reconcile,
+    plan_unplug,
+    plan_update,
+)
+from vnicd.report import vm_state
+from vnicd.unplugged import NAMESPACE, Store
+
+VM = "0b7e3f34-3d68-4cb8-a7ea-c9d04be1a0e1"
+A = "52:54:00:00:00:0a"
+B = "52:54:00:00:00:0b"
+
+
+def nic(mac: str, bridge: str = "br-a", slot: int = 3, link: str = "", live: bool = True) -> str:
+    extra = f"<target dev='tap{slot}'/><alias name='net{slot}'/>" if live else ""
+    return (
+        f"<interface type='bridge'><mac address='{mac}'/><source bridge='{bridge}'/>"
+        f"<model type='virtio'/>{link}{extra}"
+        f"<address type='pci' domain='0x0000' bus='0x00' slot='{slot:#04x}' function='0x0'/>"
+        "</interface>"
+    )
+
+
+def domain(*nics: str, stored: list[StoredNic] | None = None, meta: str | None = None) -> str:
+    if meta is None and stored:
+        meta = format_stored(stored).replace("<vnics", f"<vnics xmlns='{NAMESPACE}'", 1)
+    metadata = f"<metadata>{meta}</metadata>" if meta else ""
+    devices = "".join(nics)
+    head = f"<domain><name>vm</name><uuid>{VM}</uuid>{metadata}"
+    return f"{head}<devices>{devices}</devices></domain>"
+
+
+def snap(
+    live: str | None, saved: str | None, *, persistent: bool = True, paused: bool = False
+) -> Snapshot:
+    status = VmStatus.STOPPED if live is None else VmStatus.RUNNING
+    if paused:
+        status = VmStatus.PAUSED
+    return Snapshot.parse(VM, status, persistent, live, saved)
+
+
+def namer(source: Source | None) -> str:
+    return UNWIRED if source is None or source.name == "void" else source.name
+
+
+BR_B = Wiring("br-b", Source("bridge", "br-b"), "br-b")
+
+
+def stored(mac: str, slot: int, *, pending: bool = False) -> StoredNic:
+    return StoredNic(f"net{slot}", Interface.from_xml(nic(mac, slot=slot, live=False)), pending)
+
+
+def test_running_persistent_update_changes_live_then_definition() -> None:
+    s = snap(domain(nic(A)), domain(nic(A, live=False)))
+    plan = plan_update(
+        s, NicRef(alias="net3"), NicChange(network="br-b"), BR_B, namer, persist_running=True
+    )
+    kinds = [type(step) for step in plan.steps]
+    assert kinds == [LiveUpdate, DefinitionUpdate]
+    live = plan.steps[0]
+    assert isinstance(live, LiveUpdate) and live.bridge == "br-b" and live.bridge_before == "br-a"
+    assert plan.before is not None and plan.after is not None
+    assert (plan.before.network, plan.after.network) == ("br-a", "br-b")
+    assert plan.after.pci == plan.before.pci == "0000:00:03.0"
+    assert plan.live_xml is not None and '<target dev="tap3"/>' in plan.live_xml
+    definition = plan.definition_xml
+    assert definition is not None and "target" not in definition, "live-only parts stay live"
+
+
+def test_persistent_updates_off_leaves_the_definition() -> None:
+    s = snap(domain(nic(A)), domain(nic(A, live=False)))
+    plan = plan_update(
+        s, NicRef(mac=A), NicChange(link_up=False), None, namer, persist_running=False
+    )
+    assert [type(step) for step in plan.steps] == [LiveUpdate]
+
+
+def test_nothing_to_do_plans_no_step() -> None:
+    s = snap(domain(nic(A, link="<link state='up'/>")), None, persistent=False)
+    plan = plan_update(s, NicRef(mac=A), NicChange(link_up=True), None, namer, persist_running=True)
+    assert plan.steps == ()
+
+
+def test_bounce_only_for_a_linked_vnic_that_moves() -> None:
+    s = snap(domain(nic(A)), None, persistent=False)
+    change = NicChange(network="br-b", bounce=1.5)
+    plan = plan_update(s, NicRef(mac=A), change, BR_B, namer, persist_running=True)
+    assert [type(step) for step in plan.steps] == [LiveUpdate, Pause, LiveUpdate]
+    down, pause, up = plan.steps
+    assert isinstance(down, LiveUpdate) and isinstance(up, LiveUpdate)
+    assert not down.after.link_up and down.after.source == Source("bridge", "br-b")
+    assert up.after.link_up and isinstance(pause, Pause) and pause.seconds == 1.5
+    unlinked = snap(domain(nic(A, link="<link state='down'/>")), None, persistent=False)
+    plan = plan_update(unlinked, NicRef(mac=A), change, BR_B, namer, persist_running=True)
+    assert [type(step) for step in plan.steps] == [LiveUpdate]
+    stay = plan_update(
+        s, NicRef(mac=A), NicChange(link_up=False, bounce=1.5), None, namer, persist_running=True
+    )
+    assert [type(step) for step in stay.steps] == [LiveUpdate]
+
+
+def test_stopped_vm_changes_only_its_definition() -> None:
+    s = snap(None, domain(nic(A, live=False)))
+    plan = plan_update(
+        s,
+        NicRef(mac=A),
+        NicChange(network=UNWIRED),
+        Wiring(UNWIRED, Source("bridge", "void"), "void"),
+        namer,
+        persist_running=True,
+    )
+    assert [type(step) for step in plan.steps] == [DefinitionUpdate]
+    assert plan.after is not None and plan.after.network == "" and not plan.after.link_up
+
+
+def test_refusals_happen_before_any_step() -> None:
+    s = snap(domain(nic(A)), None, persistent=False)
+    with pytest.raises(errors.UnsupportedChange) as err:
+        plan_update(s, NicRef(mac=A), NicChange(model="e1000"), None, namer, persist_running=True)
+    assert err.value.fields["field"] == "model"
+    with pytest.raises(errors.NoSuchNic) as missing:
+        plan_update(
+            s, NicRef(alias="net9"), NicChange(link_up=False), None, namer, persist_running=True
+        )
+    assert missing.value.fields["field"] == "alias"
+    unwired = snap(domain(nic(A, bridge="void")), None, persistent=False)
+    with pytest.raises(errors.UnsupportedChange, match="unwired vNIC cannot be linked"):
+        plan_update(
+            unwired, NicRef(mac=A), NicChange(link_up=True), None, namer, persist_running=True
+        )
+
+
+def test_vnic_on_no_managed_network() -> None:
+    """A direct (or ethernet) vNIC is reported as what it is, linked, never moved."""
+    direct = (
+        f"<interface type='direct'><mac address='{A}'/><source dev='eth0' mode='bridge'/>"
+        "<model type='virtio'/><alias name='net0'/></interface>"
+    )
+    s = snap(domain(direct), None, persistent=False)
+    state = vm_state(s, namer).nics[0]
+    assert (state.kind, state.network, state.bridge) == ("direct", None, "")
+    with pytest.raises(errors.UnsupportedChange) as err:
+        plan_update(s, NicRef(mac=A), NicChange(network="br-b"), BR_B, namer, persist_running=True)
+    assert err.value.fields["field"] == "network"
+    plan = plan_update(
+        s, NicRef(mac=A), NicChange(link_up=False), None, namer, persist_running=True
+    )
+    assert [type(step) for step in plan.steps] == [LiveUpdate]
+
+
+def test_unplugged_vnic_changes_its_stored_copy_only() -> None:
+    s = snap(domain(nic(A), stored=[stored(B, 4)]), domain(nic(A, live=False)))
+    plan = plan_update(
+        s, NicRef(mac=B), NicChange(link_up=False), None, namer, persist_running=True
+    )
+    (write,) = plan.steps
+    assert isinstance(write, StoreWrite)
+    entry = write.after.find(mac=B)
+    assert entry is not None and not entry.iface.link_up and entry.alias == "net4"
+    assert plan.after is not None and not plan.after.plugged
+
+
+def test_malformed_metadata_is_reported_and_blocks_changes() -> None:
+    s = snap(
+        domain(nic(A), meta=f"<vnics xmlns='{NAMESPACE}'><unplugged/></vnics>"),
+        None,
+        persistent=False,
+    )
+    assert s.store_error is not None and "malformed" in s.store_error
+    assert [n.mac for n in vm_state(s, namer).nics] == [A], "reads still report the VM"
+    with pytest.raises(errors.GeneralError, match="malformed"):
+        plan_update(s, NicRef(mac=A), NicChange(link_up=False), None, namer, persist_running=True)
+    with pytest.raises(errors.GeneralError):
+        plan_unplug(s, NicRef(mac=A), namer)
+
+
+def test_unplug_stores_first_and_marks_done_last() -> None:
+    s = snap(domain(nic(A)), domain(nic(A, live=False)))
+    plan = plan_unplug(s, NicRef(alias="net3"), namer)
+    kinds = [type(step) for step in plan.steps]
+    assert kinds == [StoreWrite, LiveDetach, DefinitionDetach, StoreWrite]
+    first, last = plan.steps[0], plan.steps[-1]
+    assert isinstance(first, StoreWrite) and isinstance(last, StoreWrite)
+    pending, done = first.after.find(mac=A), last.after.find(mac=A)
+    assert pending is not None and pending.pending and pending.alias == "net3"
+    assert done is not None and not done.pending
+    assert "<alias" not in done.iface.to_xml(), "libvirt's own alias is live-only"
+    stopped = plan_unplug(snap(None, domain(nic(A, live=False))), NicRef(mac=A), namer)
+    assert [type(step) for step in stopped.steps] == [StoreWrite, DefinitionDetach, StoreWrite]
+
+
+def test_plug_comes_back_as_stored() -> None:
+    s = snap(domain(nic(A), stored=[stored(B, 4)]), domain(nic(A, live=False)))
+    plan = plan_plug(s, NicRef(mac=B), namer)
+    kinds = [type(step) for step in plan.steps]
+    assert kinds == [LiveAttach, DefinitionAttach, StoreWrite]
+    attach, definition, write = plan.steps
+    assert isinstance(attach, LiveAttach) and str(attach.iface.address) == "0000:00:04.0"
+    assert isinstance(definition, DefinitionAttach) and definition.from_live
+    assert isinstance(write, StoreWrite) and write.best_effort and not write.after
+    with pytest.raises(errors.HotplugNicError) as err:
+        plan_plug(s, NicRef(mac=A), namer)
+    assert err.value.fields["cause"] == "alreadyPlugged"
+
+
+def test_new_vnic_checks() -> None:
+    s = snap(domain(nic(A), stored=[stored(B, 4)]), None, persistent=False)
+
+    def new(xml: str) -> None:
+        plan_plug_new(s, Interface.from_xml(xml), namer)
+
+    with pytest.raises(errors.InvalidParameter, match="type 'ethernet'"):
+        new("<interface type='ethernet'/>")
+    with pytest.raises(errors.InvalidParameter, match="<script> is not accepted"):
+        new("<interface type='bridge'><source bridge='br-a'/><script path='/x'/></interface>")
+    for xml, cause in (
+        (nic(B, slot=9, live=False), "macInUse"),
+        (nic("52:54:00:00:00:0c", slot=4, live=False), "addressInUse"),
+    ):
+        with pytest.raises(errors.HotplugNicError) as err:
+            new(xml)
+        assert err.value.fields["cause"] == cause and err.value.fields["field"] == "xml"
+    plan = plan_plug_new(
+        s, Interface.from_xml("<interface type='bridge'><source bridge='br-a'/></interface>"), namer
+    )
+    assert plan.mac.startswith("52:54:00:") and plan.mac not in (A, B)
+
+
+@pytest.mark.parametrize(
+    ("live", "saved", "entry", "expect_steps", "expect_entry"),
+    [
+        # a pending unplug the guest has not answered yet: left alone
+        (True, True, "pending-present", [], "pending"),
+        # the guest released it while nobody waited: finish (definition, store)
+        (True, True, "pending-gone", [DefinitionDetach, StoreWrite], "done"),
+        # a plug whose store write failed: the entry goes
+        (True, True, "done-present", [StoreWrite], None),
+        # a plug that stopped before the definition got it: the definition gets it
+        (True, False, "done-present", [DefinitionAttach, StoreWrite], None),
+        # an unplug that died with QEMU before the release: plugged per definition
+        (False, True, "pending-present", [StoreWrite], None),
+        # stopped, removed from the definition, store not yet marked done
+        (False, False, "pending-gone", [StoreWrite], "done"),
+        # settled already
+        (True, True, "done-gone", [DefinitionDetach], "done"),
+    ],
+)
+def test_reconcile(
+    live: bool, saved: bool, entry: str, expect_steps: list[type], expect_entry: str | None
+) -> None:
+    state, where = entry.split("-")
+    plugged_b = where == "present"
+    entries = [stored(B, 4, pending=state == "pending")]
+    live_xml = domain(nic(A), *([nic(B, slot=4)] if plugged_b else []), stored=entries)
+    saved_b = saved and (plugged_b or entry == "pending-gone" or entry == "done-gone")
+    saved_xml = domain(
+        nic(A, live=False), *([nic(B, slot=4, live=False)] if saved_b else []), stored=entries
+    )
+    if not live:
+        saved_xml = domain(
+            nic(A, live=False), *([nic(B, slot=4, live=False)] if plugged_b else []), stored=entries
+        )
+    s = snap(live_xml if live else None, saved_xml)
+    plan = plan_reconcile(s)
+    steps = [] if plan is None else [type(step) for step in plan.steps]
+    assert steps == expect_steps
+    final = s.store if plan is None else plan.store
+    found = final.find(mac=B)
+    if expect_entry is None:
+        assert found is None
+    else:
+        assert found is not None and found.pending == (expect_entry == "pending")
+
+
+def test_reconcile_drops_a_refused_unplug() -> None:
+    entries = [stored(B, 4, pending=True)]
+    s = snap(domain(nic(A), nic(B, slot=4), stored=entries), domain(nic(A, live=False)))
+    assert plan_reconcile(s) is None
+    plan = plan_reconcile(s, refused="net4")
+    assert plan is not None and plan.store == Store()

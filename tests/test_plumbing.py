@@ -1,0 +1,168 @@
+"""Pure plumbing: message framing on the local socket, the per-VM lock table, and the
+transaction's undo, with a recording stand-in for a domain (logic only, no wiring)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import libvirt
+
+from vnicd.domxml import Interface
+from vnicd.hypervisor import HypervisorError
+from vnicd.model import Snapshot, VmStatus
+from vnicd.planning import Action, LiveDetach, Plan, StoreWrite
+from vnicd.rpc_unix import Lines
+from vnicd.service import VmLocks
+from vnicd.transaction import Failed, Pending, Refused, Removals, Transaction
+from vnicd.unplugged import Store
+
+VM = "0b7e3f34-3d68-4cb8-a7ea-c9d04be1a0e1"
+MAC = "52:54:00:00:00:0b"
+NIC = (
+    f"<interface type='bridge'><mac address='{MAC}'/><source bridge='br-a'/>"
+    "<model type='virtio'/><alias name='net1'/></interface>"
+)
+
+
+def test_oversized_message_does_not_swallow_the_next() -> None:
+    lines = Lines(limit=10)
+    assert lines.feed(b'{"a":1}\n' + b"x" * 20 + b'\n{"b":2}\n') == [b'{"a":1}', None, b'{"b":2}']
+    # oversized across reads: reported once, then the next message survives
+    assert lines.feed(b"y" * 11) == [None]
+    assert lines.feed(b"y" * 50) == []
+    assert lines.feed(b'yy\n{"c":3}') == []
+    assert lines.feed(b"\n") == [b'{"c":3}']
+
+
+def test_split_and_joined_messages() -> None:
+    lines = Lines(limit=100)
+    assert lines.feed(b'{"a"') == []
+    assert lines.feed(b':1}\n{"b":2}\n\n{"c"') == [b'{"a":1}', b'{"b":2}']
+    assert lines.feed(b":3}\n") == [b'{"c":3}']
+
+
+def test_lock_table_keeps_only_what_is_in_use() -> None:
+    async def run() -> None:
+        locks = VmLocks()
+        for i in range(200):
+            async with locks.hold(f"vm-{i}"):
+                assert len(locks) == 1
+        assert len(locks) == 0
+        order: list[str] = []
+
+        async def user(name: str, delay: float) -> None:
+            async with locks.hold("one"):
+                order.append(f"{name}+")
+                await asyncio.sleep(delay)
+                order.append(f"{name}-")
+
+        first = locks.generation("one")
+        await asyncio.gather(user("a", 0.02), user("b", 0))
+        assert order == ["a+", "a-", "b+", "b-"], "one VM's changes are serialized"
+        assert first == 0 and locks.generation("one") == 0 and len(locks) == 0
+
+    asyncio.run(run())
+
+
+class RecordingDomain:
+    """Records what a transaction sends; the guest answers a removal as told."""
+
+    uuid = VM
+
+    def __init__(self, removals: Removals, answer: bool | None, fail: set[str]) -> None:
+        self.calls: list[tuple[str, Any]] = []
+        self._removals = removals
+        self._answer = answer
+        self._fail = fail
+        self.loop = asyncio.get_running_loop()
+        self.plugged = True
+
+    def _record(self, name: str, arg: Any) -> None:
+        self.calls.append((name, arg))
+        count = sum(1 for n, _ in self.calls if n == name)
+        if f"{name}#{count}" in self._fail:
+            raise HypervisorError(name, libvirt.libvirtError("injected"))
+
+    def set_metadata(self, xml: str | None, *_a: Any, **_k: Any) -> None:
+        self._record("set_metadata", xml)
+
+    def detach_alias(self, alias: str) -> None:
+        self._record("detach_alias", alias)
+        if self._answer is not None:
+            self.plugged = not self._answer
+            self.loop.call_soon_threadsafe(self._removals.answered, VM, alias, self._answer)
+
+    def attach_interface(self, xml: str, **_k: Any) -> None:
+        self._record("attach_interface", xml)
+        self.plugged = True
+
+    def xml(self, **_k: Any) -> str:
+        return f"<domain><name>vm</name><devices>{NIC if self.plugged else ''}</devices></domain>"
+
+
+def unplug_plan() -> tuple[Plan, Snapshot, Store, Store]:
+    iface = Interface.from_xml(NIC)
+    snap = Snapshot.parse(
+        VM,
+        VmStatus.RUNNING,
+        False,
+        f"<domain><name>vm</name><devices>{NIC}</devices></domain>",
+        None,
+    )
+    pending = Store().put("net1", iface, pending=True)
+    done = Store().put("net1", iface)
+    steps = (StoreWrite(Store(), pending), LiveDetach(iface), StoreWrite(pending, done))
+    return Plan(Action.UNPLUG, VM, "net1", MAC, steps, None, None, done), snap, pending, done
+
+
+async def execute(answer: bool | None, *fail: str) -> tuple[RecordingDomain, Exception | None]:
+    removals = Removals()
+    dom = RecordingDomain(removals, answer, set(fail))
+    plan, snap, _pending, _done = unplug_plan()
+
+    async def run(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    tx = Transaction(dom, snap, ports=None, run=run, removals=removals, unplug_timeout=0.05)  # type: ignore[arg-type]
+    try:
+        await tx.execute(plan)
+    except (Failed, Pending) as e:
+        return dom, e
+    return dom, None
+
+
+def test_refused_unplug_restores_the_store() -> None:
+    dom, error = asyncio.run(execute(answer=False))
+    assert isinstance(error, Failed) and isinstance(error.cause, Refused) and not error.problems
+    writes = [arg for name, arg in dom.calls if name == "set_metadata"]
+    assert len(writes) == 2 and writes[0] is not None and 'pending="yes"' in writes[0]
+    assert writes[1] is None, "the stored entry was removed again"
+
+
+def test_unanswered_unplug_stays_pending() -> None:
+    dom, error = asyncio.run(execute(answer=None))
+    assert isinstance(error, Pending)
+    writes = [arg for name, arg in dom.calls if name == "set_metadata"]
+    assert len(writes) == 1 and 'pending="yes"' in writes[0], "a late release must finish it"
+
+
+def test_failure_after_release_plugs_back() -> None:
+    dom, error = asyncio.run(execute(True, "set_metadata#2"))
+    assert isinstance(error, Failed) and not error.problems
+    names = [n for n, _ in dom.calls]
+    assert names == [
+        "set_metadata",
+        "detach_alias",
+        "set_metadata",
+        "attach_interface",
+        "set_metadata",
+    ], "released, then plugged back and the store restored"
+    attached = dom.calls[3][1]
+    assert MAC in attached and "<alias" not in attached
+    assert dom.calls[4][1] is None
+
+
+def test_first_write_failing_touches_nothing_else() -> None:
+    dom, error = asyncio.run(execute(True, "set_metadata#1"))
+    assert isinstance(error, Failed) and [n for n, _ in dom.calls] == ["set_metadata"]
