@@ -77,6 +77,7 @@ def vnicd() -> Iterator[DaemonThread]:
         log_level="DEBUG",
         workers=8,
         unplug_timeout=2.0,
+        link_bounce_seconds=1.0,
         networks={"lab": Target("bridge", "vt-c")},
     )
     daemon = DaemonThread(config)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -110,12 +111,18 @@ def test_serves_stops_and_picks_up_running_vms(state: Path, vnicd: DaemonThread)
 
 
 def test_inprocess_restart_keeps_vms(vnicd: DaemonThread) -> None:
-    """vnicd restarted while a VM runs: it finds the VM and can still rewire it."""
+    """vnicd restarted while a VM runs and a client idles: stopping closes the client's
+    connection itself (whatever the interpreter's Server.wait_closed does), and the new
+    vnicd finds the VM and can still rewire it."""
     vms = Vms(vnicd)
     try:
         nic = Nic("vt-a")
         vm_id = vms.create(nic)
-        vnicd.restart()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as idle:
+            idle.settimeout(30)
+            idle.connect(str(vnicd.config.unix_socket))
+            vnicd.restart()
+            assert idle.recv(1) == b"", "the idle connection was left open"
         with vnicd.client() as c:
             info = c.call("VM.getInfo", vmID=vm_id)
             assert info["status"] == "Up" and info["nics"][0]["bridge"] == "vt-a"

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import libvirt
 import pytest
 
 from tests.evidence import interfaces
@@ -162,12 +163,20 @@ def destroy(vnicd: DaemonThread, vm_id: str) -> None:
 
 
 def boot(
-    vnicd: DaemonThread, stack: contextlib.ExitStack, image: GuestImage, label: str, n: int
+    vnicd: DaemonThread,
+    stack: contextlib.ExitStack,
+    image: GuestImage,
+    label: str,
+    n: int,
+    *,
+    peer: int | None = None,
+    persistent: bool = False,
 ) -> Guest:
-    """Create guest n (1 or 2) through VM.create: 10.77.0.n/24 on vt-a, pinging the other one."""
+    """Create guest n through VM.create: 10.77.0.n/24 on vt-a, pinging ``peer`` (by default
+    the other of guests 1 and 2)."""
     pid = os.getpid()
     mac = f"52:54:00:{0x80 | n:02x}:{pid >> 8 & 0xFF:02x}:{pid & 0xFF:02x}"
-    peer = 3 - n
+    peer = 3 - n if peer is None else peer
     vm_id = str(uuid.uuid4())
     console = vnicd.config.state_dir / f"guest-{label}.log"
     nic = (
@@ -185,7 +194,7 @@ def boot(
         nics_xml=[nic],
     )
     with vnicd.client() as client:
-        info = client.call("VM.create", vmID=vm_id, vmParams={"xml": xml, "persistent": False})
+        info = client.call("VM.create", vmID=vm_id, vmParams={"xml": xml, "persistent": persistent})
     stack.callback(destroy, vnicd, vm_id)
     (created,) = info["nics"]
     return Guest(label, vm_id, mac, created["pciAddress"], Console(console))
@@ -406,3 +415,55 @@ def test_four_states(lab: Lab) -> None:
         (a, "ping to B ok after relink", ping_ok),
     )
     lab.check_nic_kept(unplugged=True)
+
+
+def test_link_bounce_on_move(lab: Lab) -> None:
+    """With linkBounce the guest sees its carrier drop and come back around a move, so it
+    renews its address; without it the carrier stays up."""
+    a, b = lab.a, lab.b
+    mark = latest_seq(b)
+    nic = lab.update(b, network="vt-b", linkBounce=True)
+    assert (nic["network"], nic["bridge"], nic["linkActive"]) == ("vt-b", "vt-b", True)
+    lab.expect((b, "carrier 1 after the bounce", carrier(1)), (a, "ping to B fails", ping_fails))
+    carriers = [
+        r.reports[b.mac].carrier for r in b.console.rounds() if r.seq > mark and b.mac in r.reports
+    ]
+    dropped = carriers.index(0)
+    assert 1 in carriers[dropped:], f"carrier never came back: {carriers}"
+    back = latest_seq(b)
+    nic = lab.update(b, network="vt-a")
+    lab.expect((b, "ping to A ok back on vt-a", ping_ok), (a, "ping to B ok", ping_ok))
+    lab.check_carrier_since(b, back, 1)
+    lab.check_nic_kept()
+
+
+def test_late_release_finishes_the_unplug(
+    vnicd: DaemonThread, rpc: SchemaClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A guest that releases a vNIC after vnicd stopped waiting: the unplug completes,
+    definition included, and a restarted VM does not bring the vNIC back."""
+    with contextlib.ExitStack() as stack:
+        c = boot(vnicd, stack, find_image(), "c", 3, peer=1, persistent=True)
+        wait_events([Event(c, "first report", anything)], {"c": 0}, BOOT_TIMEOUT)
+        monkeypatch.setattr(vnicd.service, "_unplug_timeout", 0.01)
+        mark = latest_seq(c)
+        with pytest.raises(RpcError) as err:
+            rpc.call("VM.hotunplugNic", vmID=c.vm_id, params={"macAddr": c.mac})
+        assert err.value.code == 50 and err.value.data["cause"] == "timeout"
+        wait_events([Event(c, "NIC gone", gone)], {"c": mark}, CHANGE_TIMEOUT)
+        dom = vnicd.domain(c.vm_id)
+        deadline = time.monotonic() + CHANGE_TIMEOUT
+        while c.mac in interfaces(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)):
+            assert time.monotonic() < deadline, "the definition still holds the vNIC"
+            time.sleep(POLL)
+        (nic,) = rpc.call("VM.getInfo", vmID=c.vm_id)["nics"]
+        assert (nic["plugged"], nic["network"], nic["pciAddress"]) == (False, "vt-a", c.slot)
+
+        dom.destroy()
+        dom.create()
+        assert c.mac not in interfaces(vnicd.live_xml(c.vm_id)), "the vNIC came back"
+        (nic,) = rpc.call("VM.getInfo", vmID=c.vm_id)["nics"]
+        assert (nic["plugged"], nic["linkActive"]) == (False, True)
+        monkeypatch.undo()
+        (nic,) = rpc.call("VM.hotplugNic", vmID=c.vm_id, params={"macAddr": c.mac})["nics"]
+        assert (nic["plugged"], nic["pciAddress"], nic["bridge"]) == (True, c.slot, "vt-a")

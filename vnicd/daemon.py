@@ -11,9 +11,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-import libvirtaio
-
-from vnicd import __version__, sdnotify
+from vnicd import __version__, eventloop, sdnotify
 from vnicd.config import DEFAULT_PATH, Config, ConfigError, load
 from vnicd.dispatcher import Dispatcher
 from vnicd.hypervisor import Domain, Hypervisor, prepare_embed_root
@@ -42,12 +40,7 @@ class Daemon:
 
     async def start(self) -> None:
         cfg = self.config
-        loop = asyncio.get_running_loop()
-        impl = libvirtaio.getCurrentImpl()
-        if impl is None:
-            libvirtaio.virEventRegisterAsyncIOImpl(loop=loop)
-        elif impl.loop is not loop:
-            raise RuntimeError("libvirt's event loop is bound to another asyncio loop")
+        eventloop.register(asyncio.get_running_loop())
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self._hold_state_dir()
         if cfg.embedded:
