@@ -34,7 +34,30 @@ _SCHEMA: dict[str, Any] = {
     "unplug_timeout": (float, 30.0),
     "unwired_bridge": (str, "vnicd-unwired"),
     "networks": (dict, {}),
+    "hooks": {
+        "dir": (str, "/etc/vnicd/hooks"),
+        "timeout": (float, 30.0),
+    },
 }
+
+
+# Config field -> its YAML key, for messages that name a key.
+KEYS = {
+    "libvirt_uri": "libvirt.uri",
+    "persistent_updates": "libvirt.persistent_updates",
+    "unix_socket": "rpc.unix_socket",
+    "socket_mode": "rpc.socket_mode",
+    "state_dir": "state_dir",
+    "log_level": "log_level",
+    "workers": "workers",
+    "unplug_timeout": "unplug_timeout",
+    "unwired_bridge": "unwired_bridge",
+    "networks": "networks",
+    "hooks_dir": "hooks.dir",
+    "hooks_timeout": "hooks.timeout",
+}
+# Fields a running vnicd applies on reload (SIGHUP); a change to any other needs a restart.
+LIVE = frozenset({"log_level", "socket_mode", "hooks_dir", "hooks_timeout"})
 
 
 class ConfigError(ValueError):
@@ -53,6 +76,8 @@ class Config:
     unplug_timeout: float = 30.0
     unwired_bridge: str = "vnicd-unwired"
     networks: dict[str, Target] = field(default_factory=dict)
+    hooks_dir: Path = Path("/etc/vnicd/hooks")
+    hooks_timeout: float = 30.0
 
     @property
     def uri(self) -> str:
@@ -125,7 +150,9 @@ def parse(data: Any) -> Config:
         raise ConfigError("workers: must be at least 1")
     if not names.is_ifname(v["unwired_bridge"]):
         raise ConfigError(f"unwired_bridge: {v['unwired_bridge']!r} is not a valid bridge name")
-    for key in ("rpc.unix_socket", "state_dir"):
+    if v["hooks.timeout"] <= 0:
+        raise ConfigError("hooks.timeout: must be positive")
+    for key in ("rpc.unix_socket", "state_dir", "hooks.dir"):
         if not Path(v[key]).is_absolute():
             raise ConfigError(f"{key}: must be an absolute path")
     return Config(
@@ -139,7 +166,14 @@ def parse(data: Any) -> Config:
         unplug_timeout=v["unplug_timeout"],
         unwired_bridge=v["unwired_bridge"],
         networks=_networks(v["networks"]),
+        hooks_dir=Path(v["hooks.dir"]),
+        hooks_timeout=v["hooks.timeout"],
     )
+
+
+def changed(old: Config, new: Config) -> list[str]:
+    """Fields whose values differ, in declaration order."""
+    return [f for f in KEYS if getattr(old, f) != getattr(new, f)]
 
 
 def load(path: Path) -> Config:
