@@ -17,6 +17,8 @@ import pytest
 from tests.conftest import TMP, Nic, Vms, vm_xml
 from tests.harness import DaemonThread, SchemaClient
 from tests.hostenv import PREFIX, kill_qemus, master
+from vnicd.client import RpcError
+from vnicd.errors import Recovering
 
 VNICD = Path(sys.executable).with_name("vnicd")
 
@@ -43,9 +45,12 @@ def wait_ready(proc: subprocess.Popen[str], sock: Path) -> None:
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
         if sock.is_socket():
-            with SchemaClient(sock) as c:
-                c.call("Host.ping2")
-            return
+            try:
+                with SchemaClient(sock) as c:
+                    c.call("Host.ping2")
+                return
+            except RpcError as e:  # the socket answers "recovering" until vnicd is ready
+                assert e.code == Recovering.code, e
         time.sleep(0.05)
     raise AssertionError("vnicd did not become ready")
 
