@@ -78,10 +78,17 @@ class PrivateLibvirtd:
         """SIGKILL, as a crash would: no clean goodbye to clients."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
+            self.proc.send_signal(signal.SIGCONT)
             self.proc.wait(10)
+
+    def pause(self, paused: bool) -> None:
+        """SIGSTOP (a hung libvirtd: its socket accepts, nothing answers) or SIGCONT."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP if paused else signal.SIGCONT)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
             self.proc.terminate()
             try:
                 self.proc.wait(15)

@@ -48,10 +48,10 @@ def workdir() -> Iterator[Path]:
         subprocess.run(["rm", "-rf", str(path)], check=False)
 
 
-def config(workdir: Path, uri: str) -> Path:
+def config(workdir: Path, uri: str, libvirt: str = "") -> Path:
     path = workdir / "vnicd.yml"
     path.write_text(
-        f"libvirt: {{uri: '{uri}'}}\nstate_dir: {workdir}\n"
+        f"libvirt: {{uri: '{uri}'{libvirt}}}\nstate_dir: {workdir}\n"
         f"rpc: {{unix_socket: {workdir / 'vnicd.sock'}}}\nunwired_bridge: vt-unwired4\n"
     )
     return path
@@ -163,3 +163,41 @@ def test_recovering_until_libvirtd_answers(libvirtd: PrivateLibvirtd, workdir: P
         stop(proc)
         log.close()
         notify.close()
+
+
+def test_hung_libvirtd_is_noticed_by_keepalive(libvirtd: PrivateLibvirtd, workdir: Path) -> None:
+    """libvirtd stopped (SIGSTOP): its socket still accepts, nothing answers. Keepalive drops
+    the connection; verbs get the error at once instead of waiting; SIGCONT and vnicd serves
+    again, the VM untouched."""
+    sock = workdir / "vnicd.sock"
+    log_path = workdir / "vnicd.log"
+    log = log_path.open("w")
+    cfg = config(workdir, libvirtd.uri, ", keepalive_interval: 1, keepalive_count: 2")
+    proc = launch(cfg, log)
+    vm_id = f"5e1f0000-0000-4000-8004-{os.getpid():012x}"
+    name = f"{MARKER}-b"
+    nic = Nic("vt-a", mac="52:54:00:7f:04:01", tap=f"vh{os.getpid() % 100000}")
+    try:
+        until("vnicd ready", lambda: call(sock, "Host.ping2") == {})
+        call(sock, "VM.create", vmID=vm_id, vmParams={"xml": vm_xml(name, vm_id, [nic])})
+        before = call(sock, "VM.getInfo", vmID=vm_id)
+
+        libvirtd.pause(True)
+        wait_for(log_path, "lost: libvirtd stopped answering keepalives", timeout=30)
+        started = time.monotonic()
+        with pytest.raises(RpcError) as e:
+            call(sock, "VM.getInfo", vmID=vm_id)
+        assert time.monotonic() - started < 5, "an answer, not a hang"
+        assert e.value.code == GeneralError.code and "is down" in e.value.message, e.value
+        assert master(nic.tap) == "vt-a"
+
+        libvirtd.pause(False)
+        until("vnicd serves again", lambda: call(sock, "VM.getInfo", vmID=vm_id) == before)
+        assert master(nic.tap) == "vt-a"
+        call(sock, "VM.destroy", vmID=vm_id)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        libvirtd.pause(False)
+        stop(proc)
+        log.close()

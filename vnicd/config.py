@@ -23,6 +23,8 @@ _SCHEMA: dict[str, Any] = {
     "libvirt": {
         "uri": (str, ""),
         "persistent_updates": (bool, True),
+        "keepalive_interval": (int, 5),
+        "keepalive_count": (int, 3),
     },
     "rpc": {
         "unix_socket": (str, "/run/vnicd/vnicd.sock"),
@@ -45,6 +47,8 @@ _SCHEMA: dict[str, Any] = {
 KEYS = {
     "libvirt_uri": "libvirt.uri",
     "persistent_updates": "libvirt.persistent_updates",
+    "keepalive_interval": "libvirt.keepalive_interval",
+    "keepalive_count": "libvirt.keepalive_count",
     "unix_socket": "rpc.unix_socket",
     "socket_mode": "rpc.socket_mode",
     "state_dir": "state_dir",
@@ -68,6 +72,8 @@ class ConfigError(ValueError):
 class Config:
     libvirt_uri: str = ""
     persistent_updates: bool = True
+    keepalive_interval: int = 5
+    keepalive_count: int = 3
     unix_socket: Path = Path("/run/vnicd/vnicd.sock")
     socket_mode: int = 0o600
     state_dir: Path = Path("/var/lib/vnicd")
@@ -150,6 +156,9 @@ def parse(data: Any) -> Config:
         raise ConfigError("workers: must be at least 1")
     if not names.is_ifname(v["unwired_bridge"]):
         raise ConfigError(f"unwired_bridge: {v['unwired_bridge']!r} is not a valid bridge name")
+    for key in ("libvirt.keepalive_interval", "libvirt.keepalive_count"):
+        if v[key] < 1:
+            raise ConfigError(f"{key}: must be at least 1")
     if v["hooks.timeout"] <= 0:
         raise ConfigError("hooks.timeout: must be positive")
     for key in ("rpc.unix_socket", "state_dir", "hooks.dir"):
@@ -158,6 +167,8 @@ def parse(data: Any) -> Config:
     return Config(
         libvirt_uri=v["libvirt.uri"],
         persistent_updates=v["libvirt.persistent_updates"],
+        keepalive_interval=v["libvirt.keepalive_interval"],
+        keepalive_count=v["libvirt.keepalive_count"],
         unix_socket=Path(v["rpc.unix_socket"]),
         socket_mode=mode,
         state_dir=Path(v["state_dir"]),

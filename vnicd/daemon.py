@@ -47,7 +47,9 @@ class Daemon:
     def __init__(self, config: Config, config_path: Path | None = None) -> None:
         self.config = config
         self.config_path = config_path
-        self.hypervisor = Hypervisor(config.uri)
+        self.hypervisor = Hypervisor(
+            config.uri, keepalive=(config.keepalive_interval, config.keepalive_count)
+        )
         self.hooks = Hooks(config.hooks_dir, config.hooks_timeout)
         self.ready = False
         self._service: Service | None = None
