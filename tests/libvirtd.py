@@ -78,7 +78,6 @@ class PrivateLibvirtd:
         """SIGKILL, as a crash would: no clean goodbye to clients."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
-            self.proc.send_signal(signal.SIGCONT)
             self.proc.wait(10)
 
     def pause(self, paused: bool) -> None:
