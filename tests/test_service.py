@@ -21,7 +21,7 @@ from tests.harness import SchemaClient
 from tests.hostenv import master
 from tests.test_daemon import VNICD, state, wait_ready
 from vnicd.client import Client, RpcError
-from vnicd.errors import HotunplugNicError
+from vnicd.errors import HotunplugNicError, Recovering
 
 __all__ = ["state"]  # the fixture, used by name
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "vnicd.service"
@@ -268,6 +268,26 @@ def test_sigterm_answers_calls_in_flight(state: Path) -> None:
         assert isinstance(answer, RpcError) and answer.code == HotunplugNicError.code, answer
         assert not sock.exists()
         assert master(nic.tap) == "vt-a", "the VM outlives vnicd"
+    finally:
+        stop(proc)
+        log.close()
+
+
+def test_sigterm_while_waiting_for_libvirtd(state: Path, notify: NotifySocket) -> None:
+    """No libvirtd behind the URI: vnicd answers "recovering" and still stops at once."""
+    config = write_config(state, f"libvirt: {{uri: 'qemu:///system?socket={state}/none'}}\n")
+    log = (state / "vnicd.log").open("w")
+    proc = launch(config, log, NOTIFY_SOCKET=str(notify.path))
+    sock = state / "vnicd.sock"
+    try:
+        notify.wait("STATUS=waiting for libvirt")
+        with pytest.raises(RpcError) as e, Client(sock) as c:
+            c.call("Host.ping2")
+        assert e.value.code == Recovering.code
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert not sock.exists() and not notify.lines("READY=1")
+        assert "stopping before vnicd was ready" in (state / "vnicd.log").read_text()
     finally:
         stop(proc)
         log.close()

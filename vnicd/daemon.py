@@ -251,10 +251,20 @@ async def serve(config: Config, config_path: Path | None = None) -> None:
         loop.add_signal_handler(sig, stop.set)
     daemon = Daemon(config, config_path)
     loop.add_signal_handler(signal.SIGHUP, daemon.reload)
+    starting = asyncio.create_task(daemon.start())
+    stopping = asyncio.create_task(stop.wait())
     try:
-        await daemon.start()
-        await stop.wait()
+        # A stop may come while vnicd still waits for libvirtd: it must not wait for that.
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            starting.result()
+            await stopping
+        else:
+            log.info("stopping before vnicd was ready")
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
     finally:
+        stopping.cancel()
         await daemon.stop()
 
 
