@@ -62,8 +62,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def qemu_pids(marker: str) -> list[int]:
-    """QEMU processes whose command line mentions ``marker`` (a test state directory)."""
+def qemu_pids(marker: str, program: str = "qemu-system") -> list[int]:
+    """QEMU (or ``program``) processes whose command line mentions ``marker`` (a test state
+    directory, or a VM name)."""
     pids = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -72,17 +73,17 @@ def qemu_pids(marker: str) -> list[int]:
             cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
         except OSError:
             continue
-        if "qemu-system" in cmdline and marker in cmdline:
+        if program in cmdline and marker in cmdline:
             pids.append(int(proc.name))
     return pids
 
 
-def kill_qemus(marker: str) -> None:
-    for pid in qemu_pids(marker):
+def kill_qemus(marker: str, program: str = "qemu-system") -> None:
+    for pid in qemu_pids(marker, program):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while qemu_pids(marker) and time.monotonic() < deadline:
+    while qemu_pids(marker, program) and time.monotonic() < deadline:
         time.sleep(0.05)
 
 
@@ -99,6 +100,8 @@ def sweep_stale(tmp: Path) -> None:
         m = pattern.match(state.name)
         if m and not _alive(int(m.group(1))):
             kill_qemus(str(state))
+            kill_qemus(str(state), "libvirtd")  # a test's private libvirtd (tests/libvirtd.py)
+            kill_qemus(f"vnicd-lv{m.group(1)}")  # and the VMs it ran (named so)
             subprocess.run(["rm", "-rf", str(state)], check=False)
 
 

@@ -111,3 +111,19 @@ def test_plug_and_unplug(vnicd: DaemonThread, vms: Vms) -> None:
     assert nic.mac in interfaces(str(vnicd.domain(vm_id).XMLDesc(2)))
     out = cli(vnicd, "plug", vm_id, nic.mac)
     assert out.returncode == 1 and "error 49" in out.stderr and "already plugged" in out.stderr
+
+
+def test_dry_run_shows_a_diff_and_changes_nothing(vnicd: DaemonThread, vms: Vms) -> None:
+    nic = Nic("vt-a")
+    vm_id = vms.create(nic)
+    before = seen(vnicd, vm_id, nic.mac)
+    out = cli(vnicd, "wire", vm_id, "net0", "vt-b", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "nothing was changed" in text and "1. update the vNIC live, tap to vt-b" in text
+    assert '-network: "vt-a"' in text and '+network: "vt-b"' in text
+    assert "+++ live <interface> after" in text and "vt-b" in text
+    out = cli(vnicd, "unplug", vm_id, "net0", "--dry-run")
+    assert out.returncode == 0 and "ask the guest to release the vNIC" in out.stdout
+    assert "-plugged: true" in out.stdout and "+plugged: false" in out.stdout
+    assert seen(vnicd, vm_id, nic.mac) == before

@@ -129,6 +129,7 @@ def test_dry_run_result_validates_as_a_plan() -> None:
         "nic": "net0",
         "before": None,
         "after": None,
+        "beforeXML": None,
         "liveXML": "<interface/>",
         "definitionXML": None,
         "steps": ["update the vNIC live"],

@@ -8,6 +8,7 @@ person types: ``list``, ``nics VM``, ``link VM NIC up|down``, ``wire VM NIC NETW
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
 from collections.abc import Callable
@@ -81,7 +82,7 @@ def _nics_table(vm: dict[str, Any]) -> str:
             n["alias"] or "-",
             n["macAddr"],
             n["nicModel"],
-            n["network"] or "(unwired)",
+            "(none)" if n["network"] is None else n["network"] or "(unwired)",
             n["bridge"] or "-",
             "up" if n["linkActive"] else "down",
             "yes" if n["plugged"] else "no",
@@ -102,9 +103,51 @@ def _vms_table(vms: list[dict[str, Any]]) -> str:
     return _table(rows, ["VM ID", "NAME", "STATUS", "NICS"])
 
 
-def _update(client: Client, vm: str, nic: str, **change: Any) -> Any:
-    params = {"deviceType": "interface", **_nic(nic), **change}
+def _update(client: Client, vm: str, nic: str, dry_run: bool, **change: Any) -> Any:
+    params = {"deviceType": "interface", **_nic(nic), **change, **_dry(dry_run)}
     return client.call("VM.updateDevice", vmID=_vm_id(client, vm), params=params)
+
+
+def _dry(dry_run: bool) -> dict[str, bool]:
+    return {"dryRun": True} if dry_run else {}
+
+
+def _state_lines(nic: dict[str, Any] | None) -> list[str]:
+    if nic is None:
+        return []
+    return [f"{key}: {json.dumps(value)}" for key, value in nic.items()]
+
+
+def _xml_lines(xml: str | None) -> list[str]:
+    return [] if xml is None else [line.rstrip() for line in xml.strip().splitlines()]
+
+
+def plan_text(plan: dict[str, Any]) -> str:
+    """A dry run as a person reads it: the steps, then what changes, as unified diffs."""
+    out = [
+        f"dry run: {plan['action']} vNIC {plan['nic']} of VM {plan['vmID']}; nothing was changed",
+        "steps:",
+        *(f"  {i}. {step}" for i, step in enumerate(plan["steps"], 1)),
+    ]
+    if not plan["steps"]:
+        out.append("  (none: it is already so)")
+    diffs = [
+        ("state", _state_lines(plan["before"]), _state_lines(plan["after"])),
+        ("live <interface>", _xml_lines(plan["beforeXML"]), _xml_lines(plan["liveXML"])),
+    ]
+    if plan["definitionXML"] is not None:
+        diffs.append(("definition <interface>", [], _xml_lines(plan["definitionXML"])))
+    for title, old, new in diffs:
+        if old == new:
+            continue
+        out += difflib.unified_diff(
+            old, new, f"{title} now", f"{title} after", lineterm="", n=max(len(old), len(new))
+        )
+    return "\n".join(out)
+
+
+def _vm_or_plan(result: Any) -> str:
+    return plan_text(result) if result.get("dryRun") else _nics_table(result)
 
 
 def _short_forms(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -119,10 +162,15 @@ def _short_forms(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("vm", help="VM name or UUID")
     p.add_argument("nic", help="alias or MAC")
     p.add_argument("network")
+    p.add_argument("--bounce", action=argparse.BooleanOptionalAction, help="link bounce")
     for verb, text in (("plug", "plug a vNIC back into the guest"), ("unplug", "unplug a vNIC")):
         p = sub.add_parser(verb, help=text)
         p.add_argument("vm", help="VM name or UUID")
         p.add_argument("nic", help="alias or MAC")
+    for name in ("link", "wire", "plug", "unplug"):
+        sub.choices[name].add_argument(
+            "--dry-run", action="store_true", help="show what would change; change nothing"
+        )
     p = sub.add_parser("create", help="create and start a VM from a libvirt domain XML file")
     p.add_argument("xml", type=Path)
     p.add_argument("--persistent", action="store_true", help="define it, not transient")
@@ -132,18 +180,22 @@ def _short_forms(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 
 
 def _run_short(client: Client, args: argparse.Namespace) -> tuple[Any, Callable[[Any], str]]:
-    nics: Callable[[Any], str] = _nics_table
+    nics: Callable[[Any], str] = _vm_or_plan
     if args.command == "list":
         return client.call("Host.getVMList"), _vms_table
     if args.command == "nics":
-        return client.call("VM.getInfo", vmID=_vm_id(client, args.vm)), nics
+        return client.call("VM.getInfo", vmID=_vm_id(client, args.vm)), _nics_table
     if args.command == "link":
-        return _update(client, args.vm, args.nic, linkActive=args.state == "up"), nics
+        return _update(client, args.vm, args.nic, args.dry_run, linkActive=args.state == "up"), nics
     if args.command == "wire":
-        return _update(client, args.vm, args.nic, network=args.network), nics
+        bounce = {} if args.bounce is None else {"linkBounce": args.bounce}
+        return _update(
+            client, args.vm, args.nic, args.dry_run, network=args.network, **bounce
+        ), nics
     if args.command in ("plug", "unplug"):
         verb = "VM.hotplugNic" if args.command == "plug" else "VM.hotunplugNic"
-        return client.call(verb, vmID=_vm_id(client, args.vm), params=_nic(args.nic)), nics
+        params = {**_nic(args.nic), **_dry(args.dry_run)}
+        return client.call(verb, vmID=_vm_id(client, args.vm), params=params), nics
     if args.command == "create":
         text = args.xml.read_text()
         try:

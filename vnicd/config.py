@@ -23,6 +23,8 @@ _SCHEMA: dict[str, Any] = {
     "libvirt": {
         "uri": (str, ""),
         "persistent_updates": (bool, True),
+        "keepalive_interval": (int, 5),
+        "keepalive_count": (int, 3),
     },
     "rpc": {
         "unix_socket": (str, "/run/vnicd/vnicd.sock"),
@@ -38,7 +40,32 @@ _SCHEMA: dict[str, Any] = {
         "seconds": (float, 2.0),
     },
     "networks": (dict, {}),
+    "hooks": {
+        "dir": (str, "/etc/vnicd/hooks"),
+        "timeout": (float, 30.0),
+    },
 }
+
+
+# Config field -> its YAML key, for messages that name a key.
+KEYS = {
+    "libvirt_uri": "libvirt.uri",
+    "persistent_updates": "libvirt.persistent_updates",
+    "keepalive_interval": "libvirt.keepalive_interval",
+    "keepalive_count": "libvirt.keepalive_count",
+    "unix_socket": "rpc.unix_socket",
+    "socket_mode": "rpc.socket_mode",
+    "state_dir": "state_dir",
+    "log_level": "log_level",
+    "workers": "workers",
+    "unplug_timeout": "unplug_timeout",
+    "unwired_bridge": "unwired_bridge",
+    "networks": "networks",
+    "hooks_dir": "hooks.dir",
+    "hooks_timeout": "hooks.timeout",
+}
+# Fields a running vnicd applies on reload (SIGHUP); a change to any other needs a restart.
+LIVE = frozenset({"log_level", "socket_mode", "hooks_dir", "hooks_timeout"})
 
 
 class ConfigError(ValueError):
@@ -49,6 +76,8 @@ class ConfigError(ValueError):
 class Config:
     libvirt_uri: str = ""
     persistent_updates: bool = True
+    keepalive_interval: int = 5
+    keepalive_count: int = 3
     unix_socket: Path = Path("/run/vnicd/vnicd.sock")
     socket_mode: int = 0o600
     state_dir: Path = Path("/var/lib/vnicd")
@@ -59,6 +88,8 @@ class Config:
     link_bounce: bool = False
     link_bounce_seconds: float = 2.0
     networks: dict[str, Target] = field(default_factory=dict)
+    hooks_dir: Path = Path("/etc/vnicd/hooks")
+    hooks_timeout: float = 30.0
 
     @property
     def uri(self) -> str:
@@ -133,12 +164,19 @@ def parse(data: Any) -> Config:
         raise ConfigError("workers: must be at least 1")
     if not names.is_ifname(v["unwired_bridge"]):
         raise ConfigError(f"unwired_bridge: {v['unwired_bridge']!r} is not a valid bridge name")
-    for key in ("rpc.unix_socket", "state_dir"):
+    for key in ("libvirt.keepalive_interval", "libvirt.keepalive_count"):
+        if v[key] < 1:
+            raise ConfigError(f"{key}: must be at least 1")
+    if v["hooks.timeout"] <= 0:
+        raise ConfigError("hooks.timeout: must be positive")
+    for key in ("rpc.unix_socket", "state_dir", "hooks.dir"):
         if not Path(v[key]).is_absolute():
             raise ConfigError(f"{key}: must be an absolute path")
     return Config(
         libvirt_uri=v["libvirt.uri"],
         persistent_updates=v["libvirt.persistent_updates"],
+        keepalive_interval=v["libvirt.keepalive_interval"],
+        keepalive_count=v["libvirt.keepalive_count"],
         unix_socket=Path(v["rpc.unix_socket"]),
         socket_mode=mode,
         state_dir=Path(v["state_dir"]),
@@ -149,7 +187,14 @@ def parse(data: Any) -> Config:
         link_bounce=v["link_bounce.enabled"],
         link_bounce_seconds=v["link_bounce.seconds"],
         networks=_networks(v["networks"]),
+        hooks_dir=Path(v["hooks.dir"]),
+        hooks_timeout=v["hooks.timeout"],
     )
+
+
+def changed(old: Config, new: Config) -> list[str]:
+    """Fields whose values differ, in declaration order."""
+    return [f for f in KEYS if getattr(old, f) != getattr(new, f)]
 
 
 def load(path: Path) -> Config:

@@ -6,19 +6,23 @@ import argparse
 import asyncio
 import fcntl
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
 from typing import TextIO
 
-from vnicd import __version__, eventloop, sdnotify
-from vnicd.config import DEFAULT_PATH, Config, ConfigError, load
+from vnicd import __version__, eventloop, logs, sdnotify
+from vnicd.config import DEFAULT_PATH, KEYS, LIVE, Config, ConfigError, changed, load
 from vnicd.dispatcher import Dispatcher
-from vnicd.hypervisor import Domain, Hypervisor, prepare_embed_root
+from vnicd.hooks import Hooks
+from vnicd.hypervisor import Domain, Hypervisor, HypervisorError, prepare_embed_root
 from vnicd.networks import LibvirtNetworks, LinuxBridges, NetworkMap
 from vnicd.rpc_unix import UnixServer
 from vnicd.schema import Schema
 from vnicd.service import Service
+from vnicd.sitehooks import PlanHooks, audit
+from vnicd.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -29,25 +33,60 @@ _SETTLE = {"defined", "started", "stopped"}
 
 
 class Daemon:
-    """Everything vnicd runs, started and stopped as one."""
+    """Everything vnicd runs, started and stopped as one.
 
-    def __init__(self, config: Config) -> None:
+    Start order: the socket first (answering "recovering", code 99), then libvirt
+    (retried with backoff on a remote URI), then recovery (every VM listed and its XML read);
+    only then :attr:`ready`, ``READY=1`` and the watchdog. A lost libvirt connection is
+    reopened with backoff and followed by the same recovery.
+    """
+
+    BACKOFF = (0.5, 30.0)  # first and longest wait between connection attempts, seconds
+    STOP_TIMEOUT = 60.0  # how long a stop waits for calls in flight
+
+    def __init__(self, config: Config, config_path: Path | None = None) -> None:
         self.config = config
-        self.hypervisor = Hypervisor(config.uri)
+        self.config_path = config_path
+        self.hypervisor = Hypervisor(
+            config.uri, keepalive=(config.keepalive_interval, config.keepalive_count)
+        )
+        self.hooks = Hooks(config.hooks_dir, config.hooks_timeout)
+        self.ready = False
         self.service: Service | None = None
+        self._dispatcher: Dispatcher | None = None
         self._server: UnixServer | None = None
         self._lock: TextIO | None = None
+        self._watchdog: Watchdog | None = None
+        self._reconnecting: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
         cfg = self.config
-        eventloop.register(asyncio.get_running_loop())
+        self._loop = asyncio.get_running_loop()
+        eventloop.register(self._loop)
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self._hold_state_dir()
         if cfg.embedded:
             prepare_embed_root(cfg.embed_root)
-        await asyncio.to_thread(self.hypervisor.open)
+        sdnotify.status("starting: opening the socket")
+        self._build()
+        assert self._dispatcher is not None
+        self._server = UnixServer(cfg.unix_socket, self._dispatcher.handle, cfg.socket_mode)
+        await self._server.start()
+        self.hypervisor.on_lifecycle(self._lifecycle)
+        self.hypervisor.on_connection_lost(self._connection_lost)
+        await self._connect()
+        await asyncio.to_thread(LinuxBridges.ensure_isolated, cfg.unwired_bridge)
+        await self._recover()
+        self.ready = True
+        self._start_watchdog()
+        sdnotify.notify(f"READY=1\nSTATUS=serving on {cfg.unix_socket}")
+        log.info("vnicd %s ready (%s)", __version__, cfg.uri)
+
+    def _build(self) -> None:
+        """The service and its dispatcher; they need no libvirt connection yet."""
+        cfg = self.config
         bridges = LinuxBridges()
-        await asyncio.to_thread(bridges.ensure_isolated, cfg.unwired_bridge)
         networks = NetworkMap(
             cfg.networks,
             [bridges, LibvirtNetworks(self.hypervisor)],
@@ -63,17 +102,12 @@ class Daemon:
             bounce_seconds=cfg.link_bounce_seconds,
             bounce_default=cfg.link_bounce,
         )
-        self.hypervisor.on_lifecycle(self._lifecycle)
+        service.hooks = PlanHooks(self.hooks)
+        service.listeners.append(audit)
         self.hypervisor.on_device_removal(
             lambda dom, alias, removed: service.device_removed(dom.uuid, alias, removed)
         )
-        found = await service.reconcile_all()
-        log.info("found %d VMs: %s", len(found), ", ".join(found) or "none")
-        dispatcher = Dispatcher(Schema.load(), self.service)
-        self._server = UnixServer(cfg.unix_socket, dispatcher.handle, cfg.socket_mode)
-        await self._server.start()
-        sdnotify.notify(f"READY=1\nSTATUS=serving on {cfg.unix_socket}")
-        log.info("vnicd %s ready (%s)", __version__, cfg.uri)
+        self._dispatcher = Dispatcher(Schema.load(), service, ready=lambda: self.ready)
 
     def _hold_state_dir(self) -> None:
         """One vnicd per state directory: two must never open the same embedded root."""
@@ -86,13 +120,110 @@ class Daemon:
             self._lock = None
             raise RuntimeError(f"another vnicd is running on {self.config.state_dir}") from None
 
+    async def _connect(self) -> None:
+        """Open libvirt; on a remote URI retry with exponential backoff until it answers."""
+        delay, longest = self.BACKOFF
+        attempt = 1
+        while True:
+            try:
+                await asyncio.to_thread(self.hypervisor.reopen)
+                return
+            except HypervisorError as e:
+                if not self.hypervisor.remote:
+                    raise
+                log.warning(
+                    "cannot connect to %s (attempt %d, next in %.1f s): %s",
+                    self.hypervisor.uri,
+                    attempt,
+                    delay,
+                    e.cause,
+                )
+                sdnotify.status(f"waiting for libvirt ({self.hypervisor.uri}): {e.cause}")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, longest)
+            attempt += 1
+
+    async def _recover(self) -> None:
+        """Rebuild vnicd's view from libvirt: every VM read and its stored vNICs settled
+        with its domain (a guest may have released one while vnicd was away)."""
+        assert self.service is not None
+        sdnotify.status("recovering: reading every VM from libvirt")
+        found = await self.service.reconcile_all()
+        await asyncio.to_thread(self.hypervisor.ping)  # a connection lost half-way is no recovery
+        log.info("found %d VMs: %s", len(found), ", ".join(found) or "none")
+
+    def _connection_lost(self, reason: str) -> None:
+        """libvirt's close callback (on the loop): reconnect and resync in the background."""
+        sdnotify.status(f"libvirt connection lost ({reason}): reconnecting")
+        if self.service is not None:
+            self.service.removals.cancel_all(f"the libvirt connection was lost: {reason}")
+        if self._reconnecting is None or self._reconnecting.done():
+            assert self._loop is not None
+            self._reconnecting = self._loop.create_task(self._reconnect(), name="vnicd-reconnect")
+
+    async def _reconnect(self) -> None:
+        while True:
+            await self._connect()
+            try:
+                await self._recover()
+            except HypervisorError as e:
+                log.warning("recovery after reconnecting failed: %s", e)
+            if self.hypervisor.up:
+                break
+        sdnotify.status(f"serving on {self.config.unix_socket}")
+        log.info("reconnected to %s; serving again", self.hypervisor.uri)
+
+    def _start_watchdog(self) -> None:
+        period = sdnotify.watchdog_period()
+        if period is not None:
+            self._watchdog = Watchdog(period, self.hypervisor.ping)
+            self._watchdog.start()
+
+    def reload(self) -> None:
+        """SIGHUP: apply what can change live from the config file; refuse the rest, keep all."""
+        if self.config_path is None:
+            log.warning("reload: vnicd was started without a configuration file")
+            return
+        try:
+            new = load(self.config_path)
+        except ConfigError as e:
+            log.error("reload refused, keeping the running configuration: %s", e)
+            return
+        diff = changed(self.config, new)
+        fixed = [f for f in diff if f not in LIVE]
+        for f in fixed:
+            log.error(
+                "reload refused: %s cannot change while vnicd runs (restart vnicd to apply it); "
+                "keeping the running configuration",
+                KEYS[f],
+            )
+        if fixed:
+            return
+        for f in diff:
+            log.info("reload: %s %r -> %r", KEYS[f], getattr(self.config, f), getattr(new, f))
+        logs.set_level(new.log_level)
+        if self._server is not None and new.socket_mode != self.config.socket_mode:
+            os.chmod(new.unix_socket, new.socket_mode)
+        self.hooks.configure(new.hooks_dir, new.hooks_timeout)
+        self.config = new
+        log.info("configuration reloaded from %s", self.config_path)
+
     async def stop(self) -> None:
-        sdnotify.notify("STOPPING=1")
+        """Stop listening, answer or finish every call in flight, then let go of libvirt."""
+        sdnotify.notify("STOPPING=1\nSTATUS=stopping")
+        if self._watchdog is not None:
+            await self._watchdog.stop()
+        if self._reconnecting is not None:
+            self._reconnecting.cancel()
+            await asyncio.gather(self._reconnecting, return_exceptions=True)
+        if self._server is not None:
+            self._server.stop_listening()
+        if self._dispatcher is not None:
+            await self._dispatcher.drain(self.STOP_TIMEOUT)
         if self._server is not None:
             await self._server.stop()
         if self.service is not None:
             await self.service.close()
-            self.service = None
         await asyncio.to_thread(self.hypervisor.close)
         if self._lock is not None:
             self._lock.close()
@@ -101,22 +232,40 @@ class Daemon:
 
     def _lifecycle(self, dom: Domain, event: int, detail: int) -> None:
         name = _EVENTS[event] if 0 <= event < len(_EVENTS) else str(event)
-        log.info("VM %s (%s): %s (detail %d)", dom.uuid, dom.name, name, detail)
+        log.info(
+            "VM %s (%s): %s (detail %d)",
+            dom.uuid,
+            dom.name,
+            name,
+            detail,
+            extra=logs.fields(vm_id=dom.uuid),
+        )
         if name in _SETTLE and self.service is not None:
             self.service.spawn(self.service.reconcile(dom.uuid))
 
 
-async def serve(config: Config) -> None:
-    """Run until SIGTERM or SIGINT."""
+async def serve(config: Config, config_path: Path | None = None) -> None:
+    """Run until SIGTERM or SIGINT; SIGHUP re-reads the configuration."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    daemon = Daemon(config)
+    daemon = Daemon(config, config_path)
+    loop.add_signal_handler(signal.SIGHUP, daemon.reload)
+    starting = asyncio.create_task(daemon.start())
+    stopping = asyncio.create_task(stop.wait())
     try:
-        await daemon.start()
-        await stop.wait()
+        # A stop may come while vnicd still waits for libvirtd: it must not wait for that.
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            starting.result()
+            await stopping
+        else:
+            log.info("stopping before vnicd was ready")
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
     finally:
+        stopping.cancel()
         await daemon.stop()
 
 
@@ -132,11 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"vnicd: invalid configuration: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.setup(config.log_level)
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, args.config))
     except Exception as e:
         log.critical("vnicd failed: %s", e, exc_info=config.log_level == "DEBUG")
         return 1

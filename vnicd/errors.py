@@ -155,3 +155,26 @@ class HotunplugNicError(VnicdError):
 
     code = 50
     reason = "hotunplugNic"
+
+
+class Recovering(HostError):
+    """vnicd has not finished rebuilding its view of the host since it started: retry later."""
+
+    code = 99
+    reason = "recovery"
+
+    def __init__(self) -> None:
+        super().__init__("vnicd is recovering its view of the host (starting up): retry later")
+
+
+class HookError(HostError):
+    """A hook vetoed the change, failed or timed out; nothing was changed."""
+
+    code = 1500
+    reason = "hookError"
+
+    def __init__(self, hook: str, script: str, problem: str, stderr: str = "") -> None:
+        detail = f": {stderr.strip()}" if stderr.strip() else ""
+        super().__init__(
+            f"hook {hook}/{script} {problem}{detail}", hook=hook, script=script, stderr=stderr
+        )

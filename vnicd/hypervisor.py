@@ -7,10 +7,12 @@ methods block: callers run them off the event loop.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import libvirt
 
@@ -43,12 +45,29 @@ DomainEventCallback = Callable[["Domain", int, int], None]
 DeviceEventCallback = Callable[["Domain", str, bool], None]
 
 
+_CLOSE_REASONS = {
+    libvirt.VIR_CONNECT_CLOSE_REASON_ERROR: "I/O error",
+    libvirt.VIR_CONNECT_CLOSE_REASON_EOF: "libvirtd closed the connection",
+    libvirt.VIR_CONNECT_CLOSE_REASON_KEEPALIVE: "libvirtd stopped answering keepalives",
+}
+
+
 class HypervisorError(Exception):
     """libvirt refused or failed; says what was attempted and libvirt's cause."""
 
     def __init__(self, action: str, error: libvirt.libvirtError) -> None:
         self.cause = error.get_error_message() or str(error)
         super().__init__(f"{action}: {self.cause}")
+
+
+class HypervisorDown(HypervisorError):
+    """The libvirt connection is down and vnicd is reconnecting: nothing was attempted."""
+
+    def __init__(self, uri: str, reason: str) -> None:
+        self.uri = uri
+        self.reason = reason
+        self.cause = f"libvirt connection to {uri} is down ({reason}); vnicd is reconnecting"
+        Exception.__init__(self, self.cause)
 
 
 def _affect(live: bool, persistent: bool) -> int:
@@ -161,39 +180,128 @@ class Domain:
 
 
 class Hypervisor:
-    """A libvirt connection. Open it only after an event loop implementation is registered."""
+    """A managed libvirt connection. Open it only after an event loop implementation is registered.
 
-    def __init__(self, uri: str) -> None:
+    On a remote URI (libvirtd) the connection is watched by libvirt's keepalive and a close
+    callback: once it is lost, :attr:`conn` raises :class:`HypervisorDown` at once (no caller
+    waits on a dead socket) until :meth:`reopen` succeeds. Event listeners survive reopening.
+    """
+
+    def __init__(self, uri: str, *, keepalive: tuple[int, int] = (5, 3)) -> None:
         self.uri = uri
+        self.remote = urlsplit(uri).path != "/embed"
+        self._keepalive = keepalive
         self._conn: libvirt.virConnect | None = None
+        self._down: str | None = "not connected yet"
         self._callbacks: list[int] = []
+        self._lifecycle_listeners: list[DomainEventCallback] = []
         self._device_listeners: list[DeviceEventCallback] = []
+        self._lost: Callable[[str], None] | None = None
 
     @property
     def conn(self) -> libvirt.virConnect:
-        if self._conn is None:
-            raise RuntimeError("hypervisor connection is not open")
-        return self._conn
+        conn = self._conn
+        if conn is None or self._down is not None:
+            raise HypervisorDown(self.uri, self._down or "not connected")
+        return conn
+
+    @property
+    def up(self) -> bool:
+        return self._conn is not None and self._down is None
+
+    def on_connection_lost(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(reason)`` (on the event loop) when libvirt drops the connection."""
+        self._lost = callback
 
     def open(self) -> None:
+        """Connect, watch the connection (remote URIs) and register the event callbacks."""
         try:
-            self._conn = libvirt.open(self.uri)
+            conn = libvirt.open(self.uri)
         except libvirt.libvirtError as e:
             raise HypervisorError(f"connecting to {self.uri}", e) from e
+        try:
+            if self.remote:
+                conn.setKeepAlive(*self._keepalive)
+                conn.registerCloseCallback(self._closed, None)
+            self._register(conn)
+        except libvirt.libvirtError as e:
+            self._drop(conn)
+            raise HypervisorError(f"watching the connection to {self.uri}", e) from e
+        self._conn = conn
+        self._down = None
         log.info("connected to %s (libvirt %d)", self.uri, libvirt.getVersion())
 
+    def reopen(self) -> None:
+        """Drop a lost connection and connect again; listeners are registered on the new one."""
+        old, self._conn = self._conn, None
+        if old is not None:
+            self._drop(old)
+        self.open()
+
     def close(self) -> None:
-        if self._conn is None:
+        conn, self._conn = self._conn, None
+        self._down = "closed"
+        if conn is not None:
+            self._drop(conn)
+        self._lifecycle_listeners.clear()
+        self._device_listeners.clear()
+
+    def ping(self) -> None:
+        """Raise unless the connection is up and libvirt answers a call through it."""
+        conn = self.conn
+        self._call("checking the connection", conn.getLibVersion)
+        if not conn.isAlive():
+            raise HypervisorDown(self.uri, "connection is not alive")
+
+    def _closed(self, _conn: Any, reason: int, _opaque: Any) -> None:
+        if reason == libvirt.VIR_CONNECT_CLOSE_REASON_CLIENT or self._down is not None:
             return
+        self._down = _CLOSE_REASONS.get(reason, f"closed (reason {reason})")
+        log.error("libvirt connection to %s lost: %s", self.uri, self._down)
+        if self._lost is not None:
+            self._lost(self._down)
+
+    def _drop(self, conn: libvirt.virConnect) -> None:
+        """Forget a connection, its callbacks first; a dead one refuses them: that is fine."""
         for cb in self._callbacks:
             try:
-                self._conn.domainEventDeregisterAny(cb)
+                conn.domainEventDeregisterAny(cb)
             except libvirt.libvirtError as e:
-                log.warning("deregistering event callback %d: %s", cb, e)
+                log.debug("deregistering event callback %d: %s", cb, e)
         self._callbacks.clear()
-        self._device_listeners.clear()
-        self._conn.close()
-        self._conn = None
+        if self.remote:
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.unregisterCloseCallback()
+        try:
+            conn.close()
+        except libvirt.libvirtError as e:
+            log.debug("closing the connection to %s: %s", self.uri, e)
+
+    def _register(self, conn: libvirt.virConnect) -> None:
+        """One libvirt callback per event type, shared by every listener."""
+
+        def lifecycle(_c: Any, dom: libvirt.virDomain, event: int, detail: int, _o: Any) -> None:
+            for listener in list(self._lifecycle_listeners):
+                listener(Domain(dom), event, detail)
+
+        def removal(removed: bool) -> Callable[..., None]:
+            def handler(_c: Any, dom: libvirt.virDomain, alias: str, _o: Any) -> None:
+                for listener in list(self._device_listeners):
+                    listener(Domain(dom), alias, removed)
+
+            return handler
+
+        self._callbacks = [
+            conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, lifecycle, None
+            ),
+            conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, removal(True), None
+            ),
+            conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVAL_FAILED, removal(False), None
+            ),
+        ]
 
     def _call(self, action: str, fn: Callable[..., Any], *args: Any) -> Any:
         try:
@@ -250,32 +358,8 @@ class Hypervisor:
             raise HypervisorError(f"looking up network {name}", e) from e
 
     def on_lifecycle(self, callback: DomainEventCallback) -> None:
-        def cb(_conn: Any, dom: libvirt.virDomain, event: int, detail: int, _opaque: Any) -> None:
-            callback(Domain(dom), event, detail)
-
-        self._callbacks.append(
-            self.conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, cb, None)
-        )
+        self._lifecycle_listeners.append(callback)
 
     def on_device_removal(self, callback: DeviceEventCallback) -> None:
-        """Call ``callback(domain, alias, removed)`` when a guest released a device or refused.
-
-        libvirt takes one callback per event type and connection, so listeners share it.
-        """
-        if not self._device_listeners:
-
-            def cb(removed: bool) -> Callable[..., None]:
-                def handler(_conn: Any, dom: libvirt.virDomain, alias: str, _opaque: Any) -> None:
-                    for listener in list(self._device_listeners):
-                        listener(Domain(dom), alias, removed)
-
-                return handler
-
-            for event, removed in (
-                (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, True),
-                (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVAL_FAILED, False),
-            ):
-                self._callbacks.append(
-                    self.conn.domainEventRegisterAny(None, event, cb(removed), None)
-                )
+        """Call ``callback(domain, alias, removed)`` when a guest released a device or refused."""
         self._device_listeners.append(callback)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from vnicd import errors
 from vnicd.domxml import Interface
@@ -115,6 +115,43 @@ class Plan:
             if isinstance(step, LiveAttach):
                 return step.iface.to_xml()
         return None
+
+    @property
+    def device_xml(self) -> str | None:
+        """The ``<interface>`` this change is about: what it sends live, else to the
+        definition, else what it removes."""
+        for step in reversed(self.steps):
+            if isinstance(step, LiveUpdate | DefinitionUpdate):
+                return step.after.to_xml()
+            if isinstance(step, LiveAttach | DefinitionAttach | LiveDetach | DefinitionDetach):
+                return step.iface.to_xml()
+        return None
+
+    @property
+    def before_xml(self) -> str | None:
+        """The ``<interface>`` as it is before this change, where a step replaces one."""
+        for step in self.steps:
+            if isinstance(step, LiveUpdate | DefinitionUpdate):
+                return step.before.to_xml()
+            if isinstance(step, LiveDetach | DefinitionDetach):
+                return step.iface.to_xml()
+        return None
+
+    def rewritten(self, iface: Interface) -> Plan:
+        """The plan with ``iface`` sent instead, in the step :attr:`device_xml` names
+        (a site hook's rewrite). Unplugs send no interface: they are kept as they are."""
+        steps = list(self.steps)
+        for i in reversed(range(len(steps))):
+            step = steps[i]
+            if isinstance(step, LiveUpdate | DefinitionUpdate):
+                steps[i] = replace(step, after=iface)
+                break
+            if isinstance(step, LiveAttach | DefinitionAttach):
+                steps[i] = replace(step, iface=iface)
+                break
+            if isinstance(step, LiveDetach | DefinitionDetach):
+                return self
+        return replace(self, steps=tuple(steps))
 
     @property
     def definition_xml(self) -> str | None:

@@ -89,16 +89,21 @@ class UnixServer:
         os.chmod(self.path, self._mode)
         log.info("JSON-RPC listening on %s", self.path)
 
+    def stop_listening(self) -> None:
+        """Take no new connections; those open still get their answers."""
+        if self._server is not None:
+            self._server.close()
+        self.path.unlink(missing_ok=True)
+
     async def stop(self) -> None:
         """Stop listening and close every client connection (whatever the Python version's
         ``wait_closed`` would wait for)."""
+        self.stop_listening()
         if self._server is not None:
-            self._server.close()
             for writer in list(self._clients):
                 writer.close()
             await self._server.wait_closed()
             self._server = None
-        self.path.unlink(missing_ok=True)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._clients.add(writer)

@@ -206,6 +206,8 @@ class Transaction:
         try:
             await self._run(self._dom.detach_alias, alias)
             removed = await asyncio.wait_for(answer, self._timeout)
+        except ConnectionError as e:
+            raise ConfirmError(f"no answer from the guest: {e}") from e
         except TimeoutError:
             if await self._run(self._present, iface.mac) is False:
                 return  # gone, the event was missed

@@ -110,6 +110,7 @@ def outcome_wire(outcome: VmState | DryRun) -> dict[str, Any]:
         "nic": plan.nic,
         "before": nic_wire(plan.before) if plan.before else None,
         "after": nic_wire(plan.after) if plan.after else None,
+        "beforeXML": plan.before_xml,
         "liveXML": plan.live_xml,
         "definitionXML": plan.definition_xml,
         "steps": [step_text(s) for s in plan.steps],

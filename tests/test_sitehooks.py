@@ -1,0 +1,101 @@
+"""Site hooks on real VMs: a before_ hook rewrites or vetoes the change, never the vNIC's
+identity; a hook that hangs is killed; a failing after_ hook changes nothing done."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Nic, Vms
+from tests.evidence import seen
+from tests.harness import DaemonThread, SchemaClient
+from vnicd.client import RpcError
+
+
+class Site:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def hook(self, name: str, script: str, file: str = "50_test") -> Path:
+        folder = self.root / name
+        folder.mkdir(exist_ok=True)
+        path = folder / file
+        path.write_text("#!/bin/sh\n" + script)
+        path.chmod(0o755)
+        return path
+
+
+@pytest.fixture
+def site(vnicd: DaemonThread) -> Iterator[Site]:
+    daemon = vnicd.daemon
+    assert daemon is not None
+    old = (daemon.hooks.directory, daemon.hooks.timeout)
+    with tempfile.TemporaryDirectory(prefix="vnicd-hooks-") as root:
+        daemon.hooks.configure(Path(root), 2.0)
+        try:
+            yield Site(Path(root))
+        finally:
+            daemon.hooks.configure(*old)
+
+
+def update(rpc: SchemaClient, vm_id: str, **params: Any) -> Any:
+    return rpc.call("VM.updateDevice", vmID=vm_id, params={"deviceType": "interface", **params})
+
+
+def test_before_hook_rewrites_the_change(site: Site, vms: Vms, vnicd: DaemonThread) -> None:
+    site.hook("before_update_device", 'sed -i \'s/state="up"/state="down"/\' "$_hook_domxml"\n')
+    nic = Nic("vt-a")
+    vm_id = vms.create(nic)
+    with vnicd.client() as rpc:
+        (got,) = update(rpc, vm_id, macAddr=nic.mac, network="vt-b")["nics"]
+    assert (got["network"], got["linkActive"]) == ("vt-b", False)
+    now = seen(vnicd, vm_id, nic.mac)
+    assert (now.kernel_bridge, now.link_up) == ("vt-b", False)
+
+
+@pytest.mark.parametrize(
+    ("script", "problem"),
+    [
+        ("echo 'no moves today' >&2; exit 2\n", "no moves today"),
+        ("sleep 30\n", "timed out"),
+        ("sed -i 's/52:54:00/52:54:01/' \"$_hook_domxml\"\n", "identity"),
+    ],
+    ids=["veto", "hangs", "changes-mac"],
+)
+def test_before_hook_refusal_changes_nothing(
+    site: Site, vms: Vms, vnicd: DaemonThread, script: str, problem: str
+) -> None:
+    site.hook("before_update_device", script)
+    nic = Nic("vt-a")
+    vm_id = vms.create(nic)
+    before = seen(vnicd, vm_id, nic.mac)
+    with vnicd.client() as rpc, pytest.raises(RpcError) as err:
+        update(rpc, vm_id, macAddr=nic.mac, network="vt-b", linkActive=False)
+    assert err.value.code == 1500 and problem in err.value.message, err.value.message
+    assert seen(vnicd, vm_id, nic.mac) == before
+
+
+def test_failing_after_hook_keeps_the_change(
+    site: Site, vms: Vms, vnicd: DaemonThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    marker = site.root / "after-ran"
+    site.hook("after_nic_hotunplug_fail", f'cp "$_hook_domxml" {marker}\n')
+    site.hook("after_update_device", "exit 1\n")
+    nic = Nic("vt-a")
+    vm_id = vms.create(nic)
+    with caplog.at_level(logging.INFO), vnicd.client() as rpc:
+        update(rpc, vm_id, macAddr=nic.mac, network="vt-b")
+        assert seen(vnicd, vm_id, nic.mac).kernel_bridge == "vt-b"
+        with pytest.raises(RpcError) as err:
+            rpc.call("VM.hotunplugNic", vmID=vm_id, params={"macAddr": nic.mac})
+        assert err.value.data["cause"] == "timeout"
+    assert nic.mac in marker.read_text(), "after_nic_hotunplug_fail saw the device"
+    audits = [r.getMessage() for r in caplog.records if r.name == "vnicd.audit"]
+    assert any(
+        vm_id in line and "network=vt-a" in line and "network=vt-b" in line for line in audits
+    ), audits

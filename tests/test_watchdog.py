@@ -1,0 +1,67 @@
+"""The watchdog's rules, as pure logic: what it reads from systemd's environment, and that a
+failing or hanging health check stops the pings (without piling up checks)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+
+import pytest
+
+from vnicd import sdnotify
+from vnicd.watchdog import Watchdog
+
+
+def test_watchdog_period_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    monkeypatch.setenv("WATCHDOG_USEC", "30000000")
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert sdnotify.watchdog_period() is None, "no NOTIFY_SOCKET, no systemd to ping"
+    monkeypatch.setenv("NOTIFY_SOCKET", "/run/systemd/notify")
+    assert sdnotify.watchdog_period() == 30.0
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    assert sdnotify.watchdog_period() == 30.0
+    monkeypatch.setenv("WATCHDOG_PID", "1")
+    assert sdnotify.watchdog_period() is None, "pings asked of another process"
+    monkeypatch.delenv("WATCHDOG_PID")
+    for bad in ("", "0", "soon"):
+        monkeypatch.setenv("WATCHDOG_USEC", bad)
+        assert sdnotify.watchdog_period() is None
+
+
+def test_pings_only_while_healthy(monkeypatch: pytest.MonkeyPatch) -> None:
+    sent: list[str] = []
+    monkeypatch.setattr(sdnotify, "notify", sent.append)
+    healthy = threading.Event()
+    healthy.set()
+    release = threading.Event()
+    checks: list[int] = []
+
+    def check() -> None:
+        checks.append(1)
+        if not healthy.is_set():
+            release.wait(5)  # hangs, as a libvirt call to a stuck libvirtd would
+            raise RuntimeError("libvirt does not answer")
+
+    async def scenario() -> tuple[int, int, int, int]:
+        dog = Watchdog(0.2, check)  # a check every 0.1 s
+        dog.start()
+        await asyncio.sleep(0.55)
+        healthy_pings = len(sent)
+        healthy.clear()
+        await asyncio.sleep(0.1)
+        hung_from, checks_from = len(sent), len(checks)
+        await asyncio.sleep(0.6)
+        hung_pings, hung_checks = len(sent) - hung_from, len(checks) - checks_from
+        healthy.set()
+        release.set()
+        await asyncio.sleep(0.3)
+        await dog.stop()
+        return healthy_pings, hung_pings, hung_checks, len(sent) - hung_from
+
+    healthy_pings, hung_pings, hung_checks, later = asyncio.run(scenario())
+    assert healthy_pings >= 3 and set(sent) == {"WATCHDOG=1"}
+    assert hung_pings == 0, "no ping while the check hangs"
+    assert hung_checks <= 1, "a hanging check is waited for, not started again"
+    assert later > 0, "pings resume once the check passes"
