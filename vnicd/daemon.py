@@ -8,17 +8,22 @@ import fcntl
 import logging
 import signal
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import libvirtaio
 
 from vnicd import __version__, hostnet, sdnotify
+from vnicd.caller import CallerFilter
 from vnicd.config import DEFAULT_PATH, Config, ConfigError, load
 from vnicd.dispatcher import Dispatcher
+from vnicd.errors import NoSuchVM
+from vnicd.events import Events
 from vnicd.hypervisor import Domain, Hypervisor, prepare_embed_root
 from vnicd.networks import LibvirtNetworks, LinuxBridges, NetworkMap
 from vnicd.plugging import Plugger
+from vnicd.rpc_stomp import StompServer, tls_context
 from vnicd.rpc_unix import UnixServer
 from vnicd.schema import Schema
 from vnicd.service import Service
@@ -38,6 +43,9 @@ class Daemon:
         self._service: Service | None = None
         self._server: UnixServer | None = None
         self._lock: TextIO | None = None
+        self._engine: StompServer | None = None
+        self.events = Events(self._publish)
+        self._event_tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         cfg = self.config
@@ -68,6 +76,7 @@ class Daemon:
         dispatcher = Dispatcher(Schema.load(), self._service)
         self._server = UnixServer(cfg.unix_socket, dispatcher.handle, cfg.socket_mode)
         await self._server.start()
+        await self._start_engine(dispatcher)
         sdnotify.notify(f"READY=1\nSTATUS=serving on {cfg.unix_socket}")
         log.info("vnicd %s ready (%s)", __version__, cfg.uri)
 
@@ -86,6 +95,7 @@ class Daemon:
         sdnotify.notify("STOPPING=1")
         if self._server is not None:
             await self._server.stop()
+        await self._stop_engine()
         if self._service is not None:
             await asyncio.to_thread(self._service.close)
         await asyncio.to_thread(self.hypervisor.close)
@@ -97,6 +107,54 @@ class Daemon:
     def _lifecycle(self, dom: Domain, event: int, detail: int) -> None:
         name = _EVENTS[event] if 0 <= event < len(_EVENTS) else str(event)
         log.info("VM %s (%s): %s (detail %d)", dom.uuid, dom.name, name, detail)
+        self._event_task(self._observe_vm(dom.uuid))
+
+    async def _start_engine(self, dispatcher: Dispatcher) -> None:
+        """The engine's wire (STOMP), and the resync that turns outside changes into events."""
+        engine = self.config.engine
+        if not engine.enabled:
+            return
+        tls = tls_context(engine.cert_file, engine.key_file, engine.ca_file) if engine.tls else None
+        self._engine = StompServer(engine.address, engine.port, dispatcher.handle, tls)
+        await self._engine.start()
+        self._event_task(self._resync())
+
+    async def _stop_engine(self) -> None:
+        for task in list(self._event_tasks):
+            task.cancel()
+        if self._event_tasks:
+            await asyncio.wait(list(self._event_tasks))
+        if self._engine is not None:
+            await self._engine.stop()
+            self._engine = None
+
+    def _publish(self, notification: str) -> None:
+        if self._engine is not None:
+            self._engine.publish(notification)
+
+    def _event_task(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._event_tasks.add(task)
+        task.add_done_callback(self._event_tasks.discard)
+
+    async def _resync(self) -> None:
+        """Look at every VM now and then: libvirt emits no event for a device update."""
+        while self._service is not None:
+            try:
+                self.events.sync(await self._service.vm_list())
+            except Exception as e:
+                log.warning("resync for events failed: %s", e)
+            await asyncio.sleep(self.config.engine.resync_interval)
+
+    async def _observe_vm(self, vm_id: str) -> None:
+        if self._service is None or self._engine is None:
+            return
+        try:
+            self.events.observe(await self._service.get_info(vm_id))
+        except NoSuchVM:
+            self.events.vm_gone(vm_id)
+        except Exception as e:
+            log.warning("VM %s: no event after a lifecycle change: %s", vm_id, e)
 
 
 async def serve(config: Config) -> None:
@@ -126,8 +184,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vnicd: invalid configuration: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(
-        level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=config.log_level,
+        format="%(asctime)s %(levelname)s %(name)s [%(caller)s]: %(message)s",
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(CallerFilter())
     try:
         asyncio.run(serve(config))
     except Exception as e:

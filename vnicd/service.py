@@ -86,8 +86,8 @@ class Service:
             raise errors.NoSuchVM(vm_id)
         return dom
 
-    async def ping(self) -> dict[str, Any]:
-        return {}
+    async def ping(self) -> bool:
+        return True
 
     async def capabilities(self) -> dict[str, Any]:
         networks = await self._blocking(self._networks.available)
