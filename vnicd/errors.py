@@ -137,3 +137,13 @@ class HotunplugNicError(VnicdError):
 
     code = 50
     reason = "hotunplugNic"
+
+
+class NotImplementedFeature(RequestError):
+    """The request asks for something vnicd does not do (yet); nothing was changed."""
+
+    code = 44
+    reason = "noimpl"
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem} is not implemented by vnicd", field=field)

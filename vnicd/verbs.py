@@ -7,6 +7,7 @@ from typing import Any
 
 from vnicd.errors import InvalidParameter
 from vnicd.names import normalize_mac
+from vnicd.profile import device_params
 from vnicd.service import CreateVM, PlugNic, Service, UpdateNic
 from vnicd.wiring import NicChange, NicRef
 
@@ -24,7 +25,7 @@ def _nic(dev: Params) -> NicRef:
 
 
 def _update_device(svc: Service, p: Params) -> Awaitable[Any]:
-    dev = p["params"]
+    dev = device_params(p["params"])
     return svc.update_device(
         UpdateNic(
             vm_id=_vm_id(p),
@@ -39,7 +40,7 @@ def _update_device(svc: Service, p: Params) -> Awaitable[Any]:
 
 
 def _hotplug(svc: Service, p: Params) -> Awaitable[Any]:
-    dev = p["params"]
+    dev = device_params(p["params"])
     _check_vm_id(p)
     if "xml" in dev:
         return svc.hotplug(PlugNic(_vm_id(p), xml=dev["xml"]))
@@ -48,7 +49,7 @@ def _hotplug(svc: Service, p: Params) -> Awaitable[Any]:
 
 def _hotunplug(svc: Service, p: Params) -> Awaitable[Any]:
     _check_vm_id(p)
-    return svc.hotunplug(_vm_id(p), _nic(p["params"]))
+    return svc.hotunplug(_vm_id(p), _nic(device_params(p["params"], plugging=False)))
 
 
 def _check_vm_id(p: Params) -> None:
