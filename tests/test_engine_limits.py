@@ -11,6 +11,8 @@ import json
 import logging
 import queue
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -216,3 +218,23 @@ def test_tls_setup_errors_name_the_key(certs: pki.Pki, tmp_path: Path) -> None:
         tls_context(certs.server.cert, certs.server.key, garbage)
     with pytest.raises(TLSSetupError, match=r"engine\.key_file: .*Is a directory"):
         tls_context(certs.server.cert, tmp_path, certs.ca)
+
+
+def test_vnicd_refuses_to_start_with_a_bad_certificate(certs: pki.Pki, tmp_path: Path) -> None:
+    """The real process: exit 1 with the key named, before it opens libvirt."""
+    vnicd = Path(sys.executable).with_name("vnicd")
+    for cert, key, problem in (
+        (tmp_path / "missing.pem", certs.server.key, "engine.cert_file: "),
+        (certs.server.cert, certs.engine.key, "not a matching PEM certificate and key"),
+    ):
+        config = tmp_path / "vnicd.yml"
+        engine = {"enabled": True, "cert_file": str(cert), "key_file": str(key)}
+        engine["ca_file"] = str(certs.ca)
+        state = {"state_dir": str(tmp_path / "state"), "engine": engine}
+        state["rpc"] = {"unix_socket": str(tmp_path / "s.sock")}
+        config.write_text(json.dumps(state))
+        proc = subprocess.run(
+            [str(vnicd), "--config", str(config)], capture_output=True, text=True, timeout=30
+        )
+        assert proc.returncode == 1 and problem in proc.stderr, proc.stderr
+        assert not (tmp_path / "state" / "libvirt").exists()

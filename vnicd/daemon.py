@@ -7,6 +7,7 @@ import asyncio
 import fcntl
 import logging
 import signal
+import ssl
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
@@ -49,6 +50,7 @@ class Daemon:
 
     async def start(self) -> None:
         cfg = self.config
+        tls = self._engine_tls()  # a bad certificate stops vnicd before it changes anything
         loop = asyncio.get_running_loop()
         impl = libvirtaio.getCurrentImpl()
         if impl is None:
@@ -76,7 +78,7 @@ class Daemon:
         dispatcher = Dispatcher(Schema.load(), self._service)
         self._server = UnixServer(cfg.unix_socket, dispatcher.handle, cfg.socket_mode)
         await self._server.start()
-        await self._start_engine(dispatcher)
+        await self._start_engine(dispatcher, tls)
         sdnotify.notify(f"READY=1\nSTATUS=serving on {cfg.unix_socket}")
         log.info("vnicd %s ready (%s)", __version__, cfg.uri)
 
@@ -109,12 +111,17 @@ class Daemon:
         log.info("VM %s (%s): %s (detail %d)", dom.uuid, dom.name, name, detail)
         self._event_task(self._observe_vm(dom.uuid))
 
-    async def _start_engine(self, dispatcher: Dispatcher) -> None:
+    def _engine_tls(self) -> ssl.SSLContext | None:
+        engine = self.config.engine
+        if not (engine.enabled and engine.tls):
+            return None
+        return tls_context(engine.cert_file, engine.key_file, engine.ca_file)
+
+    async def _start_engine(self, dispatcher: Dispatcher, tls: ssl.SSLContext | None) -> None:
         """The engine's wire (STOMP), and the resync that turns outside changes into events."""
         engine = self.config.engine
         if not engine.enabled:
             return
-        tls = tls_context(engine.cert_file, engine.key_file, engine.ca_file) if engine.tls else None
         self._engine = StompServer(engine.address, engine.port, dispatcher.handle, tls)
         await self._engine.start()
         self._event_task(self._resync())
