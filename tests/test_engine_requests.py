@@ -154,3 +154,65 @@ def test_hot_unplug_and_plug_as_older_engines_send_them(
     got = seen(vnicd, vm_id, b.mac)
     assert (got.kernel_bridge, got.link_up, got.tap) == ("vt-a", True, b.tap)
     assert got.alias in vnicd.query_pci(vm_id)
+
+
+def engine_update_xml(alias: str, mac: str, bridge: str, linked: bool, extra: str = "") -> str:
+    """As LibvirtVmXmlBuilder.buildHotplugNic writes it for UpdateVmInterfaceVDSCommand."""
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?><hotplug><devices><interface type="bridge">'
+        f'<model type="virtio"/><link state="{"up" if linked else "down"}"/>'
+        f'<source bridge="{bridge}"/><alias name="{alias}"/><mac address="{mac}"/>'
+        f'<mtu size="1500"/>{extra}<bandwidth/></interface></devices>'
+        '<metadata xmlns:ovirt-vm="http://ovirt.org/vm/1.0"><ovirt-vm:vm>'
+        f'<ovirt-vm:device alias="{alias}" mac_address="{mac}"><ovirt-vm:custom/>'
+        "</ovirt-vm:device></ovirt-vm:vm></metadata></hotplug>"
+    )
+
+
+def test_update_device_as_todays_engine_sends_it(
+    vnicd: DaemonThread, vms: Vms, engine: EngineClient
+) -> None:
+    """Cluster level 4.2+: {deviceType, xml}; the engine names its vNICs ua-<device id>."""
+    alias = f"ua-{uuid.uuid4()}"
+    nic = Nic("vt-a", extra=f"<alias name='{alias}'/>")
+    vm_id = vms.create(nic)
+    before = seen(vnicd, vm_id, nic.mac)
+    assert before.alias == alias
+
+    params = {"deviceType": "interface", "xml": engine_update_xml(alias, nic.mac, "vt-b", False)}
+    engine.call("VM.updateDevice", vmID=vm_id, params=params)
+    after = seen(vnicd, vm_id, nic.mac)
+    assert (after.kernel_bridge, after.link_up) == ("vt-b", False)
+    assert (after.pci, after.tap, after.qemu_slot) == (before.pci, before.tap, before.qemu_slot)
+
+    filtered = engine_update_xml(
+        alias, nic.mac, "vt-a", True, extra='<filterref filter="vdsm-no-mac-spoofing"/>'
+    )
+    with pytest.raises(RpcError) as e:
+        engine.call(
+            "VM.updateDevice", vmID=vm_id, params={"deviceType": "interface", "xml": filtered}
+        )
+    assert e.value.code == 44 and "filterref" in e.value.message
+    assert seen(vnicd, vm_id, nic.mac) == after
+
+    unwire = engine_update_xml(alias, nic.mac, ";vdsmdummy;", False)
+    info = engine.call(
+        "VM.updateDevice", vmID=vm_id, params={"deviceType": "interface", "xml": unwire}
+    )
+    assert info["nics"][0]["network"] == ""
+    assert seen(vnicd, vm_id, nic.mac).kernel_bridge == vnicd.config.unwired_bridge
+
+
+def test_hot_unplug_as_todays_engine_sends_it(
+    vnicd: DaemonThread, vms: Vms, engine: EngineClient
+) -> None:
+    """HotUnplugNicVDSCommand: {vmId, xml} with an alias-only <interface>."""
+    alias = f"ua-{uuid.uuid4()}"
+    a, b = Nic("vt-a"), Nic("vt-a", extra=f"<alias name='{alias}'/>")
+    vm_id = stopped_vm(vms, a, b)
+    xml = (
+        '<?xml version="1.0" encoding="UTF-8"?><hotunplug><devices><interface>'
+        f'<alias name="{alias}"/></interface></devices></hotunplug>'
+    )
+    info = engine.call("VM.hotunplugNic", vmID=vm_id, params={"vmId": vm_id, "xml": xml})
+    assert {n["macAddr"]: n["plugged"] for n in info["nics"]} == {a.mac: True, b.mac: False}

@@ -26,7 +26,7 @@ def test_nothing_asked_is_dropped() -> None:
         "filterParameters": [],
         "custom": {},
     }
-    assert device_params(params) == {
+    assert device_params(params, "update") == {
         "deviceType": "interface",
         "alias": "net0",
         "linkActive": False,
@@ -37,7 +37,7 @@ def test_nothing_asked_is_dropped() -> None:
 def test_older_engines_nic_is_unwrapped() -> None:
     nic: dict[str, Any] = {"type": "interface", "device": "bridge", "macAddr": "52:54:00:00:00:01"}
     nic |= {"address": {"slot": "0x03"}, "deviceId": "d", "specParams": {}, "network": "n"}
-    assert device_params({"vmId": VM, "nic": nic}) == {
+    assert device_params({"vmId": VM, "nic": nic}, "plug") == {
         "vmId": VM,
         "macAddr": "52:54:00:00:00:01",
         "network": "n",
@@ -58,14 +58,14 @@ def test_older_engines_nic_is_unwrapped() -> None:
 )
 def test_asking_for_a_missing_feature_is_noimpl(params: dict[str, Any], field: str) -> None:
     with pytest.raises(errors.NotImplementedFeature) as e:
-        device_params(params)
+        device_params(params, "update")
     assert e.value.code == 44 and e.value.fields["field"] == field
     assert field in e.value.message
 
 
 def test_unplug_ignores_what_describes_the_leaving_vnic() -> None:
     nic = {"macAddr": "52:54:00:00:00:01", "filter": "vdsm-no-mac-spoofing"}
-    assert device_params({"nic": nic}, plugging=False) == {"macAddr": "52:54:00:00:00:01"}
+    assert device_params({"nic": nic}, "unplug") == {"macAddr": "52:54:00:00:00:01"}
 
 
 @pytest.mark.parametrize(("text", "value"), [("true", True), ("False", False), (True, True)])
@@ -93,3 +93,86 @@ def test_qos_values_are_typed() -> None:
     }
     with pytest.raises(errors.InvalidParameter, match=r"specParams\.inbound\.x: unknown field"):
         SCHEMA.validate_params(SCHEMA.verbs["VM.updateDevice"], params)
+
+
+def engine_xml(interface: str, metadata: str = "<ovirt-vm:custom/>") -> str:
+    """Shaped as LibvirtVmXmlBuilder.buildHotplugNic writes it."""
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?><hotplug><devices>'
+        f"{interface}</devices>"
+        '<metadata xmlns:ovirt-vm="http://ovirt.org/vm/1.0"><ovirt-vm:vm>'
+        f'<ovirt-vm:device alias="ua-1" mac_address="52:54:00:00:00:01">{metadata}'
+        "</ovirt-vm:device></ovirt-vm:vm></metadata></hotplug>"
+    )
+
+
+IFACE = (
+    '<interface type="bridge"><model type="virtio"/><link state="down"/>'
+    '<source bridge="{bridge}"/><alias name="ua-1"/><mac address="52:54:00:00:00:01"/>'
+    '<mtu size="1500"/>{extra}<bandwidth/></interface>'
+)
+
+
+def test_engine_xml_update_becomes_fields() -> None:
+    xml = engine_xml(IFACE.format(bridge="ovirtmgmt", extra=""))
+    assert device_params({"deviceType": "interface", "xml": xml}, "update") == {
+        "deviceType": "interface",
+        "alias": "ua-1",
+        "macAddr": "52:54:00:00:00:01",
+        "linkActive": False,
+        "network": "ovirtmgmt",
+        "nicModel": "virtio",
+    }
+    unwired = engine_xml(IFACE.format(bridge=";vdsmdummy;", extra=""))
+    assert device_params({"xml": unwired}, "update")["network"] == ""
+
+
+@pytest.mark.parametrize(
+    ("extra", "metadata", "problem"),
+    [
+        ('<filterref filter="vdsm-no-mac-spoofing"/>', "", "network filter"),
+        ('<port isolated="yes"/>', "", "port isolation"),
+        ('<teaming type="persistent"/>', "", "teaming"),
+        (
+            "",
+            "<ovirt-vm:portMirroring><ovirt-vm:network>n</ovirt-vm:network>"
+            "</ovirt-vm:portMirroring>",
+            "port mirroring",
+        ),
+        ("", "<ovirt-vm:custom><ovirt-vm:k>v</ovirt-vm:k></ovirt-vm:custom>", "custom"),
+    ],
+)
+def test_engine_xml_features_vnicd_lacks(extra: str, metadata: str, problem: str) -> None:
+    xml = engine_xml(IFACE.format(bridge="b", extra=extra), metadata or "<ovirt-vm:custom/>")
+    with pytest.raises(errors.NotImplementedFeature, match=problem) as e:
+        device_params({"xml": xml}, "update")
+    assert e.value.fields["field"] == "params.xml"
+
+
+def test_engine_xml_qos_and_hostdev() -> None:
+    qos = IFACE.format(bridge="b", extra="").replace(
+        "<bandwidth/>", '<bandwidth><inbound average="1" burst="1" peak="1"/></bandwidth>'
+    )
+    with pytest.raises(errors.NotImplementedFeature, match="inbound"):
+        device_params({"xml": engine_xml(qos)}, "update")
+    hostdev = IFACE.format(bridge="b", extra="").replace('type="bridge"', 'type="hostdev"')
+    with pytest.raises(errors.NotImplementedFeature, match="hostdev"):
+        device_params({"xml": engine_xml(hostdev)}, "update")
+
+
+def test_engine_xml_unplug_and_bad_xml() -> None:
+    unplug = '<hotunplug><devices><interface><alias name="ua-9"/></interface></devices></hotunplug>'
+    assert device_params({"vmId": VM, "xml": unplug}, "unplug") == {"vmId": VM, "alias": "ua-9"}
+    for bad, problem in (
+        ("<hotplug>", "malformed"),
+        ("<hotplug><devices/></hotplug>", "exactly one"),
+        ("<hotplug><devices><interface/></devices></hotplug>", "no <alias> or <mac>"),
+        (IFACE.format(bridge="no such bridge!", extra=""), "not a network name"),
+    ):
+        with pytest.raises(errors.InvalidParameter, match=problem):
+            device_params({"xml": bad}, "update")
+
+
+def test_plug_keeps_xml_as_the_new_vnic() -> None:
+    xml = engine_xml(IFACE.format(bridge="b", extra=""))
+    assert device_params({"vmId": VM, "xml": xml}, "plug") == {"vmId": VM, "xml": xml}

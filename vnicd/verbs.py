@@ -25,7 +25,7 @@ def _nic(dev: Params) -> NicRef:
 
 
 def _update_device(svc: Service, p: Params) -> Awaitable[Any]:
-    dev = device_params(p["params"])
+    dev = device_params(p["params"], "update")
     return svc.update_device(
         UpdateNic(
             vm_id=_vm_id(p),
@@ -40,7 +40,7 @@ def _update_device(svc: Service, p: Params) -> Awaitable[Any]:
 
 
 def _hotplug(svc: Service, p: Params) -> Awaitable[Any]:
-    dev = device_params(p["params"])
+    dev = device_params(p["params"], "plug")
     _check_vm_id(p)
     if "xml" in dev:
         return svc.hotplug(PlugNic(_vm_id(p), xml=dev["xml"]))
@@ -49,7 +49,7 @@ def _hotplug(svc: Service, p: Params) -> Awaitable[Any]:
 
 def _hotunplug(svc: Service, p: Params) -> Awaitable[Any]:
     _check_vm_id(p)
-    return svc.hotunplug(_vm_id(p), _nic(device_params(p["params"], plugging=False)))
+    return svc.hotunplug(_vm_id(p), _nic(device_params(p["params"], "unplug")))
 
 
 def _check_vm_id(p: Params) -> None:
