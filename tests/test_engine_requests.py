@@ -154,6 +154,9 @@ def test_hot_unplug_and_plug_as_older_engines_send_them(
     got = seen(vnicd, vm_id, b.mac)
     assert (got.kernel_bridge, got.link_up, got.tap) == ("vt-a", True, b.tap)
     assert got.alias in vnicd.query_pci(vm_id)
+    # ActivateDeactivateVmNicCommand reads the new vNIC's alias from result.devices
+    [device] = [d for d in info["devices"] if d["macAddr"] == b.mac]
+    assert device["alias"] == got.alias
 
 
 def engine_update_xml(alias: str, mac: str, bridge: str, linked: bool, extra: str = "") -> str:

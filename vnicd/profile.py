@@ -8,11 +8,13 @@ with QoS in ``specParams.inbound``/``outbound``, port mirroring, a network filte
 custom properties next to the fields vnicd acts on, hot(un)plugged vNICs wrapped in
 ``params.nic``. vnicd does none of those profile features yet: an empty value asks for
 nothing and is accepted; a value that asks for something is refused with ``noimpl`` (44)
-before anything changes. Pure: validated params in, the fields vnicd acts on out.
+before anything changes. Pure: validated params in, the fields vnicd acts on out (and,
+for a plug, the result with the ``devices`` the engine reads).
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Any, Literal
 
 from vnicd import names
@@ -61,6 +63,25 @@ def refuse_unsupported(dev: Params, prefix: str = "params.") -> None:
         raise NotImplementedFeature(f"{prefix}filterParameters", "network filter parameters")
     if dev.get("custom"):
         raise NotImplementedFeature(f"{prefix}custom", f"custom properties {sorted(dev['custom'])}")
+
+
+async def with_devices(info: Awaitable[Params]) -> Params:
+    """The VM info plus ``devices``, where ovirt-engine reads a plugged vNIC's alias."""
+    vm = await info
+    devices = [
+        {
+            "type": "interface",
+            "device": nic["sourceType"] or "bridge",
+            "macAddr": nic["macAddr"],
+            "alias": nic["alias"],
+            "network": nic["network"],
+            "nicModel": nic["nicModel"],
+            "linkActive": nic["linkActive"],
+        }
+        for nic in vm["nics"]
+        if nic["plugged"]
+    ]
+    return {**vm, "devices": devices}
 
 
 def _from_xml(xml: str, action: Action) -> Params:

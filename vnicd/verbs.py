@@ -7,7 +7,7 @@ from typing import Any
 
 from vnicd.errors import InvalidParameter
 from vnicd.names import normalize_mac
-from vnicd.profile import device_params
+from vnicd.profile import device_params, with_devices
 from vnicd.service import CreateVM, PlugNic, Service, UpdateNic
 from vnicd.wiring import NicChange, NicRef
 
@@ -43,8 +43,8 @@ def _hotplug(svc: Service, p: Params) -> Awaitable[Any]:
     dev = device_params(p["params"], "plug")
     _check_vm_id(p)
     if "xml" in dev:
-        return svc.hotplug(PlugNic(_vm_id(p), xml=dev["xml"]))
-    return svc.hotplug(PlugNic(_vm_id(p), nic=_nic(dev)))
+        return with_devices(svc.hotplug(PlugNic(_vm_id(p), xml=dev["xml"])))
+    return with_devices(svc.hotplug(PlugNic(_vm_id(p), nic=_nic(dev))))
 
 
 def _hotunplug(svc: Service, p: Params) -> Awaitable[Any]:
