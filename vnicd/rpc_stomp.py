@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from vnicd import __version__, stomp
 from vnicd.caller import Caller
@@ -228,7 +228,6 @@ class _Connection:
                 except TimeoutError:
                     log.warning("engine client %s: too slow, closing", self.peer)
                     await self._error("timed out waiting for the client")
-                    return
                 if not data:
                     return
                 was_partial = self._parser.partial
@@ -237,7 +236,6 @@ class _Connection:
                 except stomp.FrameError as e:
                     log.warning("engine client %s: %s", self.peer, e)
                     await self._error(str(e))
-                    return
                 if self._parser.partial and not (was_partial and not frames):
                     frame_started = time.monotonic()
                 for frame in frames:
@@ -411,7 +409,7 @@ class _Connection:
                     idle = 0.0
                 await asyncio.sleep(self._send_every - idle)
 
-    async def _error(self, message: str, headers: dict[str, str] | None = None) -> None:
+    async def _error(self, message: str, headers: dict[str, str] | None = None) -> NoReturn:
         """Tell the client what it broke, then close (STOMP: ERROR ends the connection)."""
         frame = stomp.Frame("ERROR", {"message": message, **(headers or {})}, message.encode())
         with contextlib.suppress(ConnectionError, TimeoutError):
