@@ -20,15 +20,17 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from tests import pki
 from tests.guest import GuestError, find_image
 from tests.harness import DaemonThread, SchemaClient
 from tests.hostenv import PREFIX, TestHost, kill_qemus, sweep_stale
-from vnicd.config import Config
+from vnicd.config import Config, EngineConfig
 from vnicd.networks import Target
 
 TMP = Path(tempfile.gettempdir())
 DOMAIN_TYPE = "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "qemu"
 BRIDGES = ("vt-a", "vt-b", "vt-c")
+ENGINE_PORT = 54321  # free: the session has its own network namespace
 _host = TestHost()
 
 
@@ -71,6 +73,7 @@ def remove(dom: libvirt.virDomain) -> None:
 def vnicd() -> Iterator[DaemonThread]:
     """vnicd on the embedded hypervisor, in this session's namespace."""
     state = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=TMP))
+    certs = pki.make(state / "pki")
     config = Config(
         state_dir=state,
         unix_socket=state / "vnicd.sock",
@@ -79,6 +82,15 @@ def vnicd() -> Iterator[DaemonThread]:
         unplug_timeout=2.0,
         link_bounce_seconds=1.0,
         networks={"lab": Target("bridge", "vt-c")},
+        engine=EngineConfig(
+            enabled=True,
+            address="127.0.0.1",
+            port=ENGINE_PORT,
+            cert_file=certs.server.cert,
+            key_file=certs.server.key,
+            ca_file=certs.ca,
+            resync_interval=0.5,
+        ),
     )
     daemon = DaemonThread(config)
     try:

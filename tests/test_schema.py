@@ -71,7 +71,7 @@ VM = "0b7e3f34-3d68-4cb8-a7ea-c9d04be1a0e1"
         (
             {"vmID": VM, "params": {"deviceType": "interface"}},
             errors.MissingParameter,
-            "params.alias or params.macAddr",
+            "params.alias or params.macAddr or params.xml",
         ),
         ({"vmID": VM[:-1], "params": {}}, errors.InvalidParameter, "vmID"),
         (

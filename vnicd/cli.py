@@ -3,6 +3,9 @@
 The generic form is built from the API schema, as ``vdsm-client`` does:
 ``vnic-client VM updateDevice vmID=UUID params='{...}'``. Short forms cover what a
 person types: ``list``, ``nics VM``, ``link VM NIC up|down``, ``wire VM NIC NETWORK``.
+vdsm-client's options work in its order (``-a HOST``, ``-p``, ``--insecure``,
+``--timeout``, ``--flow-id``, ``-f FILE|-`` before the namespace): with ``-a`` the CLI
+speaks the engine wire (STOMP, mutual TLS) instead of the local socket.
 """
 
 from __future__ import annotations
@@ -16,11 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from vnicd import names
-from vnicd.client import Client, RpcError
+from vnicd.client import Client, RpcClient, RpcError, StompClient, tls_client_context
 from vnicd.domxml import Domain, XMLError
 from vnicd.schema import Schema, Verb
 
 DEFAULT_SOCKET = Path("/run/vnicd/vnicd.sock")
+DEFAULT_PKI = {
+    "cert_file": "/etc/pki/vnicd/certs/vnicdcert.pem",
+    "key_file": "/etc/pki/vnicd/keys/vnicdkey.pem",
+    "ca_file": "/etc/pki/vnicd/certs/cacert.pem",
+}
 
 
 class UsageError(Exception):
@@ -41,8 +49,9 @@ def _parse_value(schema: Schema, verb: Verb, key: str, text: str) -> Any:
 
 def _generic_params(schema: Schema, verb: Verb, args: argparse.Namespace) -> dict[str, Any]:
     params: dict[str, Any] = {}
-    if args.file:
-        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+    source = args.method_file or args.file
+    if source:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text()
         loaded = json.loads(text)
         if not isinstance(loaded, dict):
             raise UsageError("-f: expected a JSON object of parameters")
@@ -55,7 +64,7 @@ def _generic_params(schema: Schema, verb: Verb, args: argparse.Namespace) -> dic
     return params
 
 
-def _vm_id(client: Client, vm: str) -> str:
+def _vm_id(client: RpcClient, vm: str) -> str:
     if names.is_uuid(vm):
         return vm
     matches = [v["vmID"] for v in client.call("Host.getVMList") if v["vmName"] == vm]
@@ -103,7 +112,7 @@ def _vms_table(vms: list[dict[str, Any]]) -> str:
     return _table(rows, ["VM ID", "NAME", "STATUS", "NICS"])
 
 
-def _update(client: Client, vm: str, nic: str, dry_run: bool, **change: Any) -> Any:
+def _update(client: RpcClient, vm: str, nic: str, dry_run: bool, **change: Any) -> Any:
     params = {"deviceType": "interface", **_nic(nic), **change, **_dry(dry_run)}
     return client.call("VM.updateDevice", vmID=_vm_id(client, vm), params=params)
 
@@ -179,7 +188,7 @@ def _short_forms(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     sub.add_parser("caps", help="vnicd version and the networks of this host")
 
 
-def _run_short(client: Client, args: argparse.Namespace) -> tuple[Any, Callable[[Any], str]]:
+def _run_short(client: RpcClient, args: argparse.Namespace) -> tuple[Any, Callable[[Any], str]]:
     nics: Callable[[Any], str] = _vm_or_plan
     if args.command == "list":
         return client.call("Host.getVMList"), _vms_table
@@ -227,6 +236,24 @@ def build_parser(schema: Schema) -> argparse.ArgumentParser:
     )
     parser.add_argument("--socket", type=Path, default=DEFAULT_SOCKET, help="vnicd's socket")
     parser.add_argument("--json", action="store_true", help="short forms: print JSON, not tables")
+    wire = parser.add_argument_group("the engine wire (as vdsm-client)")
+    wire.add_argument("-a", "--host", help="talk STOMP to vnicd on HOST instead of the socket")
+    wire.add_argument("-p", "--port", type=int, default=54321, help="port (default 54321)")
+    wire.add_argument(
+        "--insecure",
+        "--unsecure",
+        dest="use_tls",
+        action="store_false",
+        help="plain TCP instead of mutual TLS",
+    )
+    wire.add_argument("--timeout", type=float, default=60.0, help="seconds (default 60)")
+    wire.add_argument("--flow-id", help="flow id for vnicd's log lines about the call")
+    for name, default in DEFAULT_PKI.items():
+        option = "--" + name.replace("_", "-")
+        wire.add_argument(option, type=Path, default=Path(default), help=f"default {default}")
+    parser.add_argument(
+        "-f", "--file", help="generic form: JSON object of all parameters ('-' for stdin)"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _short_forms(sub)
     namespaces: dict[str, argparse._SubParsersAction] = {}  # type: ignore[type-arg]
@@ -243,20 +270,33 @@ def build_parser(schema: Schema) -> argparse.ArgumentParser:
             verb.method, help=verb.description, description=f"{verb.description} ({params})"
         )
         p.add_argument("params", nargs="*", metavar="NAME=VALUE", help=params or "no parameters")
-        p.add_argument("-f", "--file", help="JSON object of all parameters ('-' for stdin)")
+        p.add_argument(
+            "-f", "--file", dest="method_file", help="JSON object of all parameters ('-' for stdin)"
+        )
     return parser
+
+
+def _connect(args: argparse.Namespace) -> RpcClient:
+    if args.host is None:
+        if args.flow_id:
+            raise UsageError("--flow-id needs -a HOST: the local socket carries no flow id")
+        return Client(args.socket, timeout=args.timeout)
+    tls = tls_client_context(args.cert_file, args.key_file, args.ca_file) if args.use_tls else None
+    return StompClient(args.host, args.port, tls=tls, timeout=args.timeout, flow_id=args.flow_id)
 
 
 def main(argv: list[str] | None = None) -> int:
     schema = Schema.load()
     args = build_parser(schema).parse_args(argv)
     try:
-        with Client(args.socket) as client:
+        with _connect(args) as client:
             if args.command in {v.namespace for v in schema.verbs.values()}:
                 verb = schema.verbs[f"{args.command}.{args.method}"]
                 result = client.call(verb.name, **_generic_params(schema, verb, args))
                 print(json.dumps(result, indent=2))
             else:
+                if args.file:
+                    raise UsageError("-f is for the generic form (NAMESPACE METHOD)")
                 result, render = _run_short(client, args)
                 print(json.dumps(result, indent=2) if args.json else render(result))
     except RpcError as e:

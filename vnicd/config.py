@@ -30,6 +30,16 @@ _SCHEMA: dict[str, Any] = {
         "unix_socket": (str, "/run/vnicd/vnicd.sock"),
         "socket_mode": (str, "0600"),
     },
+    "engine": {
+        "enabled": (bool, False),
+        "address": (str, ""),
+        "port": (int, 54321),
+        "tls": (bool, True),
+        "cert_file": (str, "/etc/pki/vnicd/certs/vnicdcert.pem"),
+        "key_file": (str, "/etc/pki/vnicd/keys/vnicdkey.pem"),
+        "ca_file": (str, "/etc/pki/vnicd/certs/cacert.pem"),
+        "resync_interval": (float, 2.0),
+    },
     "state_dir": (str, "/var/lib/vnicd"),
     "log_level": (str, "INFO"),
     "workers": (int, 16),
@@ -73,6 +83,20 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class EngineConfig:
+    """The engine's wire: JSON-RPC over STOMP on TCP, mutual TLS unless ``tls`` is false."""
+
+    enabled: bool = False
+    address: str = ""  # "": every address
+    port: int = 54321
+    tls: bool = True
+    cert_file: Path = Path("/etc/pki/vnicd/certs/vnicdcert.pem")
+    key_file: Path = Path("/etc/pki/vnicd/keys/vnicdkey.pem")
+    ca_file: Path = Path("/etc/pki/vnicd/certs/cacert.pem")
+    resync_interval: float = 2.0  # seconds between looks at every VM, for events
+
+
+@dataclass(frozen=True)
 class Config:
     libvirt_uri: str = ""
     persistent_updates: bool = True
@@ -90,6 +114,7 @@ class Config:
     networks: dict[str, Target] = field(default_factory=dict)
     hooks_dir: Path = Path("/etc/vnicd/hooks")
     hooks_timeout: float = 30.0
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig())
 
     @property
     def uri(self) -> str:
@@ -169,7 +194,16 @@ def parse(data: Any) -> Config:
             raise ConfigError(f"{key}: must be at least 1")
     if v["hooks.timeout"] <= 0:
         raise ConfigError("hooks.timeout: must be positive")
-    for key in ("rpc.unix_socket", "state_dir", "hooks.dir"):
+    if not 0 < v["engine.port"] < 65536:
+        raise ConfigError(f"engine.port: {v['engine.port']} is not a TCP port")
+    if v["engine.resync_interval"] <= 0:
+        raise ConfigError("engine.resync_interval: must be positive")
+    for key in (
+        "rpc.unix_socket",
+        "state_dir",
+        "hooks.dir",
+        *(f"engine.{k}_file" for k in ("cert", "key", "ca")),
+    ):
         if not Path(v[key]).is_absolute():
             raise ConfigError(f"{key}: must be an absolute path")
     return Config(
@@ -189,6 +223,16 @@ def parse(data: Any) -> Config:
         networks=_networks(v["networks"]),
         hooks_dir=Path(v["hooks.dir"]),
         hooks_timeout=v["hooks.timeout"],
+        engine=EngineConfig(
+            enabled=v["engine.enabled"],
+            address=v["engine.address"],
+            port=v["engine.port"],
+            tls=v["engine.tls"],
+            cert_file=Path(v["engine.cert_file"]),
+            key_file=Path(v["engine.key_file"]),
+            ca_file=Path(v["engine.ca_file"]),
+            resync_interval=v["engine.resync_interval"],
+        ),
     )
 
 

@@ -8,20 +8,26 @@ import fcntl
 import logging
 import os
 import signal
+import ssl
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from vnicd import __version__, eventloop, logs, sdnotify
 from vnicd.config import DEFAULT_PATH, KEYS, LIVE, Config, ConfigError, changed, load
 from vnicd.dispatcher import Dispatcher
+from vnicd.errors import NoSuchVM
+from vnicd.events import Events
 from vnicd.hooks import Hooks
 from vnicd.hypervisor import Domain, Hypervisor, HypervisorError, prepare_embed_root
 from vnicd.networks import LibvirtNetworks, LinuxBridges, NetworkMap
+from vnicd.rpc_stomp import StompServer, tls_context
 from vnicd.rpc_unix import UnixServer
 from vnicd.schema import Schema
 from vnicd.service import Service
 from vnicd.sitehooks import PlanHooks, audit
+from vnicd.verbs import vm_wire
 from vnicd.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -59,9 +65,13 @@ class Daemon:
         self._watchdog: Watchdog | None = None
         self._reconnecting: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._engine: StompServer | None = None
+        self.events = Events(self._publish)
+        self._event_tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         cfg = self.config
+        tls = self._engine_tls()  # a bad certificate stops vnicd before it changes anything
         self._loop = asyncio.get_running_loop()
         eventloop.register(self._loop)
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
@@ -73,6 +83,7 @@ class Daemon:
         assert self._dispatcher is not None
         self._server = UnixServer(cfg.unix_socket, self._dispatcher.handle, cfg.socket_mode)
         await self._server.start()
+        await self._start_engine(self._dispatcher, tls)
         self.hypervisor.on_lifecycle(self._lifecycle)
         self.hypervisor.on_connection_lost(self._connection_lost)
         await self._connect()
@@ -104,6 +115,7 @@ class Daemon:
         )
         service.hooks = PlanHooks(self.hooks)
         service.listeners.append(audit)
+        service.listeners.append(lambda _plan, state: self.events.observe(vm_wire(state)))
         self.hypervisor.on_device_removal(
             lambda dom, alias, removed: service.device_removed(dom.uuid, alias, removed)
         )
@@ -222,6 +234,7 @@ class Daemon:
             await self._dispatcher.drain(self.STOP_TIMEOUT)
         if self._server is not None:
             await self._server.stop()
+        await self._stop_engine()
         if self.service is not None:
             await self.service.close()
         await asyncio.to_thread(self.hypervisor.close)
@@ -242,6 +255,59 @@ class Daemon:
         )
         if name in _SETTLE and self.service is not None:
             self.service.spawn(self.service.reconcile(dom.uuid))
+        self._event_task(self._observe_vm(dom.uuid))
+
+    def _engine_tls(self) -> ssl.SSLContext | None:
+        engine = self.config.engine
+        if not (engine.enabled and engine.tls):
+            return None
+        return tls_context(engine.cert_file, engine.key_file, engine.ca_file)
+
+    async def _start_engine(self, dispatcher: Dispatcher, tls: ssl.SSLContext | None) -> None:
+        """The engine's wire (STOMP), and the resync that turns outside changes into events."""
+        engine = self.config.engine
+        if not engine.enabled:
+            return
+        self._engine = StompServer(engine.address, engine.port, dispatcher.handle, tls)
+        await self._engine.start()
+        self._event_task(self._resync())
+
+    async def _stop_engine(self) -> None:
+        for task in list(self._event_tasks):
+            task.cancel()
+        if self._event_tasks:
+            await asyncio.wait(list(self._event_tasks))
+        if self._engine is not None:
+            await self._engine.stop()
+            self._engine = None
+
+    def _publish(self, notification: str) -> None:
+        if self._engine is not None:
+            self._engine.publish(notification)
+
+    def _event_task(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._event_tasks.add(task)
+        task.add_done_callback(self._event_tasks.discard)
+
+    async def _resync(self) -> None:
+        """Look at every VM now and then: libvirt emits no event for a device update."""
+        while self.service is not None:
+            try:
+                self.events.sync([vm_wire(vm) for vm in await self.service.vm_list()])
+            except Exception as e:
+                log.warning("resync for events failed: %s", e)
+            await asyncio.sleep(self.config.engine.resync_interval)
+
+    async def _observe_vm(self, vm_id: str) -> None:
+        if self.service is None or self._engine is None:
+            return
+        try:
+            self.events.observe(vm_wire(await self.service.get_info(vm_id)))
+        except NoSuchVM:
+            self.events.vm_gone(vm_id)
+        except Exception as e:
+            log.warning("VM %s: no event after a lifecycle change: %s", vm_id, e)
 
 
 async def serve(config: Config, config_path: Path | None = None) -> None:

@@ -316,3 +316,71 @@ def format_stored(entries: list[StoredNic]) -> str:
             el.set("pending", "yes")
         el.append(copy.deepcopy(entry.iface.element))
     return to_string(root)
+
+
+OVIRT_VM = "http://ovirt.org/vm/1.0"
+
+
+@dataclass(frozen=True)
+class EngineDevice:
+    """What ovirt-engine's ``<hotplug>``/``<hotunplug>`` XML says about one vNIC.
+
+    The engine builds it in LibvirtVmXmlBuilder.writeInterface; the profile features it
+    may carry are reported as they are, for the caller to judge.
+    """
+
+    kind: str | None
+    mac: str | None
+    alias: str | None
+    model: str | None
+    link_up: bool | None
+    bridge: str | None
+    filter: str | None
+    bandwidth: list[str]  # the directions with a limit: "inbound", "outbound"
+    isolated: bool
+    teaming: bool
+    port_mirroring: list[str]
+    custom: dict[str, str]
+
+
+def engine_device(xml: str) -> EngineDevice:
+    root = parse(xml, "hotplug", "hotunplug", "interface")
+    found = [root] if root.tag == "interface" else root.findall("devices/interface")
+    if len(found) != 1:
+        raise XMLError(f"expected exactly one <interface> in <{root.tag}><devices>")
+    iface = found[0]
+    alias = iface.find("alias")
+    link = iface.find("link")
+    source = iface.find("source")
+    name = alias.get("name") if alias is not None else None
+    meta = next(
+        (
+            d
+            for d in root.iterfind(f"metadata/{{{OVIRT_VM}}}vm/{{{OVIRT_VM}}}device")
+            if d.get("alias") == name
+        ),
+        None,
+    )
+    mirrored = [] if meta is None else meta.findall(f"{{{OVIRT_VM}}}portMirroring/*")
+    custom = [] if meta is None else list(meta.iterfind(f"{{{OVIRT_VM}}}custom/*"))
+    filterref = iface.find("filterref")
+    port = iface.find("port")
+    return EngineDevice(
+        kind=iface.get("type"),
+        mac=_attr(iface, "mac", "address"),
+        alias=name,
+        model=_attr(iface, "model", "type"),
+        link_up=None if link is None else link.get("state") != "down",
+        bridge=None if source is None else source.get("bridge"),
+        filter=None if filterref is None else filterref.get("filter"),
+        bandwidth=[d for d in ("inbound", "outbound") if iface.find(f"bandwidth/{d}") is not None],
+        isolated=port is not None and port.get("isolated") == "yes",
+        teaming=iface.find("teaming") is not None,
+        port_mirroring=[str(n.text or "") for n in mirrored],
+        custom={etree.QName(c).localname: str(c.text or "") for c in custom},
+    )
+
+
+def _attr(iface: etree._Element, child: str, attr: str) -> str | None:
+    el = iface.find(child)
+    return None if el is None else el.get(attr)

@@ -178,3 +178,13 @@ class HookError(HostError):
         super().__init__(
             f"hook {hook}/{script} {problem}{detail}", hook=hook, script=script, stderr=stderr
         )
+
+
+class NotImplementedFeature(RequestError):
+    """The request asks for something vnicd does not do (yet); nothing was changed."""
+
+    code = 44
+    reason = "noimpl"
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem} is not implemented by vnicd", field=field)

@@ -37,6 +37,17 @@ _FORMATS: dict[str, tuple[Callable[[str], bool], str]] = {
 }
 
 
+def _engine_bool(text: str, path: str) -> bool:
+    """ovirt-engine sends some booleans as Java's String.valueOf: "true" or "false"."""
+    if text.lower() not in ("true", "false"):
+        raise errors.InvalidParameter(path, f"{text!r} is not a boolean (true or false)")
+    return text.lower() == "true"
+
+
+# type -> how a string is read where the spec says ``lenient: true``
+_LENIENT: dict[str, Callable[[str, str], Any]] = {"boolean": _engine_bool}
+
+
 @dataclass(frozen=True)
 class Verb:
     name: str
@@ -108,7 +119,11 @@ class Schema:
             walk({"type": name})
 
     def validate_params(self, verb: Verb, params: dict[str, Any]) -> None:
-        """Raise MissingParameter or InvalidParameter naming the first bad field."""
+        """Raise MissingParameter or InvalidParameter naming the first bad field.
+
+        Lenient values (``lenient: true``) are coerced in place, so the handler sees
+        the declared type.
+        """
         self._check_fields(verb.params, params, "", None)
 
     def validate_result(self, verb: Verb, result: Any) -> None:
@@ -118,14 +133,16 @@ class Schema:
         except errors.RequestError as e:
             raise ValueError(f"{verb.name}: {e}") from e
 
-    def _check(self, spec: Spec, value: Any, path: str) -> None:
+    def _check(self, spec: Spec, value: Any, path: str) -> Any:
+        """The value, checked (and coerced where the spec is lenient)."""
         spec = self.resolve(spec)
         if value is None and spec.get("nullable"):
-            return
+            return None
         if "oneOf" in spec:
-            self._check_one_of(spec["oneOf"], value, path)
-            return
+            return self._check_one_of(spec["oneOf"], value, path)
         kind = spec.get("type", "string")
+        if spec.get("lenient") and kind in _LENIENT and isinstance(value, str):
+            value = _LENIENT[kind](value, path)
         if not _TYPES[kind](value):
             raise errors.InvalidParameter(path, f"expected {kind}, got {type(value).__name__}")
         if "enum" in spec and value not in spec["enum"]:
@@ -138,14 +155,14 @@ class Schema:
             self._check_fields(spec["properties"], value, path + ".", spec.get("anyOf"))
         if kind == "array" and "items" in spec:
             for i, item in enumerate(value):
-                self._check(spec["items"], item, f"{path}[{i}]")
+                value[i] = self._check(spec["items"], item, f"{path}[{i}]")
+        return value
 
-    def _check_one_of(self, specs: list[Spec], value: Any, path: str) -> None:
+    def _check_one_of(self, specs: list[Spec], value: Any, path: str) -> Any:
         problems = []
         for spec in specs:
             try:
-                self._check(spec, value, path)
-                return
+                return self._check(spec, value, path)
             except errors.RequestError as e:
                 problems.append(e.message)
         raise errors.InvalidParameter(path, "matches none of: " + " | ".join(problems))
@@ -158,7 +175,7 @@ class Schema:
                 raise errors.InvalidParameter(prefix + key, "unknown field")
         for key, spec in fields.items():
             if key in value:
-                self._check(spec, value[key], prefix + key)
+                value[key] = self._check(spec, value[key], prefix + key)
                 for other in spec.get("excludes", []):
                     if other in value:
                         raise errors.InvalidParameter(

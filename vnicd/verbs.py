@@ -23,6 +23,7 @@ from vnicd.planning import (
     Step,
     StoreWrite,
 )
+from vnicd.profile import device_params, with_devices
 from vnicd.service import (
     Capabilities,
     CreateVM,
@@ -145,7 +146,7 @@ def _check_vm_id(p: Params) -> None:
 
 
 async def _update_device(svc: Service, p: Params) -> Any:
-    dev = p["params"]
+    dev = device_params(p["params"], "update")
     req = UpdateNic(
         vm_id=_vm_id(p),
         nic=_nic(dev),
@@ -159,19 +160,20 @@ async def _update_device(svc: Service, p: Params) -> Any:
 
 
 async def _hotplug(svc: Service, p: Params) -> Any:
-    dev = p["params"]
+    dev = device_params(p["params"], "plug")
     _check_vm_id(p)
     dry_run = dev.get("dryRun", False)
     if "xml" in dev:
         req = PlugNic(_vm_id(p), xml=dev["xml"], dry_run=dry_run)
     else:
         req = PlugNic(_vm_id(p), nic=_nic(dev), dry_run=dry_run)
-    return outcome_wire(await svc.hotplug(req))
+    outcome = await svc.hotplug(req)
+    return outcome_wire(outcome) if isinstance(outcome, DryRun) else with_devices(vm_wire(outcome))
 
 
 async def _hotunplug(svc: Service, p: Params) -> Any:
     _check_vm_id(p)
-    dev = p["params"]
+    dev = device_params(p["params"], "unplug")
     req = UnplugNic(_vm_id(p), _nic(dev), dry_run=dev.get("dryRun", False))
     return outcome_wire(await svc.hotunplug(req))
 
@@ -199,7 +201,7 @@ async def _capabilities(svc: Service, _p: Params) -> Any:
 
 
 async def _ping(_svc: Service, _p: Params) -> Any:
-    return {}
+    return True  # as VDSM answers it
 
 
 def _wire_fields(handler: Handler) -> Handler:

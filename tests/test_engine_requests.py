@@ -1,0 +1,221 @@
+"""Requests built field by field as ovirt-engine's vdsbroker builds them, over the engine wire.
+
+VM.updateDevice: ``UpdateVmInterfaceVDSCommand.initDeviceStructure`` puts ``deviceType``,
+``alias`` and ``linkActive`` as ``String.valueOf(nic.isLinked())``, then
+``VmInfoBuildUtils.addProfileDataToNic`` adds ``network`` (the vdsm name), ``specParams``
+with empty ``inbound``/``outbound`` for a profile without QoS, ``portMirroring`` only when
+the profile mirrors and ``custom`` only when there are custom properties.
+VM.hotplugNic / hotunplugNic (cluster level < 4.2): ``HotPlugOrUnplugNicVDSCommand``
+sends ``{vmId, nic: {type, device, macAddr, linkActive, address?, specParams, nicModel,
+deviceId, network, ...}}`` plus ``filter``/``filterParameters`` from
+``addNetworkFiltersToNic``. Effects are proven in the live XML, the kernel and QEMU.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests import pki
+from tests.conftest import Nic, Vms
+from tests.engine import EngineClient
+from tests.evidence import interfaces, seen
+from tests.harness import DaemonThread
+from tests.test_states import stopped_vm
+from vnicd.client import RpcError
+
+
+@pytest.fixture
+def engine(vnicd: DaemonThread) -> Iterator[EngineClient]:
+    certs = pki.at(vnicd.config.engine.ca_file.parent)
+    with EngineClient(vnicd.config.engine.port, certs.ca, certs.engine) as client:
+        yield client
+
+
+def update_device(alias: str, linked: bool, network: str, **profile: Any) -> dict[str, Any]:
+    """As UpdateVmInterfaceVDSCommand + addProfileDataToNic build it (a profile without QoS)."""
+    struct: dict[str, Any] = {"deviceType": "interface", "alias": alias}
+    struct["linkActive"] = str(linked).lower()  # String.valueOf(boolean)
+    struct["specParams"] = {"inbound": {}, "outbound": {}}
+    struct["network"] = network
+    struct.update(profile)
+    return struct
+
+
+def engine_nic(nic: Nic, network: str, **profile: Any) -> dict[str, Any]:
+    """As HotPlugOrUnplugNicVDSCommand.initNicStructure builds it."""
+    struct: dict[str, Any] = {
+        "type": "interface",
+        "device": "bridge",
+        "macAddr": nic.mac,
+        "linkActive": "true",
+        "specParams": {},
+        "nicModel": "pv",
+        "deviceId": str(uuid.uuid4()),
+        "network": network,
+    }
+    struct.update(profile)
+    return struct
+
+
+def test_update_device_as_the_engine_sends_it(
+    vnicd: DaemonThread, vms: Vms, engine: EngineClient
+) -> None:
+    nic = Nic("vt-a")
+    vm_id = vms.create(nic)
+    before = seen(vnicd, vm_id, nic.mac)
+
+    info = engine.call(
+        "VM.updateDevice", vmID=vm_id, params=update_device("net0", False, "vt-b", custom={})
+    )
+    assert info["nics"][0]["linkActive"] is False
+    after = seen(vnicd, vm_id, nic.mac)
+    assert (after.kernel_bridge, after.source, after.link_up) == ("vt-b", "vt-b", False)
+    assert (after.pci, after.qemu_slot, after.tap, after.mac) == (
+        before.pci,
+        before.qemu_slot,
+        before.tap,
+        before.mac,
+    )
+
+    engine.call(
+        "VM.updateDevice",
+        vmID=vm_id,
+        params=update_device("net0", True, "vt-a", portMirroring=[], filterParameters=[]),
+    )
+    assert seen(vnicd, vm_id, nic.mac) == before
+
+
+@pytest.mark.parametrize(
+    ("profile", "field"),
+    [
+        (
+            {"specParams": {"inbound": {"average": 1000, "peak": 2000, "burst": 1024}}},
+            "params.specParams.inbound",
+        ),
+        ({"specParams": {"outbound": {"average": 10, "peak": 10, "burst": 10}}}, "outbound"),
+        ({"portMirroring": ["vt-b"]}, "params.portMirroring"),
+        ({"custom": {"security_groups": "web"}}, "params.custom"),
+        ({"filter": "vdsm-no-mac-spoofing"}, "params.filter"),
+    ],
+)
+def test_profile_features_vnicd_lacks_change_nothing(
+    vnicd: DaemonThread, vms: Vms, engine: EngineClient, profile: dict[str, Any], field: str
+) -> None:
+    nic = Nic("vt-a")
+    vm_id = vms.create(nic)
+    before = seen(vnicd, vm_id, nic.mac)
+    params = {**update_device("net0", False, "vt-b"), **profile}
+    with pytest.raises(RpcError) as e:
+        engine.call("VM.updateDevice", vmID=vm_id, params=params)
+    assert e.value.code == 44 and field in e.value.message
+    assert e.value.data["reason"] == "noimpl"
+    assert seen(vnicd, vm_id, nic.mac) == before
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [("yes", "not a boolean"), (1, "expected boolean"), ("", "not a boolean")],
+)
+def test_engine_booleans_are_true_or_false_only(
+    vms: Vms, engine: EngineClient, value: Any, problem: str
+) -> None:
+    vm_id = vms.create(Nic("vt-a"))
+    params = {**update_device("net0", True, "vt-a"), "linkActive": value}
+    with pytest.raises(RpcError) as e:
+        engine.call("VM.updateDevice", vmID=vm_id, params=params)
+    assert e.value.code == -32602 and "params.linkActive" in e.value.message
+    assert problem in e.value.message
+
+
+def test_hot_unplug_and_plug_as_older_engines_send_them(
+    vnicd: DaemonThread, vms: Vms, engine: EngineClient
+) -> None:
+    """Unplugged while the VM is down (no guest to acknowledge), plugged back live."""
+    a, b = Nic("vt-a"), Nic("vt-a")
+    vm_id = stopped_vm(vms, a, b)
+    unplug = {"vmId": vm_id, "nic": engine_nic(b, "vt-a", filter="vdsm-no-mac-spoofing")}
+    info = engine.call("VM.hotunplugNic", vmID=vm_id, params=unplug)
+    assert [n["plugged"] for n in info["nics"] if n["macAddr"] == b.mac] == [False]
+
+    vnicd.domain(vm_id).create()
+    plug = {"vmId": vm_id, "nic": engine_nic(b, "vt-a", filter="vdsm-no-mac-spoofing")}
+    with pytest.raises(RpcError) as e:
+        engine.call("VM.hotplugNic", vmID=vm_id, params=plug)
+    assert e.value.code == 44 and "params.nic.filter" in e.value.message
+    assert b.mac not in interfaces(vnicd.live_xml(vm_id))
+
+    plug["nic"] = engine_nic(b, "vt-a", filter="", filterParameters=[], custom={})
+    info = engine.call("VM.hotplugNic", vmID=vm_id, params=plug)
+    assert [n["plugged"] for n in info["nics"] if n["macAddr"] == b.mac] == [True]
+    got = seen(vnicd, vm_id, b.mac)
+    assert (got.kernel_bridge, got.link_up, got.tap) == ("vt-a", True, b.tap)
+    assert got.alias in vnicd.query_pci(vm_id)
+    # ActivateDeactivateVmNicCommand reads the new vNIC's alias from result.devices
+    [device] = [d for d in info["devices"] if d["macAddr"] == b.mac]
+    assert device["alias"] == got.alias
+
+
+def engine_update_xml(alias: str, mac: str, bridge: str, linked: bool, extra: str = "") -> str:
+    """As LibvirtVmXmlBuilder.buildHotplugNic writes it for UpdateVmInterfaceVDSCommand."""
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?><hotplug><devices><interface type="bridge">'
+        f'<model type="virtio"/><link state="{"up" if linked else "down"}"/>'
+        f'<source bridge="{bridge}"/><alias name="{alias}"/><mac address="{mac}"/>'
+        f'<mtu size="1500"/>{extra}<bandwidth/></interface></devices>'
+        '<metadata xmlns:ovirt-vm="http://ovirt.org/vm/1.0"><ovirt-vm:vm>'
+        f'<ovirt-vm:device alias="{alias}" mac_address="{mac}"><ovirt-vm:custom/>'
+        "</ovirt-vm:device></ovirt-vm:vm></metadata></hotplug>"
+    )
+
+
+def test_update_device_as_todays_engine_sends_it(
+    vnicd: DaemonThread, vms: Vms, engine: EngineClient
+) -> None:
+    """Cluster level 4.2+: {deviceType, xml}; the engine names its vNICs ua-<device id>."""
+    alias = f"ua-{uuid.uuid4()}"
+    nic = Nic("vt-a", extra=f"<alias name='{alias}'/>")
+    vm_id = vms.create(nic)
+    before = seen(vnicd, vm_id, nic.mac)
+    assert before.alias == alias
+
+    params = {"deviceType": "interface", "xml": engine_update_xml(alias, nic.mac, "vt-b", False)}
+    engine.call("VM.updateDevice", vmID=vm_id, params=params)
+    after = seen(vnicd, vm_id, nic.mac)
+    assert (after.kernel_bridge, after.link_up) == ("vt-b", False)
+    assert (after.pci, after.tap, after.qemu_slot) == (before.pci, before.tap, before.qemu_slot)
+
+    filtered = engine_update_xml(
+        alias, nic.mac, "vt-a", True, extra='<filterref filter="vdsm-no-mac-spoofing"/>'
+    )
+    with pytest.raises(RpcError) as e:
+        engine.call(
+            "VM.updateDevice", vmID=vm_id, params={"deviceType": "interface", "xml": filtered}
+        )
+    assert e.value.code == 44 and "filterref" in e.value.message
+    assert seen(vnicd, vm_id, nic.mac) == after
+
+    unwire = engine_update_xml(alias, nic.mac, ";vdsmdummy;", False)
+    info = engine.call(
+        "VM.updateDevice", vmID=vm_id, params={"deviceType": "interface", "xml": unwire}
+    )
+    assert info["nics"][0]["network"] == ""
+    assert seen(vnicd, vm_id, nic.mac).kernel_bridge == vnicd.config.unwired_bridge
+
+
+def test_hot_unplug_as_todays_engine_sends_it(
+    vnicd: DaemonThread, vms: Vms, engine: EngineClient
+) -> None:
+    """HotUnplugNicVDSCommand: {vmId, xml} with an alias-only <interface>."""
+    alias = f"ua-{uuid.uuid4()}"
+    a, b = Nic("vt-a"), Nic("vt-a", extra=f"<alias name='{alias}'/>")
+    vm_id = stopped_vm(vms, a, b)
+    xml = (
+        '<?xml version="1.0" encoding="UTF-8"?><hotunplug><devices><interface>'
+        f'<alias name="{alias}"/></interface></devices></hotunplug>'
+    )
+    info = engine.call("VM.hotunplugNic", vmID=vm_id, params={"vmId": vm_id, "xml": xml})
+    assert {n["macAddr"]: n["plugged"] for n in info["nics"]} == {a.mac: True, b.mac: False}

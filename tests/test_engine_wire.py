@@ -1,0 +1,323 @@
+"""The engine's wire against the session's vnicd: STOMP 1.2, mutual TLS, a real STOMP client."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import ssl
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests import pki
+from tests.conftest import Nic, Vms, nic_xml
+from tests.engine import EngineClient, read_until_closed, tls_socket
+from tests.evidence import seen
+from tests.harness import DaemonThread
+from vnicd.caller import CallerFilter
+from vnicd.client import RpcError
+from vnicd.stomp import Frame, Parser
+
+
+@pytest.fixture(scope="module")
+def certs(vnicd: DaemonThread) -> pki.Pki:
+    return pki.at(vnicd.config.engine.ca_file.parent)
+
+
+@pytest.fixture
+def engine(vnicd: DaemonThread, certs: pki.Pki) -> Iterator[EngineClient]:
+    with EngineClient(vnicd.config.engine.port, certs.ca, certs.engine) as client:
+        yield client
+
+
+def test_every_verb(vnicd: DaemonThread, vms: Vms, engine: EngineClient) -> None:
+    assert engine.call("Host.ping2") is True
+    caps = engine.call("Host.getCapabilities")
+    assert caps["libvirtURI"] == vnicd.config.uri
+
+    vm_id, xml = vms.xml(Nic("vt-a"))
+    vms.created.append(vm_id)
+    mac = interfaces_macs(xml)[0]
+    assert engine.call("VM.create", vmID=vm_id, vmParams={"xml": xml})["status"] == "Up"
+    assert vm_id in [vm["vmID"] for vm in engine.call("Host.getVMList")]
+    assert engine.call("VM.getInfo", vmID=vm_id)["nics"][0]["macAddr"] == mac
+
+    before = seen(vnicd, vm_id, mac)
+    info = engine.call(
+        "VM.updateDevice",
+        vmID=vm_id,
+        params={"deviceType": "interface", "alias": "net0", "network": "vt-b"},
+    )
+    assert info["nics"][0]["network"] == "vt-b"
+    after = seen(vnicd, vm_id, mac)
+    assert (after.kernel_bridge, after.source, after.pci) == ("vt-b", "vt-b", before.pci)
+
+    new = vms.nic(Nic("vt-a"))
+    info = engine.call("VM.hotplugNic", vmID=vm_id, params={"vmId": vm_id, "xml": nic_xml(new)})
+    assert {n["macAddr"] for n in info["nics"]} == {mac, new.mac}
+    assert seen(vnicd, vm_id, new.mac).kernel_bridge == "vt-a"
+
+    with pytest.raises(RpcError) as e:
+        engine.call("VM.hotunplugNic", vmID=vm_id, params={"macAddr": "52:54:00:ff:ff:ff"})
+    assert e.value.code == 50
+
+    assert engine.call("VM.destroy", vmID=vm_id) == {}
+    with pytest.raises(RpcError) as e:
+        engine.call("VM.getInfo", vmID=vm_id)
+    assert e.value.code == 1
+
+
+def interfaces_macs(domain_xml: str) -> list[str]:
+    return [
+        line.split("'")[1]
+        for line in domain_xml.replace("><", ">\n<").splitlines()
+        if line.startswith("<mac address=")
+    ]
+
+
+def test_batch_and_notification(engine: EngineClient) -> None:
+    batch = [
+        {"jsonrpc": "2.0", "method": "Host.ping2", "params": {}, "id": "a"},
+        {"jsonrpc": "2.0", "method": "Host.ping2", "params": {}},
+        {"jsonrpc": "2.0", "method": "VM.getInfo", "params": {"vmID": str(uuid.uuid4())}, "id": 7},
+    ]
+    replies = {r["id"]: r for r in engine.request(json.dumps(batch))}
+    assert set(replies) == {"a", 7}
+    assert replies["a"]["result"] is True
+    assert replies[7]["error"]["code"] == 1
+
+
+def test_flow_id_reaches_the_log(engine: EngineClient) -> None:
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Keep()
+    handler.addFilter(CallerFilter())
+    logger = logging.getLogger("vnicd")
+    logger.addHandler(handler)
+    try:
+        with pytest.raises(RpcError):
+            engine.call("VM.getInfo", flow_id="flow-4711", vmID=str(uuid.uuid4()))
+    finally:
+        logger.removeHandler(handler)
+    mine = [r for r in records if "VM.getInfo failed" in r.getMessage()]
+    assert mine and all(getattr(r, "flow_id", None) == "flow-4711" for r in mine)
+    caller = str(getattr(mine[0], "caller", ""))
+    assert caller.startswith("engine:O=vnicd-tests,CN=engine"), caller
+
+
+def test_verb_failures_are_jsonrpc_errors(engine: EngineClient) -> None:
+    def reply(body: str) -> dict[str, Any]:
+        response: dict[str, Any] = engine.request(body)
+        return response
+
+    assert reply("this is not json")["error"]["code"] == -32700
+    assert reply('{"jsonrpc": "2.0", "method": 5, "id": 1}')["error"]["code"] == -32600
+    wrong = {"jsonrpc": "2.0", "method": "VM.getInfo", "params": {"vmID": 5}, "id": "w"}
+    answer = reply(json.dumps(wrong))
+    assert answer["id"] == "w" and answer["error"]["code"] == -32602
+    assert "vmID" in answer["error"]["message"]
+    unknown = {"jsonrpc": "2.0", "method": "VM.migrate", "params": {}, "id": "m"}
+    assert reply(json.dumps(unknown))["error"]["code"] == -32601
+    assert engine.errors.empty()
+    assert engine.call("Host.ping2") is True
+
+
+# Below the client library: raw frames over TLS.
+
+
+def raw(vnicd: DaemonThread, certs: pki.Pki, heartbeat: str = "0,0") -> socket.socket:
+    sock = tls_socket(vnicd.config.engine.port, certs.ca, certs.engine)
+    sock.sendall(Frame("CONNECT", {"accept-version": "1.2", "heart-beat": heartbeat}).encode())
+    sock.sendall(Frame("SUBSCRIBE", {"id": "s1", "destination": "me"}).encode())
+    frames = read_frames(sock, 1)
+    assert frames[0].command == "CONNECTED" and frames[0].headers["version"] == "1.2"
+    return sock
+
+
+def read_frames(sock: socket.socket, count: int, timeout: float = 10) -> list[Frame]:
+    parser = Parser()
+    frames: list[Frame] = []
+    sock.settimeout(timeout)
+    while len(frames) < count:
+        data = sock.recv(65536)
+        if not data:
+            break
+        frames += parser.feed(data)
+    return frames
+
+
+def ping_frame(request_id: str = "p") -> bytes:
+    body = json.dumps({"jsonrpc": "2.0", "method": "Host.ping2", "params": {}, "id": request_id})
+    return Frame(
+        "SEND", {"destination": "jms.topic.vdsm_requests", "reply-to": "me"}, body.encode()
+    ).encode()
+
+
+def test_reply_headers_as_vdsm_client_needs(vnicd: DaemonThread, certs: pki.Pki) -> None:
+    with raw(vnicd, certs) as sock:
+        sock.sendall(ping_frame("x1"))
+        [message] = read_frames(sock, 1)
+    assert message.command == "MESSAGE"
+    assert message.headers["subscription"] == "s1"
+    assert message.headers["destination"] == "me"
+    assert message.headers["content-type"] == "application/json"
+    assert int(message.headers["content-length"]) == len(message.body)
+    assert message.headers["message-id"]
+    assert json.loads(message.body) == {"jsonrpc": "2.0", "result": True, "id": "x1"}
+
+
+def test_frames_split_and_joined(vnicd: DaemonThread, certs: pki.Pki) -> None:
+    with raw(vnicd, certs) as sock:
+        data = b"\n" + ping_frame("j1") + b"\n" + ping_frame("j2")
+        sock.sendall(data[:7])
+        sock.sendall(data[7:50])
+        sock.sendall(data[50:])
+        ids = {json.loads(f.body)["id"] for f in read_frames(sock, 2)}
+    assert ids == {"j1", "j2"}
+
+
+def test_disconnect_with_receipt(vnicd: DaemonThread, certs: pki.Pki) -> None:
+    with raw(vnicd, certs) as sock:
+        sock.sendall(Frame("DISCONNECT", {"receipt": "r-77"}).encode())
+        frames = read_frames(sock, 2, timeout=5)
+    assert [(f.command, f.headers) for f in frames] == [("RECEIPT", {"receipt-id": "r-77"})]
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        (b"HELLO\n\n\x00", b"unknown command"),
+        (b"SEND\ndestination:jms.topic.vdsm_requests\ncontent-length:99999999\n\n", b"over"),
+        (b"SEND\n" + b"x" * 10000, b"header line over"),
+        (b"SEND\n" + b"h:v\n" * 100, b"more than"),
+        (b"SEND\nbad:\\t\n\n\x00", b"escape"),
+        (b"SUBSCRIBE\nid:s1\ndestination:again\n\n\x00", b"already in use"),
+        (b"SEND\ndestination:jms.topic.elsewhere\n\n{}\x00", b"not a destination"),
+        (b"SEND\n\n{}\x00", b"destination"),
+        (b"BEGIN\ntransaction:t\n\n\x00", b"not supported"),
+    ],
+)
+def test_broken_stomp_gets_error_and_close(
+    vnicd: DaemonThread, certs: pki.Pki, engine: EngineClient, data: bytes, problem: bytes
+) -> None:
+    with raw(vnicd, certs) as sock:
+        sock.sendall(data)
+        answer = read_until_closed(sock)
+    assert answer.startswith(b"ERROR\n") and problem in answer
+    assert engine.call("Host.ping2") is True  # another client, unaffected
+
+
+def test_frame_before_connect_is_refused(vnicd: DaemonThread, certs: pki.Pki) -> None:
+    with tls_socket(vnicd.config.engine.port, certs.ca, certs.engine) as sock:
+        sock.sendall(ping_frame())
+        answer = read_until_closed(sock)
+    assert answer.startswith(b"ERROR\n") and b"before CONNECT" in answer
+
+
+def test_stomp_1_0_is_refused(vnicd: DaemonThread, certs: pki.Pki) -> None:
+    with tls_socket(vnicd.config.engine.port, certs.ca, certs.engine) as sock:
+        sock.sendall(Frame("CONNECT", {"accept-version": "1.0,1.1"}).encode())
+        answer = read_until_closed(sock)
+    assert answer.startswith(b"ERROR\n") and b"1.2" in answer
+
+
+def test_server_heartbeats_as_negotiated(vnicd: DaemonThread, certs: pki.Pki) -> None:
+    """The client asks to hear from vnicd every second (VDSM's floor): bare EOLs arrive."""
+    sock = tls_socket(vnicd.config.engine.port, certs.ca, certs.engine)
+    with sock:
+        sock.sendall(Frame("CONNECT", {"accept-version": "1.2", "heart-beat": "0,1000"}).encode())
+        sock.settimeout(5)
+        data = b""
+        while data.partition(b"\x00")[2].count(b"\n") < 2:
+            data += sock.recv(4096)
+    connected, _, beats = data.partition(b"\x00")
+    assert b"heart-beat:1000,0" in connected
+    assert beats.strip(b"\n") == b"" and len(beats) >= 2
+
+
+@pytest.mark.parametrize("who", ["no certificate", "another CA", "plain TCP"])
+def test_refused_at_the_handshake(
+    vnicd: DaemonThread, certs: pki.Pki, engine: EngineClient, who: str
+) -> None:
+    port = vnicd.config.engine.port
+    connect = Frame("CONNECT", {"accept-version": "1.2"}).encode()
+    if who == "plain TCP":
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        with sock:
+            sock.sendall(connect)
+            answer = read_until_closed(sock)
+    else:
+        cert = None if who == "no certificate" else certs.intruder
+        answer = b""
+        try:
+            with tls_socket(port, certs.ca, cert) as tls:
+                tls.sendall(connect)
+                answer = read_until_closed(tls)
+        except (ssl.SSLError, ConnectionError) as e:
+            answer = str(e).encode()
+    assert b"CONNECTED" not in answer
+    assert engine.call("Host.ping2") is True
+
+
+def test_events_for_changes_by_vnicd_and_by_libvirt(
+    vnicd: DaemonThread, vms: Vms, engine: EngineClient
+) -> None:
+    engine.subscribe_events()
+    engine.call("Host.ping2")  # the subscription is in place once this is answered
+    nic = Nic("vt-a")
+    vm_id = vms.create(nic)
+    assert status_events(engine, vm_id)[-1]["status"] == "Up"
+
+    engine.call(
+        "VM.updateDevice",
+        vmID=vm_id,
+        params={"deviceType": "interface", "macAddr": nic.mac, "linkActive": False},
+    )
+    events = engine.events(timeout=3)
+    [change] = nic_events(events, vm_id)
+    assert change["nics"] == [
+        {
+            "macAddr": nic.mac,
+            "alias": "net0",
+            "network": "vt-a",
+            "linkActive": False,
+            "plugged": True,
+            "state": "plugged-unlinked",
+        }
+    ]
+    [status] = [e["params"][vm_id] for e in events if e["method"] == f"|virt|VM_status|{vm_id}"]
+    assert status["status"] == "Up" and status["hash"]
+
+    dom = vnicd.domain(vm_id)
+    xml = nic_xml(nic).replace("<target dev", "<link state='up'/><target dev")
+    dom.updateDeviceFlags(xml, 1)  # VIR_DOMAIN_AFFECT_LIVE, behind vnicd's back
+    [change] = nic_events(engine.events(timeout=3), vm_id)
+    assert change["nics"][0]["state"] == "plugged-linked"
+    assert change["nics"][0]["linkActive"] is True
+
+    vnicd.domain(vm_id).destroy()
+    assert status_events(engine, vm_id)[-1] == {"status": "Down"}
+
+
+def status_events(engine: EngineClient, vm_id: str) -> list[dict[str, Any]]:
+    return [
+        e["params"][vm_id]
+        for e in engine.events(timeout=3)
+        if e["method"] == f"|virt|VM_status|{vm_id}"
+    ]
+
+
+def nic_events(events: list[dict[str, Any]], vm_id: str) -> list[dict[str, Any]]:
+    found = [e for e in events if e["method"] == f"|vnicd|nic_changed|{vm_id}"]
+    for e in found:
+        assert (
+            e["jsonrpc"] == "2.0" and "id" not in e and isinstance(e["params"]["notify_time"], int)
+        )
+    return [e["params"][vm_id] for e in found]

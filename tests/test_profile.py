@@ -1,0 +1,178 @@
+"""Engine-only vNIC fields and lenient booleans: pure logic, no VM."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from vnicd import errors
+from vnicd.profile import device_params
+from vnicd.schema import Schema
+
+SCHEMA = Schema.load()
+VM = "6ba7b810-9dad-11d1-80b4-00c04fd430c8"
+
+
+def test_nothing_asked_is_dropped() -> None:
+    params = {
+        "deviceType": "interface",
+        "alias": "net0",
+        "linkActive": False,
+        "network": "n",
+        "specParams": {"inbound": {}, "outbound": {}},
+        "portMirroring": [],
+        "filter": "",
+        "filterParameters": [],
+        "custom": {},
+    }
+    assert device_params(params, "update") == {
+        "deviceType": "interface",
+        "alias": "net0",
+        "linkActive": False,
+        "network": "n",
+    }
+
+
+def test_older_engines_nic_is_unwrapped() -> None:
+    nic: dict[str, Any] = {"type": "interface", "device": "bridge", "macAddr": "52:54:00:00:00:01"}
+    nic |= {"address": {"slot": "0x03"}, "deviceId": "d", "specParams": {}, "network": "n"}
+    assert device_params({"vmId": VM, "nic": nic}, "plug") == {
+        "vmId": VM,
+        "macAddr": "52:54:00:00:00:01",
+        "network": "n",
+    }
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"specParams": {"inbound": {"average": 1}}}, "params.specParams.inbound"),
+        ({"specParams": {"outbound": {"peak": 1}}}, "params.specParams.outbound"),
+        ({"portMirroring": ["x"]}, "params.portMirroring"),
+        ({"filter": "clean-traffic"}, "params.filter"),
+        ({"filterParameters": [{"name": "IP", "value": "1.2.3.4"}]}, "params.filterParameters"),
+        ({"custom": {"k": "v"}}, "params.custom"),
+        ({"nic": {"macAddr": "52:54:00:00:00:01", "custom": {"k": "v"}}}, "params.nic.custom"),
+    ],
+)
+def test_asking_for_a_missing_feature_is_noimpl(params: dict[str, Any], field: str) -> None:
+    with pytest.raises(errors.NotImplementedFeature) as e:
+        device_params(params, "update")
+    assert e.value.code == 44 and e.value.fields["field"] == field
+    assert field in e.value.message
+
+
+def test_unplug_ignores_what_describes_the_leaving_vnic() -> None:
+    nic = {"macAddr": "52:54:00:00:00:01", "filter": "vdsm-no-mac-spoofing"}
+    assert device_params({"nic": nic}, "unplug") == {"macAddr": "52:54:00:00:00:01"}
+
+
+@pytest.mark.parametrize(("text", "value"), [("true", True), ("False", False), (True, True)])
+def test_engine_bool_is_coerced_for_the_handler(text: Any, value: bool) -> None:
+    dev: dict[str, Any] = {"deviceType": "interface", "alias": "a", "linkActive": text}
+    params: dict[str, Any] = {"vmID": VM, "params": dev}
+    SCHEMA.validate_params(SCHEMA.verbs["VM.updateDevice"], params)
+    assert dev["linkActive"] is value
+
+
+def test_engine_nic_bool_and_strictness_elsewhere() -> None:
+    nic: dict[str, Any] = {"macAddr": "52:54:00:00:00:01", "linkActive": "false"}
+    params: dict[str, Any] = {"vmID": VM, "params": {"nic": nic}}
+    SCHEMA.validate_params(SCHEMA.verbs["VM.hotplugNic"], params)
+    assert nic["linkActive"] is False
+    strict = {"vmID": VM, "vmParams": {"xml": "<domain/>", "persistent": "true"}}
+    with pytest.raises(errors.InvalidParameter, match=r"vmParams\.persistent: expected boolean"):
+        SCHEMA.validate_params(SCHEMA.verbs["VM.create"], strict)
+
+
+def test_qos_values_are_typed() -> None:
+    params = {
+        "vmID": VM,
+        "params": {"alias": "a", "deviceType": "interface", "specParams": {"inbound": {"x": 1}}},
+    }
+    with pytest.raises(errors.InvalidParameter, match=r"specParams\.inbound\.x: unknown field"):
+        SCHEMA.validate_params(SCHEMA.verbs["VM.updateDevice"], params)
+
+
+def engine_xml(interface: str, metadata: str = "<ovirt-vm:custom/>") -> str:
+    """Shaped as LibvirtVmXmlBuilder.buildHotplugNic writes it."""
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?><hotplug><devices>'
+        f"{interface}</devices>"
+        '<metadata xmlns:ovirt-vm="http://ovirt.org/vm/1.0"><ovirt-vm:vm>'
+        f'<ovirt-vm:device alias="ua-1" mac_address="52:54:00:00:00:01">{metadata}'
+        "</ovirt-vm:device></ovirt-vm:vm></metadata></hotplug>"
+    )
+
+
+IFACE = (
+    '<interface type="bridge"><model type="virtio"/><link state="down"/>'
+    '<source bridge="{bridge}"/><alias name="ua-1"/><mac address="52:54:00:00:00:01"/>'
+    '<mtu size="1500"/>{extra}<bandwidth/></interface>'
+)
+
+
+def test_engine_xml_update_becomes_fields() -> None:
+    xml = engine_xml(IFACE.format(bridge="ovirtmgmt", extra=""))
+    assert device_params({"deviceType": "interface", "xml": xml}, "update") == {
+        "deviceType": "interface",
+        "alias": "ua-1",
+        "macAddr": "52:54:00:00:00:01",
+        "linkActive": False,
+        "network": "ovirtmgmt",
+        "nicModel": "virtio",
+    }
+    unwired = engine_xml(IFACE.format(bridge=";vdsmdummy;", extra=""))
+    assert device_params({"xml": unwired}, "update")["network"] == ""
+
+
+@pytest.mark.parametrize(
+    ("extra", "metadata", "problem"),
+    [
+        ('<filterref filter="vdsm-no-mac-spoofing"/>', "", "network filter"),
+        ('<port isolated="yes"/>', "", "port isolation"),
+        ('<teaming type="persistent"/>', "", "teaming"),
+        (
+            "",
+            "<ovirt-vm:portMirroring><ovirt-vm:network>n</ovirt-vm:network>"
+            "</ovirt-vm:portMirroring>",
+            "port mirroring",
+        ),
+        ("", "<ovirt-vm:custom><ovirt-vm:k>v</ovirt-vm:k></ovirt-vm:custom>", "custom"),
+    ],
+)
+def test_engine_xml_features_vnicd_lacks(extra: str, metadata: str, problem: str) -> None:
+    xml = engine_xml(IFACE.format(bridge="b", extra=extra), metadata or "<ovirt-vm:custom/>")
+    with pytest.raises(errors.NotImplementedFeature, match=problem) as e:
+        device_params({"xml": xml}, "update")
+    assert e.value.fields["field"] == "params.xml"
+
+
+def test_engine_xml_qos_and_hostdev() -> None:
+    qos = IFACE.format(bridge="b", extra="").replace(
+        "<bandwidth/>", '<bandwidth><inbound average="1" burst="1" peak="1"/></bandwidth>'
+    )
+    with pytest.raises(errors.NotImplementedFeature, match="inbound"):
+        device_params({"xml": engine_xml(qos)}, "update")
+    hostdev = IFACE.format(bridge="b", extra="").replace('type="bridge"', 'type="hostdev"')
+    with pytest.raises(errors.NotImplementedFeature, match="hostdev"):
+        device_params({"xml": engine_xml(hostdev)}, "update")
+
+
+def test_engine_xml_unplug_and_bad_xml() -> None:
+    unplug = '<hotunplug><devices><interface><alias name="ua-9"/></interface></devices></hotunplug>'
+    assert device_params({"vmId": VM, "xml": unplug}, "unplug") == {"vmId": VM, "alias": "ua-9"}
+    for bad, problem in (
+        ("<hotplug>", "malformed"),
+        ("<hotplug><devices/></hotplug>", "exactly one"),
+        ("<hotplug><devices><interface/></devices></hotplug>", "no <alias> or <mac>"),
+        (IFACE.format(bridge="no such bridge!", extra=""), "not a network name"),
+    ):
+        with pytest.raises(errors.InvalidParameter, match=problem):
+            device_params({"xml": bad}, "update")
+
+
+def test_plug_keeps_xml_as_the_new_vnic() -> None:
+    xml = engine_xml(IFACE.format(bridge="b", extra=""))
+    assert device_params({"vmId": VM, "xml": xml}, "plug") == {"vmId": VM, "xml": xml}

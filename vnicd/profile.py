@@ -1,0 +1,133 @@
+"""vNIC requests as ovirt-engine sends them, and the decision about what vnicd lacks.
+
+The engine's vdsbroker sends a vNIC in one of three shapes: since cluster level 4.2 as
+libvirt XML (``params.xml``: ``<hotplug>``/``<hotunplug>`` built by
+LibvirtVmXmlBuilder.writeInterface); before that as fields (``UpdateVmInterfaceVDSCommand``,
+``VmInfoBuildUtils.addProfileDataToNic``/``addQosForDevice``/``addNetworkFiltersToNic``)
+with QoS in ``specParams.inbound``/``outbound``, port mirroring, a network filter and
+custom properties next to the fields vnicd acts on, hot(un)plugged vNICs wrapped in
+``params.nic``. vnicd does none of those profile features yet: an empty value asks for
+nothing and is accepted; a value that asks for something is refused with ``noimpl`` (44)
+before anything changes. Pure: validated params in, the fields vnicd acts on out (and,
+for a plug, the result with the ``devices`` the engine reads).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from vnicd import names
+from vnicd.domxml import EngineDevice, XMLError, engine_device
+from vnicd.errors import InvalidParameter, NotImplementedFeature
+
+Params = dict[str, Any]
+Action = Literal["update", "plug", "unplug"]
+UNWIRED_BRIDGE = ";vdsmdummy;"  # the engine's bridge for a vNIC without a network
+# Fields that describe the device rather than ask for a change.
+_DESCRIPTIVE = ("type", "device", "address", "deviceId")
+_PROFILE = ("specParams", "portMirroring", "filter", "filterParameters", "custom")
+
+
+def device_params(params: Params, action: Action) -> Params:
+    """The device fields of a vNIC request, engine-only fields checked and dropped.
+
+    On an unplug the profile fields only describe the vNIC that goes away: they ask for
+    nothing. A plug keeps ``params.xml`` as it is: it is the new vNIC's definition.
+    """
+    dev = dict(params)
+    prefix = "params."
+    if "nic" in dev:
+        nic = dev.pop("nic")
+        prefix = "params.nic."
+        dev = {**nic, **dev}
+    if action != "plug" and "xml" in dev:
+        fields = _from_xml(dev.pop("xml"), action)
+        dev.update(fields)
+    if action != "unplug":
+        refuse_unsupported(dev, prefix)
+    return {k: v for k, v in dev.items() if k not in _PROFILE and k not in _DESCRIPTIVE}
+
+
+def refuse_unsupported(dev: Params, prefix: str = "params.") -> None:
+    """Raise NotImplementedFeature for the first profile feature that asks for something."""
+    spec = dev.get("specParams") or {}
+    for direction in ("inbound", "outbound"):
+        if spec.get(direction):
+            raise NotImplementedFeature(f"{prefix}specParams.{direction}", "network QoS")
+    if dev.get("portMirroring"):
+        raise NotImplementedFeature(f"{prefix}portMirroring", "port mirroring")
+    if dev.get("filter"):
+        raise NotImplementedFeature(f"{prefix}filter", f"network filter {dev['filter']!r}")
+    if dev.get("filterParameters"):
+        raise NotImplementedFeature(f"{prefix}filterParameters", "network filter parameters")
+    if dev.get("custom"):
+        raise NotImplementedFeature(f"{prefix}custom", f"custom properties {sorted(dev['custom'])}")
+
+
+def with_devices(vm: Params) -> Params:
+    """The VM info plus ``devices``, where ovirt-engine reads a plugged vNIC's alias."""
+    devices = [
+        {
+            "type": "interface",
+            "device": nic["sourceType"] or "bridge",
+            "macAddr": nic["macAddr"],
+            "alias": nic["alias"],
+            "network": nic["network"],
+            "nicModel": nic["nicModel"],
+            "linkActive": nic["linkActive"],
+        }
+        for nic in vm["nics"]
+        if nic["plugged"]
+    ]
+    return {**vm, "devices": devices}
+
+
+def _from_xml(xml: str, action: Action) -> Params:
+    """The fields of the engine's device XML, as the same request in fields would carry."""
+    try:
+        dev = engine_device(xml)
+    except XMLError as e:
+        raise InvalidParameter("params.xml", str(e)) from e
+    if dev.alias is not None and not names.is_alias(dev.alias):
+        raise InvalidParameter("params.xml", f"alias {dev.alias!r} is not a device alias")
+    if dev.mac is not None and not names.is_mac(dev.mac):
+        raise InvalidParameter("params.xml", f"{dev.mac!r} is not a MAC address")
+    if dev.alias is None and dev.mac is None:
+        raise InvalidParameter("params.xml", "no <alias> or <mac> to find the vNIC by")
+    fields: Params = {k: v for k, v in (("alias", dev.alias), ("macAddr", dev.mac)) if v}
+    if action == "unplug":
+        return fields
+    _refuse_xml_features(dev)
+    if dev.link_up is not None:
+        fields["linkActive"] = dev.link_up
+    if dev.bridge is not None:
+        fields["network"] = _network(dev.bridge)
+    if dev.model is not None:
+        fields["nicModel"] = dev.model
+    return fields
+
+
+def _network(bridge: str) -> str:
+    if bridge == UNWIRED_BRIDGE:
+        return ""
+    if not names.is_ifname(bridge):
+        raise InvalidParameter("params.xml", f"source bridge {bridge!r} is not a network name")
+    return bridge
+
+
+def _refuse_xml_features(dev: EngineDevice) -> None:
+    field = "params.xml"
+    if dev.kind != "bridge":
+        raise NotImplementedFeature(field, f"a vNIC of type {dev.kind!r} (vnicd wires bridges)")
+    if dev.filter:
+        raise NotImplementedFeature(field, f"network filter {dev.filter!r} (<filterref>)")
+    if dev.bandwidth:
+        raise NotImplementedFeature(field, f"network QoS (<bandwidth> {', '.join(dev.bandwidth)})")
+    if dev.isolated:
+        raise NotImplementedFeature(field, "port isolation")
+    if dev.teaming:
+        raise NotImplementedFeature(field, "failover teaming")
+    if dev.port_mirroring:
+        raise NotImplementedFeature(field, "port mirroring")
+    if dev.custom:
+        raise NotImplementedFeature(field, f"custom properties {sorted(dev.custom)}")
