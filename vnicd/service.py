@@ -269,8 +269,10 @@ class Service:
 
     # Changing.
 
-    async def update_device(self, req: UpdateNic) -> VmState | DryRun:
-        wiring = await self._resolve(req)
+    async def update_device(self, req: UpdateNic, wiring: Wiring | None = None) -> VmState | DryRun:
+        """``wiring``: the network already resolved (a bulk change resolves it once)."""
+        if wiring is None and req.change.network is not None:
+            wiring = await self.resolve(req.change.network, req.vm_id, str(req.nic))
         bounce = self._bounce_default if req.bounce is None else req.bounce
         change = replace(req.change, bounce=self._bounce_seconds if bounce else None)
         namer = self._networks.name_of
@@ -283,13 +285,10 @@ class Service:
 
         return await self._change(req.vm_id, plan, req.dry_run)
 
-    async def _resolve(self, req: UpdateNic) -> Wiring | None:
-        network = req.change.network
-        if network is None:
-            return None
+    async def resolve(self, network: str, vm: str = "", nic: str = "") -> Wiring:
         wiring = await self._blocking(self._networks.resolve, network)
         if wiring is None:
-            raise errors.UnknownNetwork(req.vm_id, str(req.nic), network)
+            raise errors.UnknownNetwork(vm, nic, network)
         return wiring
 
     async def hotplug(self, req: PlugNic) -> VmState | DryRun:

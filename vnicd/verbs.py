@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from vnicd import errors
+from vnicd import bulk, errors
 from vnicd.model import NicChange, NicRef, NicState, VmState, VmStatus
 from vnicd.names import normalize_mac
 from vnicd.planning import (
@@ -200,6 +200,42 @@ async def _capabilities(svc: Service, _p: Params) -> Any:
     return capabilities_wire(await svc.capabilities())
 
 
+async def _bulk(svc: Service, p: Params) -> Any:
+    match, change = p["match"], p["change"]
+    try:
+        outcomes = await bulk.update_all(
+            svc,
+            bulk.Match(
+                match.get("network"),
+                tuple(v.lower() for v in match["vmIDs"]) if "vmIDs" in match else None,
+            ),
+            NicChange(link_up=change.get("linkActive"), network=change.get("network")),
+            bounce=change.get("linkBounce"),
+            dry_run=p.get("dryRun", False),
+        )
+    except errors.VnicdError as e:
+        e.rename_field({"network": "change.network"})
+        raise
+    return {"results": [_outcome_wire(o) for o in outcomes]}
+
+
+def _outcome_wire(o: bulk.Outcome) -> dict[str, Any]:
+    found: dict[str, Any] = {
+        "vmID": o.vm_id,
+        "macAddr": o.nic.mac if o.nic else "",
+        "alias": o.nic.alias if o.nic else "",
+        "ok": o.error is None,
+    }
+    if o.error is not None:
+        o.error.rename_field(WIRE_FIELDS)
+        found["error"] = {"code": o.error.code, "message": o.error.message, "data": o.error.data()}
+    elif isinstance(o.result, DryRun):
+        found["plan"] = outcome_wire(o.result)
+    elif o.after is not None:
+        found["nic"] = nic_wire(o.after)
+    return found
+
+
 async def _ping(_svc: Service, _p: Params) -> Any:
     return True  # as VDSM answers it
 
@@ -223,6 +259,7 @@ HANDLERS: dict[str, Handler] = {
         "Host.ping2": _ping,
         "Host.getCapabilities": _capabilities,
         "Host.getVMList": _vm_list,
+        "Host.bulkUpdateNics": _bulk,
         "VM.getInfo": _get_info,
         "VM.create": _create,
         "VM.destroy": _destroy,

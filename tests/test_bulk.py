@@ -1,0 +1,56 @@
+"""Host.bulkUpdateNics on real VMs: every matching vNIC changed, each all-or-nothing, the
+rest untouched, proven in the kernel and the live XML."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from tests.conftest import Nic, Vms
+from tests.evidence import seen
+from tests.harness import DaemonThread, SchemaClient
+
+
+def bulk(rpc: SchemaClient, **params: Any) -> list[dict[str, Any]]:
+    results: list[dict[str, Any]] = rpc.call("Host.bulkUpdateNics", **params)["results"]
+    return results
+
+
+def test_every_vnic_on_a_network(vnicd: DaemonThread, vms: Vms, rpc: SchemaClient) -> None:
+    pairs = [(Nic("vt-a"), Nic("vt-b")) for _ in range(3)]
+    vm_ids = [vms.create(a, b) for a, b in pairs]
+    on_a = {a.mac for a, _b in pairs}
+    before_b = {b.mac: seen(vnicd, vm, b.mac) for vm, (_a, b) in zip(vm_ids, pairs, strict=True)}
+
+    plans = bulk(rpc, match={"network": "vt-a"}, change={"linkActive": False}, dryRun=True)
+    assert {r["macAddr"] for r in plans} >= on_a and all(r["plan"]["dryRun"] for r in plans)
+    assert all(seen(vnicd, vm, a.mac).link_up for vm, (a, _b) in zip(vm_ids, pairs, strict=True))
+
+    done = bulk(rpc, match={"network": "vt-a", "vmIDs": vm_ids}, change={"linkActive": False})
+    assert {r["macAddr"] for r in done} == on_a and all(r["ok"] for r in done), done
+    moved = bulk(rpc, match={"network": "vt-a", "vmIDs": vm_ids}, change={"network": "vt-c"})
+    assert all(r["ok"] and r["nic"]["network"] == "lab" for r in moved), moved
+    for vm, (a, b) in zip(vm_ids, pairs, strict=True):
+        got = seen(vnicd, vm, a.mac)
+        assert (got.kernel_bridge, got.link_up) == ("vt-c", False), "link kept down on the move"
+        assert seen(vnicd, vm, b.mac) == before_b[b.mac], "a vNIC on another network changed"
+
+
+def test_each_vnic_has_its_own_outcome(vnicd: DaemonThread, vms: Vms, rpc: SchemaClient) -> None:
+    linked, unwired = Nic("vt-a", link_up=False), Nic("vt-a")
+    vm_id = vms.create(linked, unwired)
+    rpc.call(
+        "VM.updateDevice",
+        vmID=vm_id,
+        params={"deviceType": "interface", "macAddr": unwired.mac, "network": ""},
+    )
+    missing = str(uuid.uuid4())
+    results = bulk(rpc, match={"vmIDs": [vm_id, missing]}, change={"linkActive": True})
+    by_mac = {r["macAddr"]: r for r in results if r["vmID"] == vm_id}
+    assert by_mac[linked.mac]["ok"] and by_mac[linked.mac]["nic"]["linkActive"] is True
+    refused = by_mac[unwired.mac]
+    assert not refused["ok"] and refused["error"]["data"]["reason"] == "unsupportedChange"
+    (gone,) = [r for r in results if r["vmID"] == missing]
+    assert not gone["ok"] and gone["error"]["code"] == 1
+    assert seen(vnicd, vm_id, linked.mac).link_up
+    assert not seen(vnicd, vm_id, unwired.mac).link_up
