@@ -1,6 +1,6 @@
 """Session fixtures: the test host (a network namespace), vnicd, and VMs that never outlive a test.
 
-Real-VM tests (those using the ``vnicd`` fixture) need root, /dev/net/tun, libvirt's QEMU
+Real-VM tests (those using a fixture of ``HOST_FIXTURES``) need root, /dev/net/tun, libvirt's QEMU
 driver and, for guest tests, the test guest image the set-up built; where one is missing
 the session stops with a clear message instead of skipping. Pure-logic tests need none.
 """
@@ -30,6 +30,8 @@ from vnicd.networks import Target
 TMP = Path(tempfile.gettempdir())
 DOMAIN_TYPE = "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "qemu"
 BRIDGES = ("vt-a", "vt-b", "vt-c")
+# Tests using any of these boot VMs or run vnicd: they need root and the test namespace.
+HOST_FIXTURES = {"vnicd", "state", "workdir", "libvirtd"}
 ENGINE_PORT = 54321  # free: the session has its own network namespace
 _host = TestHost()
 
@@ -41,7 +43,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     (the test guest image) was fetched by the set-up: the namespace entered here has none,
     so a missing piece stops the run with one message instead of failing test by test.
     """
-    real = [item for item in session.items if "vnicd" in getattr(item, "fixturenames", ())]
+    real = [i for i in session.items if HOST_FIXTURES & set(getattr(i, "fixturenames", ()))]
     if not real:
         return
     if os.geteuid() != 0:

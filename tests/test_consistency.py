@@ -39,7 +39,7 @@ def test_oversized_message_then_valid_request_in_one_write(vnicd: DaemonThread) 
             for _ in range(2):
                 replies.append(json.loads(f.readline()))
     assert replies[0]["error"]["code"] == -32600
-    assert replies[1] == {"jsonrpc": "2.0", "result": {}, "id": 7}
+    assert replies[1] == {"jsonrpc": "2.0", "result": True, "id": 7}
 
 
 def test_malformed_metadata_changes_nothing(

@@ -178,7 +178,7 @@ def test_hung_libvirtd_is_noticed_by_keepalive(libvirtd: PrivateLibvirtd, workdi
     name = f"{MARKER}-b"
     nic = Nic("vt-a", mac="52:54:00:7f:04:01", tap=f"vh{os.getpid() % 100000}")
     try:
-        until("vnicd ready", lambda: call(sock, "Host.ping2") == {})
+        until("vnicd ready", lambda: call(sock, "Host.ping2") is True)
         call(sock, "VM.create", vmID=vm_id, vmParams={"xml": vm_xml(name, vm_id, [nic])})
         before = call(sock, "VM.getInfo", vmID=vm_id)
 
