@@ -132,3 +132,11 @@ def test_oversized_message_is_answered(rpc: SchemaClient) -> None:
     reply = rpc.send("[" + " " * (17 * 1024 * 1024) + "]")
     assert reply["error"]["code"] == -32600 and "over" in reply["error"]["message"]
     assert rpc.call("Host.ping2") is True, "the connection must go on serving"
+
+
+def test_vm_list_as_the_engine_asks(rpc: SchemaClient, vms: Vms) -> None:
+    vm_id = vms.create(Nic("vt-a"))
+    assert rpc.call("Host.getVMList", vmList=[], onlyUUID="false")
+    assert rpc.call("Host.getVMList", vmList=[vm_id], onlyUUID="true") == [vm_id]
+    (only,) = rpc.call("Host.getVMList", vmList=[vm_id.upper()], onlyUUID=False)
+    assert only["vmID"] == vm_id and only["nics"][0]["bridge"] == "vt-a"

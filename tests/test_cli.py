@@ -127,3 +127,16 @@ def test_dry_run_shows_a_diff_and_changes_nothing(vnicd: DaemonThread, vms: Vms)
     assert out.returncode == 0 and "ask the guest to release the vNIC" in out.stdout
     assert "-plugged: true" in out.stdout and "+plugged: false" in out.stdout
     assert seen(vnicd, vm_id, nic.mac) == before
+
+
+def test_bulk(vnicd: DaemonThread, vms: Vms) -> None:
+    nics = [Nic("vt-b") for _ in range(2)]
+    vm_ids = [vms.create(nic) for nic in nics]
+    out = cli(vnicd, "bulk", "--network", "vt-b", "--link", "down", "--dry-run")
+    assert out.returncode == 0 and out.stdout.count("would: update the vNIC live") >= 2
+    vm_args = [arg for v in vm_ids for arg in ("--vm", v)]
+    out = cli(vnicd, "bulk", "--network", "vt-b", *vm_args, "--to", "vt-a")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("vt-a link up") == 2
+    for vm_id, nic in zip(vm_ids, nics, strict=True):
+        assert seen(vnicd, vm_id, nic.mac).kernel_bridge == "vt-a"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import functools
 import json
 import sys
 from collections.abc import Callable
@@ -159,6 +160,53 @@ def _vm_or_plan(result: Any) -> str:
     return plan_text(result) if result.get("dryRun") else _nics_table(result)
 
 
+BULK_CHUNK = 8  # VMs per call when a terminal shows progress
+
+
+def _bulk(client: RpcClient, args: argparse.Namespace) -> Any:
+    """Host.bulkUpdateNics; on a terminal in chunks of VMs, with progress on stderr."""
+    match: dict[str, Any] = {}
+    if args.network is not None:
+        match["network"] = args.network
+    if args.vm:
+        match["vmIDs"] = [_vm_id(client, vm) for vm in args.vm]
+    if not match:
+        raise UsageError("bulk: name the vNICs with --network and/or --vm")
+    change: dict[str, Any] = (
+        {"linkActive": args.link == "up"} if args.link else {"network": args.to}
+    )
+    if args.bounce is not None:
+        change["linkBounce"] = args.bounce
+    call = functools.partial(client.call, "Host.bulkUpdateNics", change=change)
+    if args.dry_run or not sys.stderr.isatty():
+        return call(match=match, **_dry(args.dry_run))
+    targets = call(match=match, dryRun=True)["results"]
+    vms = sorted({r["vmID"] for r in targets if r["ok"]})
+    results = [r for r in targets if not r["ok"]]
+    total = len(targets) - len(results)
+    for i in range(0, len(vms), BULK_CHUNK):
+        results += call(match={**match, "vmIDs": vms[i : i + BULK_CHUNK]})["results"]
+        print(f"\rvnic-client: {len(results)}/{len(targets)} vNICs", end="", file=sys.stderr)
+    print(f"\rvnic-client: {total} vNICs changed or refused, as listed", file=sys.stderr)
+    return {"results": results}
+
+
+def _bulk_table(result: Any) -> str:
+    rows = []
+    for r in result["results"]:
+        if not r["ok"]:
+            outcome = f"error {r['error']['code']}: {r['error']['message']}"
+        elif "plan" in r:
+            outcome = "would: " + "; ".join(r["plan"]["steps"]) if r["plan"]["steps"] else "as is"
+        else:
+            nic = r["nic"]
+            outcome = (
+                f"{nic['network'] or '(unwired)'} link {'up' if nic['linkActive'] else 'down'}"
+            )
+        rows.append([r["vmID"], r["alias"] or "-", r["macAddr"] or "-", outcome])
+    return _table(rows, ["VM ID", "ALIAS", "MAC", "RESULT"])
+
+
 def _short_forms(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     sub.add_parser("list", help="VMs on this host")
     p = sub.add_parser("nics", help="a VM's vNICs")
@@ -186,6 +234,14 @@ def _short_forms(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p = sub.add_parser("destroy", help="stop a VM and remove it")
     p.add_argument("vm", help="VM name or UUID")
     sub.add_parser("caps", help="vnicd version and the networks of this host")
+    p = sub.add_parser("bulk", help="relink or move every vNIC on a network and/or of some VMs")
+    p.add_argument("--network", help="the vNICs on this network ('' for the unwired ones)")
+    p.add_argument("--vm", action="append", default=[], help="the vNICs of this VM (repeat)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--link", choices=["up", "down"])
+    what.add_argument("--to", metavar="NETWORK", help="move them to this network")
+    p.add_argument("--bounce", action=argparse.BooleanOptionalAction, help="link bounce")
+    p.add_argument("--dry-run", action="store_true", help="show what would change")
 
 
 def _run_short(client: RpcClient, args: argparse.Namespace) -> tuple[Any, Callable[[Any], str]]:
@@ -218,6 +274,8 @@ def _run_short(client: RpcClient, args: argparse.Namespace) -> tuple[Any, Callab
     if args.command == "destroy":
         client.call("VM.destroy", vmID=_vm_id(client, args.vm))
         return {}, lambda _r: "destroyed"
+    if args.command == "bulk":
+        return _bulk(client, args), _bulk_table
     caps = client.call("Host.getCapabilities")
 
     def caps_text(c: Any) -> str:

@@ -192,8 +192,12 @@ async def _get_info(svc: Service, p: Params) -> Any:
     return vm_wire(await svc.get_info(_vm_id(p)))
 
 
-async def _vm_list(svc: Service, _p: Params) -> Any:
-    return [vm_wire(vm) for vm in await svc.vm_list()]
+async def _vm_list(svc: Service, p: Params) -> Any:
+    wanted = {v.lower() for v in p.get("vmList", [])}
+    vms = [vm for vm in await svc.vm_list() if not wanted or vm.uuid in wanted]
+    if p.get("onlyUUID", False):
+        return [vm.uuid for vm in vms]
+    return [vm_wire(vm) for vm in vms]
 
 
 async def _capabilities(svc: Service, _p: Params) -> Any:
