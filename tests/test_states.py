@@ -265,3 +265,25 @@ def test_new_vnic_without_mac_or_address(vnicd: DaemonThread, vms: Vms, rpc: Sch
     saved = saved_interfaces(vnicd, vm_id)[new["macAddr"]]
     assert pci_of(saved) == pci_of(live)
     assert seen(vnicd, vm_id, new["macAddr"]).kernel_bridge == "vt-b"
+
+
+def test_engine_plugs_back_what_it_unplugged(
+    vnicd: DaemonThread, vms: Vms, rpc: SchemaClient
+) -> None:
+    """ovirt-engine plugs a vNIC back with its whole XML: vnicd plugs the one it keeps, at
+    its PCI slot, wired and linked as that XML says."""
+    a, b = Nic("vt-a"), Nic("vt-a")
+    vm_id = stopped_vm(vms, a, b)
+    slot = pci_of(saved_interfaces(vnicd, vm_id)[b.mac])
+    call(rpc, "VM.hotunplugNic", vm_id, macAddr=b.mac)
+    vnicd.domain(vm_id).create()
+    engine_xml = (
+        "<hotplug><devices><interface type='bridge'>"
+        f"<mac address='{b.mac}'/><model type='virtio'/><source bridge='vt-b'/>"
+        "<link state='down'/><alias name='ua-engine-b'/></interface></devices></hotplug>"
+    )
+    info = call(rpc, "VM.hotplugNic", vm_id, xml=engine_xml)
+    (nic,) = [n for n in info["nics"] if n["macAddr"] == b.mac]
+    assert (nic["plugged"], nic["bridge"], nic["linkActive"]) == (True, "vt-b", False)
+    got = seen(vnicd, vm_id, b.mac)
+    assert (got.kernel_bridge, got.link_up, got.pci, got.tap) == ("vt-b", False, slot, b.tap)

@@ -316,8 +316,9 @@ def plan_unplug(snap: Snapshot, ref: NicRef, namer: Namer) -> Plan:
     return Plan(Action.UNPLUG, snap.uuid, str(ref), current.mac, tuple(steps), before, after, done)
 
 
-def plan_plug(snap: Snapshot, ref: NicRef, namer: Namer) -> Plan:
-    """Attach a stored vNIC again (same MAC, model, address, network, link)."""
+def plan_plug(snap: Snapshot, ref: NicRef, namer: Namer, wired_as: Interface | None = None) -> Plan:
+    """Attach a stored vNIC again (same MAC, model, address, network, link); with
+    ``wired_as`` (the engine's XML of the vNIC it plugs back) on its source and link."""
     _usable(snap)
     store = snap.store
     if snap.find(ref) is not None:
@@ -328,6 +329,11 @@ def plan_plug(snap: Snapshot, ref: NicRef, namer: Namer) -> Plan:
             snap, str(ref), "noNic", "there is no such unplugged vNIC", _ref_field(ref)
         )
     iface = entry.iface
+    if wired_as is not None:
+        iface = iface.copy()
+        if wired_as.source is not None:
+            iface.source = wired_as.source
+        iface.link_up = wired_as.link_up
     assert iface.mac is not None
     steps: list[Step] = []
     stale = snap.saved_nic(iface.mac) if snap.active else None
@@ -345,8 +351,18 @@ def plan_plug(snap: Snapshot, ref: NicRef, namer: Namer) -> Plan:
 
 def plan_plug_new(snap: Snapshot, iface: Interface, namer: Namer) -> Plan:
     """Plug a vNIC the VM never had. Only vNICs that reach a bridge or a libvirt network,
-    with a free MAC and PCI address; without a MAC one is chosen here."""
+    with a free MAC and PCI address; without a MAC one is chosen here. The XML of a vNIC
+    vnicd keeps unplugged (how ovirt-engine plugs back the vNIC it unplugged) plugs that
+    one back, where it was, wired as the XML says."""
     _usable(snap)
+    mac = iface.mac
+    stored = snap.store.find(mac=mac) if mac is not None else None
+    if stored is not None and snap.find(NicRef(mac=mac)) is None:
+        if iface.model is not None and iface.model != stored.iface.model:
+            raise errors.InvalidParameter(
+                "xml", f"vNIC {mac} is kept unplugged as a {stored.iface.model}, not {iface.model}"
+            )
+        return plan_plug(snap, NicRef(mac=mac), namer, wired_as=iface)
     if iface.kind not in WIRABLE:
         raise errors.InvalidParameter("xml", f"a vNIC of type {iface.kind!r} (bridge or network)")
     forbidden = iface.has_any(*HOTPLUG_FORBIDDEN)
