@@ -234,7 +234,7 @@ def test_new_vnic_checks() -> None:
     with pytest.raises(errors.InvalidParameter, match="<script> is not accepted"):
         new("<interface type='bridge'><source bridge='br-a'/><script path='/x'/></interface>")
     for xml, cause in (
-        (nic(B, slot=9, live=False), "macInUse"),
+        (nic(A, slot=9, live=False), "macInUse"),
         (nic("52:54:00:00:00:0c", slot=4, live=False), "addressInUse"),
     ):
         with pytest.raises(errors.HotplugNicError) as err:

@@ -8,11 +8,14 @@ parallel. The call as a whole is not all-or-nothing: every vNIC gets its own out
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 
 from vnicd import errors
 from vnicd.model import NicChange, NicRef, NicState, VmState
 from vnicd.service import DryRun, Service, UpdateNic
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,9 @@ async def update_all(
                 done.append(Outcome(vm.uuid, nic, await service.update_device(req, wiring)))
             except errors.VnicdError as e:
                 done.append(Outcome(vm.uuid, nic, error=e))
+            except Exception as e:  # one vNIC's surprise must not end the others' changes
+                log.exception("VM %s vNIC %s: bulk change failed", vm.uuid, nic.mac)
+                done.append(Outcome(vm.uuid, nic, error=errors.GeneralError(str(e))))
         return done
 
     for outcomes in await asyncio.gather(*(one_vm(vm) for vm in vms)):

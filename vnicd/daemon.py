@@ -165,7 +165,12 @@ class Daemon:
         log.info("found %d VMs: %s", len(found), ", ".join(found) or "none")
 
     def _connection_lost(self, reason: str) -> None:
-        """libvirt's close callback (on the loop): reconnect and resync in the background."""
+        """libvirt's close callback, from whichever thread held the connection: handed to
+        the loop, which reconnects and resyncs in the background."""
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._reconnect_soon, reason)
+
+    def _reconnect_soon(self, reason: str) -> None:
         sdnotify.status(f"libvirt connection lost ({reason}): reconnecting")
         if self.service is not None:
             self.service.removals.cancel_all(f"the libvirt connection was lost: {reason}")
@@ -253,8 +258,12 @@ class Daemon:
             detail,
             extra=logs.fields(vm_id=dom.uuid),
         )
-        if name in _SETTLE and self.service is not None:
+        if self.service is None:
+            return
+        if name in _SETTLE:
             self.service.spawn(self.service.reconcile(dom.uuid))
+        elif name == "undefined":
+            self.service.forget(dom.uuid)
         self._event_task(self._observe_vm(dom.uuid))
 
     def _engine_tls(self) -> ssl.SSLContext | None:

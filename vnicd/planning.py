@@ -116,16 +116,30 @@ class Plan:
                 return step.iface.to_xml()
         return None
 
+    def _device_step(self) -> int | None:
+        """Where the interface this change is about is sent: the last live step, else the
+        last definition step, else the removal."""
+        for kinds in (LiveUpdate | LiveAttach, DefinitionUpdate | DefinitionAttach):
+            for i in reversed(range(len(self.steps))):
+                if isinstance(self.steps[i], kinds):
+                    return i
+        for i, step in enumerate(self.steps):
+            if isinstance(step, LiveDetach | DefinitionDetach):
+                return i
+        return None
+
     @property
     def device_xml(self) -> str | None:
-        """The ``<interface>`` this change is about: what it sends live, else to the
-        definition, else what it removes."""
-        for step in reversed(self.steps):
-            if isinstance(step, LiveUpdate | DefinitionUpdate):
-                return step.after.to_xml()
-            if isinstance(step, LiveAttach | DefinitionAttach | LiveDetach | DefinitionDetach):
-                return step.iface.to_xml()
-        return None
+        """The ``<interface>`` this change is about (what a site hook sees): what it sends
+        live, else to the definition, else what it removes."""
+        i = self._device_step()
+        if i is None:
+            return None
+        step = self.steps[i]
+        if isinstance(step, LiveUpdate | DefinitionUpdate):
+            return step.after.to_xml()
+        assert isinstance(step, LiveAttach | DefinitionAttach | LiveDetach | DefinitionDetach)
+        return step.iface.to_xml()
 
     @property
     def before_xml(self) -> str | None:
@@ -138,19 +152,21 @@ class Plan:
         return None
 
     def rewritten(self, iface: Interface) -> Plan:
-        """The plan with ``iface`` sent instead, in the step :attr:`device_xml` names
-        (a site hook's rewrite). Unplugs send no interface: they are kept as they are."""
+        """The plan with ``iface`` sent instead of :attr:`device_xml` (a site hook's
+        rewrite): live when the change is live (the definition keeps vnicd's plan, and a
+        plugged vNIC's definition is taken from the live result), else in the definition.
+        Unplugs send no interface: they stay as they are."""
+        i = self._device_step()
+        if i is None:
+            return self
         steps = list(self.steps)
-        for i in reversed(range(len(steps))):
-            step = steps[i]
-            if isinstance(step, LiveUpdate | DefinitionUpdate):
-                steps[i] = replace(step, after=iface)
-                break
-            if isinstance(step, LiveAttach | DefinitionAttach):
-                steps[i] = replace(step, iface=iface)
-                break
-            if isinstance(step, LiveDetach | DefinitionDetach):
-                return self
+        step = steps[i]
+        if isinstance(step, LiveUpdate | DefinitionUpdate):
+            steps[i] = replace(step, after=iface)
+        elif isinstance(step, LiveAttach | DefinitionAttach):
+            steps[i] = replace(step, iface=iface)
+        else:
+            return self
         return replace(self, steps=tuple(steps))
 
     @property
@@ -355,6 +371,11 @@ def plan_plug_new(snap: Snapshot, iface: Interface, namer: Namer) -> Plan:
     vnicd keeps unplugged (how ovirt-engine plugs back the vNIC it unplugged) plugs that
     one back, where it was, wired as the XML says."""
     _usable(snap)
+    if iface.kind not in WIRABLE:
+        raise errors.InvalidParameter("xml", f"a vNIC of type {iface.kind!r} (bridge or network)")
+    forbidden = iface.has_any(*HOTPLUG_FORBIDDEN)
+    if forbidden is not None:
+        raise errors.InvalidParameter("xml", f"<{forbidden}> is not accepted in a vNIC")
     mac = iface.mac
     stored = snap.store.find(mac=mac) if mac is not None else None
     if stored is not None and snap.find(NicRef(mac=mac)) is None:
@@ -363,11 +384,6 @@ def plan_plug_new(snap: Snapshot, iface: Interface, namer: Namer) -> Plan:
                 "xml", f"vNIC {mac} is kept unplugged as a {stored.iface.model}, not {iface.model}"
             )
         return plan_plug(snap, NicRef(mac=mac), namer, wired_as=iface)
-    if iface.kind not in WIRABLE:
-        raise errors.InvalidParameter("xml", f"a vNIC of type {iface.kind!r} (bridge or network)")
-    forbidden = iface.has_any(*HOTPLUG_FORBIDDEN)
-    if forbidden is not None:
-        raise errors.InvalidParameter("xml", f"<{forbidden}> is not accepted in a vNIC")
     domain = snap.current
     macs = {i.mac for i in domain.interfaces} | {e.iface.mac for e in snap.store}
     iface = iface.copy()

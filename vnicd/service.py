@@ -104,7 +104,6 @@ Listener = Callable[[Plan, VmState], None]
 class _Slot:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     users: int = 0
-    generation: int = 0
 
 
 class VmLocks:
@@ -112,15 +111,9 @@ class VmLocks:
 
     def __init__(self) -> None:
         self._slots: dict[str, _Slot] = {}
-        self._counter = itertools.count(1)
 
     def __len__(self) -> int:
         return len(self._slots)
-
-    def generation(self, vm: str) -> int:
-        """Changes whenever a write of ``vm`` starts; 0 when none is held or awaited."""
-        slot = self._slots.get(vm)
-        return slot.generation if slot else 0
 
     @contextlib.asynccontextmanager
     async def hold(self, vm: str) -> AsyncIterator[None]:
@@ -128,7 +121,6 @@ class VmLocks:
         slot.users += 1
         try:
             async with slot.lock:
-                slot.generation = next(self._counter)
                 yield
         finally:
             slot.users -= 1
@@ -157,6 +149,10 @@ class Service:
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vnicd-worker")
         self.locks = VmLocks()
         self._before: dict[str, Snapshot] = {}
+        # Bumped when a change of a VM starts and when it ends, never reset while the VM
+        # exists: a read that sees the same value before and after saw no change happen.
+        self._epochs: dict[str, int] = {}
+        self._counter = itertools.count(1)
         self.removals = Removals()
         self.hooks: Hooks = NoHooks()
         self.listeners: list[Listener] = []
@@ -214,34 +210,45 @@ class Service:
         where = self._networks.ports.where
         return {i.tap: where(i.tap) or "" for i in domain.interfaces if i.tap}
 
-    def _consistent(self, vm_id: str, generation: int, state: VmState) -> VmState | None:
-        """``state`` if no change of the VM started while it was read; the state from
-        before a change in flight; None to read again."""
+    def _consistent(self, vm_id: str, epoch: int | None, state: VmState) -> VmState | None:
+        """``state`` if no change of the VM started or ended while it was read; the state
+        from before a change in flight; None to read again."""
         before = self._before.get(vm_id)
         if before is not None:
             return self._state(before)
-        return state if self.locks.generation(vm_id) == generation else None
+        return state if self._epochs.get(vm_id) == epoch else None
 
     async def get_info(self, vm_id: str) -> VmState:
-        for _ in range(3):
+        while True:
             before = self._before.get(vm_id)
             if before is not None:
                 return self._state(before)
-            generation = self.locks.generation(vm_id)
+            epoch = self._epochs.get(vm_id)
             state = await self._blocking(self._read_state, vm_id)
-            found = self._consistent(vm_id, generation, state)
+            found = self._consistent(vm_id, epoch, state)
             if found is not None:
                 return found
-        return state
 
     async def vm_list(self) -> list[VmState]:
-        generations = {vm: self.locks.generation(vm) for vm in list(self._before)}
+        epochs = dict(self._epochs)
         states = await self._blocking(self._all_states)
         found = []
         for state in states:
-            consistent = self._consistent(state.uuid, generations.get(state.uuid, 0), state)
+            consistent = self._consistent(state.uuid, epochs.get(state.uuid), state)
             found.append(consistent or await self._reread(state))
         return found
+
+    def _begin(self, vm_id: str, snap: Snapshot) -> None:
+        self._before[vm_id] = snap
+        self._epochs[vm_id] = next(self._counter)
+
+    def _end(self, vm_id: str) -> None:
+        del self._before[vm_id]
+        self._epochs[vm_id] = next(self._counter)
+
+    def forget(self, vm_id: str) -> None:
+        """The VM is gone: drop what was kept about its changes."""
+        self._epochs.pop(vm_id, None)
 
     async def _reread(self, state: VmState) -> VmState:
         try:
@@ -324,18 +331,25 @@ class Service:
             if not plan.steps:
                 return await self._blocking(self._answer, dom, snap, snap.live, plan)
             plan = await self.hooks.before(plan)
-            self._before[vm_id] = snap
+            self._begin(vm_id, snap)
             try:
                 tx = await self._execute(dom, snap, plan)
             except errors.VnicdError as e:
-                await self.hooks.after(plan, e)
+                await self._after(plan, e)
                 raise
             finally:
-                del self._before[vm_id]
+                self._end(vm_id)
             state = await self._blocking(self._answer, dom, snap, tx.live, plan)
-        await self.hooks.after(plan, None)
         self._notify(plan, state)
+        await self._after(plan, None)
         return state
+
+    async def _after(self, plan: Plan, error: Exception | None) -> None:
+        """The after_ hooks: how the change ended is decided already, whatever they do."""
+        try:
+            await self.hooks.after(plan, error)
+        except Exception:
+            log.exception("VM %s: after-change hooks failed", plan.vm)
 
     async def _execute(self, dom: Domain, snap: Snapshot, plan: Plan) -> Transaction:
         tx = Transaction(
@@ -408,13 +422,14 @@ class Service:
                 if plan is None:
                     return
                 log.info("VM %s: settling stored vNICs (%s)", vm_id, _summary(plan))
-                self._before[vm_id] = snap
+                self._begin(vm_id, snap)
                 try:
                     await self._execute(dom, snap, plan)
                 finally:
-                    del self._before[vm_id]
+                    self._end(vm_id)
+                self._notify(plan, await self._raw(self._read_state, vm_id))
         except errors.NoSuchVM:
-            return
+            self.forget(vm_id)
         except (errors.VnicdError, HypervisorError, hostnet.HostNetError) as e:
             log.error("VM %s: settling stored vNICs failed: %s", vm_id, e)
 
@@ -451,6 +466,7 @@ class Service:
     async def destroy(self, vm_id: str) -> None:
         async with self.locks.hold(vm_id):
             await self._blocking(self._destroy, vm_id)
+        self.forget(vm_id)
 
     def _destroy(self, vm_id: str) -> None:
         dom = self._domain(vm_id)

@@ -37,7 +37,12 @@ class PlanHooks:
             iface = Interface.from_xml(new)
         except XMLError as e:
             raise errors.HookError(hook, "*", f"left XML vnicd cannot use: {e}") from e
-        old = Interface.from_xml(xml).identity()
+        planned = Interface.from_xml(xml)
+        old = planned.identity()
+        if iface.source != planned.source:
+            raise errors.HookError(
+                hook, "*", f"changed the vNIC's network {planned.source} -> {iface.source}"
+            )
         if iface.identity() != old:
             raise errors.HookError(
                 hook,

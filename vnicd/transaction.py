@@ -207,10 +207,15 @@ class Transaction:
             await self._run(self._dom.detach_alias, alias)
             removed = await asyncio.wait_for(answer, self._timeout)
         except ConnectionError as e:
-            raise ConfirmError(f"no answer from the guest: {e}") from e
+            # the request stays with QEMU: a late release must still finish it
+            raise Pending(f"its release could not be awaited ({e}); it stays plugged") from e
         except TimeoutError:
-            if await self._run(self._present, iface.mac) is False:
-                return  # gone, the event was missed
+            try:
+                gone = not await self._run(self._present, iface.mac)
+            except FAULTS as e:
+                raise Pending(f"the guest did not answer, and libvirt neither: {e}") from e
+            if gone:
+                return  # the event was missed
             raise Pending(
                 f"the guest did not release it within {self._timeout:g} s; it stays plugged"
             ) from None
