@@ -167,10 +167,8 @@ class BenchHost:
 
     def cleanup(self, stop_vnicd: Callable[[], None]) -> None:
         """Remove VMs, vnicd, bridges, namespace, state; libvirtd only if the bench started it."""
-        steps: list[tuple[str, Callable[[], None]]] = [("stop vnicd", stop_vnicd)]
-        if self.system:
-            steps.append(("remove VMs", self._remove_system_vms))
-        steps += [
+        steps: list[tuple[str, Callable[[], None]]] = [
+            ("stop vnicd, remove VMs", stop_vnicd),
             ("kill QEMUs", lambda: kill_qemus(str(self.state))),
             ("remove bridges and namespace", self._ns.leave),
             ("remove state", lambda: shutil.rmtree(self.state, ignore_errors=True)),
@@ -186,13 +184,6 @@ class BenchHost:
     @staticmethod
     def _stop_libvirtd() -> None:
         subprocess.run([LIBVIRTD_CTL, "stop"], check=True)
-
-    def _remove_system_vms(self) -> None:
-        conn = libvirt.open("qemu:///system")
-        try:
-            self.remove_vms(conn)
-        finally:
-            conn.close()
 
 
 def sweep_stale() -> None:

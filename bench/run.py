@@ -118,18 +118,21 @@ class Bench:
     # --- life cycle -------------------------------------------------------------------
 
     def stop(self) -> None:
+        """vnicd and the bench's VMs gone; libvirt connections closed before their event loop."""
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             self.process.wait(30)
         if self.vnicd is not None:
             self.vnicd.close()
-        if self.daemon is not None:
-            if self.daemon.daemon is not None and not self.host.system:
-                self.host.remove_vms(self.daemon.conn)  # the embedded driver's only opener
-            self.daemon.close()
-            self.daemon = None
+        running = self.daemon is not None and self.daemon.daemon is not None
+        conn = self._conn or (self.daemon.conn if self.daemon is not None and running else None)
+        if conn is not None:
+            self.host.remove_vms(conn)
         if self._conn is not None:
             self._conn.close()
+        if self.daemon is not None:
+            self.daemon.close()
+            self.daemon = None
 
     def run(self) -> None:
         a = self.args
