@@ -115,3 +115,13 @@ def test_parallel_threads(devices: list[str]) -> None:
     for dev, seen in zip(taps, results, strict=True):
         assert seen == ["vt-a", "vt-b"] * 10
         assert ip_master(dev) == "vt-b"
+
+
+def test_listing_spans_many_datagrams(devices: list[str]) -> None:
+    """A host with many taps: the kernel splits the listing; every device is read."""
+    for i in range(80):
+        hostnet.set_master(tap(devices, f"{TAG}-m{i}"), "vt-c")
+    kernel = json.loads(ip("-j", "link", "show"))
+    expected = {d["ifname"]: d["master"] for d in kernel if "master" in d}
+    assert len(expected) >= 80
+    assert hostnet.masters() == expected

@@ -3,12 +3,14 @@
 libvirt's XML says where it believes a tap is; after a partial failure the kernel
 can disagree, so wiring is confirmed here. Blocking: run off the event loop.
 
-pyroute2 encodes and decodes the messages. Its synchronous ``IPRoute`` binds a
-socket and an event loop to each thread that uses it and cannot release them from
-another, so requests go through its plain ``IPRSocket``: each call borrows a socket
-from a pool (opened on demand, so any number of worker threads run in parallel and
-idle sockets are reused). Sockets belong to the network namespace the process was in
-when they were opened.
+pyroute2 opens the sockets and encodes the requests. Its synchronous ``IPRoute``
+binds a socket and an event loop to each thread that uses it and cannot release them
+from another, so requests go through its plain ``IPRSocket``: each call borrows a
+socket from a pool (opened on demand, so worker threads run in parallel and idle
+sockets are reused). Sockets belong to the network namespace the process was in when
+they were opened. Replies are read here, for the three attributes vnicd uses: pyroute2
+turns every attribute of every device into objects, ~0.2 ms a device, 40 ms for a
+listing of a host with 200 taps (`ip -j link` takes 5 ms).
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ import errno
 import itertools
 import os
 import queue
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from pyroute2 import IPRSocket
@@ -29,11 +34,8 @@ from pyroute2.netlink import (
     NLMSG_DONE,
     NLMSG_ERROR,
 )
-from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import RTM_GETLINK, RTM_NEWLINK
 from pyroute2.netlink.rtnl.ifinfmsg import IFF_UP, ifinfmsg
-
-Message = Any  # a decoded pyroute2 ifinfmsg
 
 
 class HostNetError(Exception):
@@ -44,12 +46,31 @@ class HostNetError(Exception):
         self.code = code
 
 
+@dataclass(frozen=True)
+class Link:
+    """What vnicd reads of a device: its index, name, master's index and kind."""
+
+    index: int
+    name: str
+    master: int
+    kind: str | None
+
+
 _idle: queue.SimpleQueue[IPRSocket] = queue.SimpleQueue()
 _seq = itertools.count(1)
 _SKIP_STATS = 1 << 3  # RTEXT_FILTER_SKIP_STATS: counters are a third of each reply, unused here
+_RECV = 1 << 16  # more than a dump's datagram (at most 32 KiB)
+
+# struct nlmsghdr; struct ifinfomsg; struct rtattr (linux/netlink.h, linux/rtnetlink.h)
+_HEADER = struct.Struct("=IHHII")
+_IFINFO = struct.Struct("=BxHiII")
+_ATTR = struct.Struct("=HH")
+_ERRNO = struct.Struct("=i")
+IFLA_IFNAME, IFLA_MASTER, IFLA_LINKINFO, IFLA_INFO_KIND = 3, 10, 18, 1
+_NESTED = 0x8000 | 0x4000  # NLA_F_NESTED | NLA_F_NET_BYTEORDER
 
 
-def _request(what: str, msg: ifinfmsg, msg_type: int, flags: int = 0) -> list[Message]:
+def _request(what: str, msg: ifinfmsg, msg_type: int, flags: int = 0) -> list[Link]:
     """One request and its replies, on a socket no other thread uses meanwhile."""
     try:
         sock = _idle.get_nowait()
@@ -69,31 +90,74 @@ def _request(what: str, msg: ifinfmsg, msg_type: int, flags: int = 0) -> list[Me
     return replies
 
 
-def _converse(
-    sock: IPRSocket, what: str, msg: ifinfmsg, msg_type: int, flags: int
-) -> list[Message]:
-    """Send, and collect replies up to the kernel's ack, error or end of dump.
+def _converse(sock: IPRSocket, what: str, msg: ifinfmsg, msg_type: int, flags: int) -> list[Link]:
+    """Send, and collect devices up to the kernel's ack, error or end of dump.
 
-    A GET of one device is answered by that device alone: no ack is asked for.
+    A GET is answered by its device(s) alone: no ack is asked for. Replies to an
+    earlier request on this socket (``seq`` differs) are skipped.
     """
-    single_get = msg_type == RTM_GETLINK and not flags & NLM_F_DUMP
+    get = msg_type == RTM_GETLINK
+    single_get = get and not flags & NLM_F_DUMP
     seq = next(_seq)
-    flags |= NLM_F_REQUEST if single_get else NLM_F_REQUEST | NLM_F_ACK
+    flags |= NLM_F_REQUEST if get else NLM_F_REQUEST | NLM_F_ACK
     sock.put(msg, msg_type=msg_type, msg_flags=flags, msg_seq=seq)
-    replies: list[Message] = []
+    links: list[Link] = []
     while True:
-        for reply in sock.get():
-            header = reply["header"]
-            if header["sequence_number"] != seq:
-                continue
-            error = header.get("error")
-            if isinstance(error, NetlinkError):
-                raise HostNetError(f"{what}: {os.strerror(error.code)}", error.code)
-            if header["type"] in (NLMSG_ERROR, NLMSG_DONE):
-                return replies
-            replies.append(reply)
-            if single_get:
-                return replies
+        data = sock.socket.recv(_RECV)
+        for kind, body in _messages(data, seq):
+            if kind == NLMSG_ERROR:
+                (code,) = _ERRNO.unpack_from(body)
+                if code:
+                    raise HostNetError(f"{what}: {os.strerror(-code)}", -code)
+                return links
+            if kind == NLMSG_DONE:
+                return links
+            if kind == RTM_NEWLINK:
+                links.append(_link(body))
+                if single_get:
+                    return links
+
+
+def _messages(data: bytes, seq: int) -> Iterator[tuple[int, memoryview]]:
+    """(type, payload) of each message in one datagram that answers request ``seq``."""
+    view = memoryview(data)
+    offset = 0
+    while offset + _HEADER.size <= len(data):
+        length, kind, _flags, msg_seq, _pid = _HEADER.unpack_from(data, offset)
+        if length < _HEADER.size:
+            break
+        if msg_seq == seq:
+            yield kind, view[offset + _HEADER.size : offset + length]
+        offset += (length + 3) & ~3
+
+
+def _attrs(body: memoryview) -> Iterator[tuple[int, memoryview]]:
+    offset = 0
+    while offset + _ATTR.size <= len(body):
+        length, kind = _ATTR.unpack_from(body, offset)
+        if length < _ATTR.size:
+            break
+        yield kind & ~_NESTED, body[offset + _ATTR.size : offset + length]
+        offset += (length + 3) & ~3
+
+
+def _text(value: memoryview) -> str:
+    return bytes(value).split(b"\0", 1)[0].decode()
+
+
+def _link(body: memoryview) -> Link:
+    _family, _type, index, _flags, _change = _IFINFO.unpack_from(body)
+    name, master, kind = "", 0, None
+    for attr, value in _attrs(body[_IFINFO.size :]):
+        if attr == IFLA_IFNAME:
+            name = _text(value)
+        elif attr == IFLA_MASTER:
+            (master,) = struct.unpack_from("=I", value)
+        elif attr == IFLA_LINKINFO:
+            for inner, inner_value in _attrs(value):
+                if inner == IFLA_INFO_KIND:
+                    kind = _text(inner_value)
+    return Link(index, name, master, kind)
 
 
 def _ifinfmsg(attrs: list[tuple[str, Any]], index: int = 0) -> ifinfmsg:
@@ -103,7 +167,7 @@ def _ifinfmsg(attrs: list[tuple[str, Any]], index: int = 0) -> ifinfmsg:
     return msg
 
 
-def _get(name: str | None = None, index: int = 0) -> Message | None:
+def _get(name: str | None = None, index: int = 0) -> Link | None:
     """One device, by name or index; None when there is none."""
     attrs: list[tuple[str, Any]] = [("IFLA_EXT_MASK", _SKIP_STATS)]
     if name is not None:
@@ -117,53 +181,45 @@ def _get(name: str | None = None, index: int = 0) -> Message | None:
     return found[0] if found else None
 
 
-def _dump() -> list[Message]:
-    return _request(
-        "list links", _ifinfmsg([("IFLA_EXT_MASK", _SKIP_STATS)]), RTM_GETLINK, NLM_F_DUMP
-    )
+def _dump() -> list[Link]:
+    msg = _ifinfmsg([("IFLA_EXT_MASK", _SKIP_STATS)])
+    return _request("list links", msg, RTM_GETLINK, NLM_F_DUMP)
 
 
-def _kind(msg: Message) -> str | None:
-    kind = msg.get(("linkinfo", "kind"))
-    return None if kind is None else str(kind)
-
-
-def _master_name(msg: Message) -> str | None:
-    index = msg.get("master")
-    if not index:
+def _master_name(found: Link) -> str | None:
+    if not found.master:
         return None
-    found = _get(index=int(index))
-    return None if found is None else str(found.get("ifname"))
+    master_link = _get(index=found.master)
+    return None if master_link is None else master_link.name
 
 
 def link(name: str) -> dict[str, Any] | None:
     """One device as ``ip -j -d link`` names it (ifname, ifindex, master, linkinfo), or None."""
-    msg = _get(name)
-    if msg is None:
+    found = _get(name)
+    if found is None:
         return None
-    info: dict[str, Any] = {"ifname": str(msg.get("ifname")), "ifindex": int(msg["index"])}
-    master_name = _master_name(msg)
+    info: dict[str, Any] = {"ifname": found.name, "ifindex": found.index}
+    master_name = _master_name(found)
     if master_name is not None:
         info["master"] = master_name
-    kind = _kind(msg)
-    if kind is not None:
-        info["linkinfo"] = {"info_kind": kind}
+    if found.kind is not None:
+        info["linkinfo"] = {"info_kind": found.kind}
     return info
 
 
 def master(dev: str) -> str | None:
     """The bridge a device is enslaved to, as the kernel reports it."""
-    msg = _get(dev)
-    return None if msg is None else _master_name(msg)
+    found = _get(dev)
+    return None if found is None else _master_name(found)
 
 
 def bridges() -> list[str]:
-    return sorted(str(m.get("ifname")) for m in _dump() if _kind(m) == "bridge")
+    return sorted(d.name for d in _dump() if d.kind == "bridge")
 
 
 def is_bridge(name: str) -> bool:
-    msg = _get(name)
-    return msg is not None and _kind(msg) == "bridge"
+    found = _get(name)
+    return found is not None and found.kind == "bridge"
 
 
 def set_master(dev: str, bridge: str) -> None:
@@ -175,9 +231,9 @@ def set_master(dev: str, bridge: str) -> None:
     found = _get(bridge)
     if found is None:
         raise HostNetError(f"set {dev} master {bridge}: no device {bridge}", errno.ENODEV)
-    if _kind(found) != "bridge":
+    if found.kind != "bridge":
         raise HostNetError(f"set {dev} master {bridge}: {bridge} is not a bridge")
-    msg = _ifinfmsg([("IFLA_IFNAME", dev), ("IFLA_MASTER", int(found["index"]))])
+    msg = _ifinfmsg([("IFLA_IFNAME", dev), ("IFLA_MASTER", found.index)])
     _request(f"set {dev} master {bridge}", msg, RTM_NEWLINK)
 
 
@@ -194,9 +250,9 @@ def ensure_isolated_bridge(name: str) -> None:
             if e.code != errno.EEXIST:  # another process may have just added it
                 raise
         found = _get(name)
-    if found is None or _kind(found) != "bridge":
+    if found is None or found.kind != "bridge":
         raise HostNetError(f"{name} exists and is not a bridge" if found else f"no bridge {name}")
-    down = _ifinfmsg([], int(found["index"]))
+    down = _ifinfmsg([], found.index)
     down["change"] = IFF_UP  # clear IFF_UP, touch no other flag
     _request(f"set {name} down", down, RTM_NEWLINK)
 
@@ -204,6 +260,5 @@ def ensure_isolated_bridge(name: str) -> None:
 def masters() -> dict[str, str]:
     """Every enslaved device and its master, in one call."""
     links = _dump()
-    names = {int(m["index"]): str(m.get("ifname")) for m in links}
-    enslaved = ((str(m.get("ifname")), int(m.get("master") or 0)) for m in links)
-    return {dev: names[index] for dev, index in enslaved if index in names}
+    names = {d.index: d.name for d in links}
+    return {d.name: names[d.master] for d in links if d.master in names}
