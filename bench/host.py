@@ -169,7 +169,9 @@ class BenchHost:
         """Remove VMs, vnicd, bridges, namespace, state; libvirtd only if the bench started it."""
         steps: list[tuple[str, Callable[[], None]]] = [
             ("stop vnicd, remove VMs", stop_vnicd),
+            # what libvirt could not destroy (a libvirtd gone meanwhile leaves its QEMUs)
             ("kill QEMUs", lambda: kill_qemus(str(self.state))),
+            ("kill QEMUs", lambda: kill_qemus(f"guest={PREFIX}{self.pid}-")),
             ("remove bridges and namespace", self._ns.leave),
             ("remove state", lambda: shutil.rmtree(self.state, ignore_errors=True)),
         ]
@@ -186,6 +188,15 @@ class BenchHost:
         subprocess.run([LIBVIRTD_CTL, "stop"], check=True)
 
 
+def _cmdlines() -> str:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                found.append((proc / "cmdline").read_bytes().decode(errors="replace"))
+    return "\n".join(found)
+
+
 def sweep_stale() -> None:
     """Remove what a killed bench left: namespaces, state dirs, QEMUs, system VMs."""
     pattern = re.compile(re.escape(PREFIX) + r"(\d+)")
@@ -199,6 +210,9 @@ def sweep_stale() -> None:
         if m and not _alive(int(m.group(1))):
             kill_qemus(str(state))
             shutil.rmtree(state, ignore_errors=True)
+    for pid in {int(p) for p in re.findall(r"guest=" + re.escape(PREFIX) + r"(\d+)-", _cmdlines())}:
+        if not _alive(pid):
+            kill_qemus(f"guest={PREFIX}{pid}-")
     if subprocess.run([LIBVIRTD_CTL, "status"], capture_output=True).returncode != 0:
         return
     conn = libvirt.open("qemu:///system")

@@ -70,7 +70,7 @@ def table(r: Results) -> str:
     lines = [
         f"vnicd benchmark, {c['date']}, commit {c['commit']}",
         f"machine: {c['cpu']}, {c['cores']} cores, kernel {c['kernel']}",
-        f"libvirt {c['libvirt']}, QEMU {c['qemu']}, URI {c['uri']}",
+        f"libvirt {c['libvirt']}, QEMU {c['qemu']}, URI {c['uri']}; vnicd runs {c['vnicd_runs']}",
         f"{c['vms']} paused VMs x {c['nics']} vNICs, "
         f"{'persistent' if c['persistent'] else 'transient'}, {c['rounds']} rounds interleaved"
         + (f"; {c['note']}" if c.get("note") else ""),

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import logging
 import os
@@ -141,11 +140,13 @@ class Bench:
             level=logging.INFO,
             format="%(asctime)s %(threadName)s %(levelname)s %(name)s: %(message)s",
         )
-        self.daemon = DaemonThread(self.config)
-        self.daemon.start()
-        conn = self.daemon.conn
-        if self.host.system:
+        if self.host.system:  # vnicd as deployed: its own process
             conn = self._conn = libvirt.open("qemu:///system")
+            self._spawn()
+        else:  # the embedded driver serves one process: vnicd runs in this one
+            self.daemon = DaemonThread(self.config)
+            self.daemon.start()
+            conn = self.daemon.conn
         raw = Raw(conn, a.persistent)
         self.vnicd = Vnicd(self.config.unix_socket)
         self.methods = [raw, self.vnicd]
@@ -168,15 +169,10 @@ class Bench:
                 "getVMList", "vnicd", timed(lambda: self._vnicd.call("Host.getVMList"))
             )
         self._verify(conn)
-        # Domain handles hold their connection open: the embedded driver lets another
-        # process open its root only once every handle of this one is gone.
-        del raw, conn
-        self.methods.clear()
-        gc.collect()
-        self._restart()
         if self.host.system:
             self._footprint()
         else:
+            self._restart()
             self.results.figures["RSS of the bench process (vnicd in it)"] = _rss(os.getpid())
         self._report()
 
@@ -207,6 +203,9 @@ class Bench:
             "rounds": self.args.rounds,
             "persistent": self.args.persistent,
             "note": self.host.note,
+            "vnicd_runs": "as its own process"
+            if self.host.system
+            else "in the bench's process (the embedded driver serves one process)",
         }
 
     # --- phases -----------------------------------------------------------------------
@@ -214,7 +213,8 @@ class Bench:
     def _curve_point(self, n: int) -> None:
         """A few link changes per method and a listing, with ``n`` VMs on the host."""
         samples: dict[str, list[float]] = {m.name: [] for m in self.methods}
-        for i in range(6):
+        time.sleep(1)  # let the QEMUs just started settle
+        for i in range(10):
             vm = self.vms[(i * 7) % n]
             for method in self._rotated(i):
                 for change in TOGGLE:
@@ -310,14 +310,8 @@ class Bench:
                 assert masters.get(nic.tap) == self.host.bridges[0], f"{nic.tap} moved"
             assert "state='down'" not in xml, f"{vm.name} has a vNIC down"
 
-    def _footprint(self) -> None:
-        """vnicd as its own process with every VM there: time to serving, RSS.
-
-        Only on qemu:///system: the embedded driver keeps its root locked until the
-        process that opened it exits, so no second process can open it meanwhile.
-        """
-        assert self.daemon is not None
-        self.daemon.stop()
+    def _spawn(self) -> float:
+        """Start the vnicd process; seconds until it answers."""
         cfg = self.host.state / "vnicd.yml"
         cfg.write_text(
             yaml.safe_dump(
@@ -331,7 +325,7 @@ class Bench:
             )
         )
         start = time.perf_counter()
-        with open(self.host.state / "vnicd-process.log", "wb") as out:
+        with open(self.host.state / "vnicd-process.log", "ab") as out:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "vnicd", "--config", str(cfg)],
                 stdout=out,
@@ -343,39 +337,34 @@ class Bench:
         except TimeoutError:
             log_tail = (self.host.state / "vnicd-process.log").read_text()[-2000:]
             raise RuntimeError(f"vnicd did not start serving:\n{log_tail}") from None
-        ready = time.perf_counter() - start
-        pid = self.process.pid
-        figures = self.results.figures
-        n = len(self.vms)
-        figures[f"process start to first answer, {n} VMs"] = f"{ready:.2f} s"
-        figures["RSS when serving"] = _rss(pid)
-        with Client(self.config.unix_socket) as c:
-            listing = [timed(lambda: c.call("Host.getVMList")) for _ in range(5)]
-            figures["Host.getVMList from the process, median"] = (
-                f"{statistics.median(listing) * 1000:.2f} ms"
-            )
-            vm = self.vms[0]
-            for i in range(self.args.rss_changes):
-                c.call(
-                    "VM.updateDevice",
-                    vmID=vm.uuid,
-                    params={
-                        "deviceType": "interface",
-                        "macAddr": vm.nics[0].mac,
-                        "linkActive": i % 2 == 1,
-                    },
-                )
-        figures[f"RSS after {self.args.rss_changes} more changes"] = _rss(pid)
+        return time.perf_counter() - start
+
+    def _footprint(self) -> None:
+        """The vnicd process started again with every VM there: time to serving, RSS."""
+        assert self.process is not None
+        self._vnicd.close()
+        self.vnicd = None
         self.process.terminate()
         self.process.wait(30)
-        self.process = None
-        self.daemon.start()  # for the clean-up
+        ready = self._spawn()
+        pid = self.process.pid
+        figures = self.results.figures
+        figures[f"process start to first answer, {len(self.vms)} VMs"] = f"{ready:.2f} s"
+        figures["RSS when serving"] = _rss(pid)
+        with Client(self.config.unix_socket) as c:
+            c.call("Host.getVMList")
+            vm = self.vms[0]
+            for i in range(self.args.rss_changes):
+                params = {"deviceType": "interface", "macAddr": vm.nics[0].mac}
+                c.call("VM.updateDevice", vmID=vm.uuid, params={**params, "linkActive": i % 2 == 1})
+        figures[f"RSS after a listing and {self.args.rss_changes} changes"] = _rss(pid)
 
     def _restart(self) -> None:
         """vnicd stopped and started again in this process, every VM there."""
         assert self.daemon is not None
         self._vnicd.close()
         self.vnicd = None
+        self.methods.clear()
         self.daemon.stop()
         start = time.perf_counter()
         self.daemon.start()
