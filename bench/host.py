@@ -79,6 +79,13 @@ def _netns(pid: int | str) -> str:
     return os.readlink(f"/proc/{pid}/ns/net")
 
 
+def _remove(dom: libvirt.virDomain) -> None:
+    with contextlib.suppress(libvirt.libvirtError):
+        dom.destroy()
+    with contextlib.suppress(libvirt.libvirtError):
+        dom.undefine()
+
+
 class BenchHost:
     """Where the bench runs: entered before any thread starts, cleaned up by ``cleanup``."""
 
@@ -94,10 +101,6 @@ class BenchHost:
         self._started_libvirtd = False
         self.vms: list[Vm] = []
         self.note = ""
-
-    @property
-    def uri(self) -> str:
-        return "qemu:///system" if self.system else f"qemu:///embed?root={self.state}/libvirt"
 
     def enter(self) -> None:
         """Own network namespace; on qemu:///system the one libvirtd makes its taps in."""
@@ -157,13 +160,11 @@ class BenchHost:
                 self.vms.append(vm)
 
     def remove_vms(self, conn: libvirt.virConnect) -> None:
+        """Destroy and undefine the bench's VMs, several at once (each waits for its QEMU)."""
         mine = re.compile(re.escape(f"{PREFIX}{self.pid}-") + r"\d+")
-        for dom in conn.listAllDomains(0):
-            if mine.fullmatch(dom.name()):
-                with contextlib.suppress(libvirt.libvirtError):
-                    dom.destroy()
-                with contextlib.suppress(libvirt.libvirtError):
-                    dom.undefine()
+        doms = [d for d in conn.listAllDomains(0) if mine.fullmatch(d.name())]
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(_remove, doms))
 
     def cleanup(self, stop_vnicd: Callable[[], None]) -> None:
         """Remove VMs, vnicd, bridges, namespace, state; libvirtd only if the bench started it."""

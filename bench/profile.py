@@ -56,6 +56,7 @@ def _instrument() -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
     p.add_argument("--changes", type=int, default=200, help="changes per case (default 200)")
+    p.add_argument("--vms", type=int, default=2, help="VMs on the host, at least 2 (default 2)")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         print("bench.profile: run as root", file=sys.stderr)
@@ -84,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         daemon = DaemonThread(config)
         daemon.start()
-        transient, persistent = host.plan(2, 2)
-        host.boot(daemon.conn, [transient], persistent=False)
+        transient, persistent, *others = host.plan(max(args.vms, 2), 2)
+        host.boot(daemon.conn, [transient, *others], persistent=False)
         host.boot(daemon.conn, [persistent], persistent=True)
         vnicd = Vnicd(config.unix_socket)
         _instrument()
@@ -94,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
             "link toggle": (Change(link_up=False), Change(link_up=True)),
             "bridge move": (Change(bridge=b), Change(bridge=a)),
         }
-        print(f"per VM.updateDevice, mean of {args.changes} changes (embedded driver)\n")
+        print(
+            f"per VM.updateDevice, mean of {args.changes} changes, {max(args.vms, 2)} VMs x 2 vNICs"
+        )
         for vm, kind in ((transient, "transient"), (persistent, "persistent")):
             for case, changes in cases.items():
                 counts.clear()
