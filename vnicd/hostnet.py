@@ -10,7 +10,7 @@ socket from a pool (opened on demand, so worker threads run in parallel and idle
 sockets are reused). Sockets belong to the network namespace the process was in when
 they were opened. Replies are read here, for the three attributes vnicd uses: pyroute2
 turns every attribute of every device into objects, ~0.2 ms a device, 40 ms for a
-listing of a host with 200 taps (`ip -j link` takes 5 ms).
+listing of a host with 200 taps; read here, 2 ms (`ip -j link` takes 3-4 ms).
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ _HEADER = struct.Struct("=IHHII")
 _IFINFO = struct.Struct("=BxHiII")
 _ATTR = struct.Struct("=HH")
 _ERRNO = struct.Struct("=i")
+_U32 = struct.Struct("=I")
 IFLA_IFNAME, IFLA_MASTER, IFLA_LINKINFO, IFLA_INFO_KIND = 3, 10, 18, 1
 _NESTED = 0x8000 | 0x4000  # NLA_F_NESTED | NLA_F_NET_BYTEORDER
 
@@ -104,59 +105,63 @@ def _converse(sock: IPRSocket, what: str, msg: ifinfmsg, msg_type: int, flags: i
     links: list[Link] = []
     while True:
         data = sock.socket.recv(_RECV)
-        for kind, body in _messages(data, seq):
+        for kind, begin, end in _messages(data, seq):
             if kind == NLMSG_ERROR:
-                (code,) = _ERRNO.unpack_from(body)
+                (code,) = _ERRNO.unpack_from(data, begin)
                 if code:
                     raise HostNetError(f"{what}: {os.strerror(-code)}", -code)
                 return links
             if kind == NLMSG_DONE:
                 return links
             if kind == RTM_NEWLINK:
-                links.append(_link(body))
+                links.append(_link(data, begin, end))
                 if single_get:
                     return links
 
 
-def _messages(data: bytes, seq: int) -> Iterator[tuple[int, memoryview]]:
-    """(type, payload) of each message in one datagram that answers request ``seq``."""
-    view = memoryview(data)
+def _messages(data: bytes, seq: int) -> Iterator[tuple[int, int, int]]:
+    """(type, start, end) of each message payload in one datagram that answers ``seq``."""
     offset = 0
     while offset + _HEADER.size <= len(data):
         length, kind, _flags, msg_seq, _pid = _HEADER.unpack_from(data, offset)
         if length < _HEADER.size:
             break
         if msg_seq == seq:
-            yield kind, view[offset + _HEADER.size : offset + length]
+            yield kind, offset + _HEADER.size, offset + length
         offset += (length + 3) & ~3
 
 
-def _attrs(body: memoryview) -> Iterator[tuple[int, memoryview]]:
-    offset = 0
-    while offset + _ATTR.size <= len(body):
-        length, kind = _ATTR.unpack_from(body, offset)
-        if length < _ATTR.size:
-            break
-        yield kind & ~_NESTED, body[offset + _ATTR.size : offset + length]
+def _attr(data: bytes, offset: int, end: int, wanted: int) -> tuple[int, int] | None:
+    """(start, end) of the value of attribute ``wanted`` among those in [offset, end)."""
+    while offset + 4 <= end:
+        length, kind = _ATTR.unpack_from(data, offset)
+        if length < 4:
+            return None
+        if kind & ~_NESTED == wanted:
+            return offset + 4, offset + length
         offset += (length + 3) & ~3
+    return None
 
 
-def _text(value: memoryview) -> str:
-    return bytes(value).split(b"\0", 1)[0].decode()
-
-
-def _link(body: memoryview) -> Link:
-    _family, _type, index, _flags, _change = _IFINFO.unpack_from(body)
+def _link(data: bytes, begin: int, end: int) -> Link:
+    """Index, name, master and kind; every other attribute is stepped over, not decoded."""
+    _family, _type, index, _flags, _change = _IFINFO.unpack_from(data, begin)
     name, master, kind = "", 0, None
-    for attr, value in _attrs(body[_IFINFO.size :]):
+    offset = begin + _IFINFO.size
+    while offset + 4 <= end:
+        length, attr = _ATTR.unpack_from(data, offset)
+        if length < 4:
+            break
+        attr &= ~_NESTED
         if attr == IFLA_IFNAME:
-            name = _text(value)
+            name = data[offset + 4 : offset + length].split(b"\0", 1)[0].decode()
         elif attr == IFLA_MASTER:
-            (master,) = struct.unpack_from("=I", value)
+            (master,) = _U32.unpack_from(data, offset + 4)
         elif attr == IFLA_LINKINFO:
-            for inner, inner_value in _attrs(value):
-                if inner == IFLA_INFO_KIND:
-                    kind = _text(inner_value)
+            found = _attr(data, offset + 4, offset + length, IFLA_INFO_KIND)
+            if found is not None:
+                kind = data[found[0] : found[1]].split(b"\0", 1)[0].decode()
+        offset += (length + 3) & ~3
     return Link(index, name, master, kind)
 
 
