@@ -1,0 +1,1 @@
+"""vnicd's benchmark: vnicd against raw libvirt-python and virsh, on the same VMs in one run."""
