@@ -21,7 +21,7 @@ from pathlib import Path
 
 import libvirt
 
-from tests.hostenv import TestHost, kill_qemus
+from tests.hostenv import TestHost, alive, kill_qemus
 from tests.hostenv import _setns as setns
 
 PREFIX = "vnicd-bench-"
@@ -63,16 +63,6 @@ def vm_xml(vm: Vm, bridge: str) -> str:
   <on_poweroff>destroy</on_poweroff>
   <devices>{nics}</devices>
 </domain>"""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _netns(pid: int | str) -> str:
@@ -204,15 +194,15 @@ def sweep_stale() -> None:
     namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     for ns in namespaces.split():
         m = pattern.fullmatch(ns)
-        if m and not _alive(int(m.group(1))):
+        if m and not alive(int(m.group(1))):
             subprocess.run(["ip", "netns", "del", ns], check=False)
     for state in TMP.glob(PREFIX + "*"):
         m = pattern.match(state.name)
-        if m and not _alive(int(m.group(1))):
+        if m and not alive(int(m.group(1))):
             kill_qemus(str(state))
             shutil.rmtree(state, ignore_errors=True)
     for pid in {int(p) for p in re.findall(r"guest=" + re.escape(PREFIX) + r"(\d+)-", _cmdlines())}:
-        if not _alive(pid):
+        if not alive(pid):
             kill_qemus(f"guest={PREFIX}{pid}-")
     if subprocess.run([LIBVIRTD_CTL, "status"], capture_output=True).returncode != 0:
         return
@@ -220,7 +210,7 @@ def sweep_stale() -> None:
     try:
         for dom in conn.listAllDomains(0):
             m = pattern.match(dom.name())
-            if m and not _alive(int(m.group(1))):
+            if m and not alive(int(m.group(1))):
                 with contextlib.suppress(libvirt.libvirtError):
                     dom.destroy()
                 with contextlib.suppress(libvirt.libvirtError):

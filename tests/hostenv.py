@@ -52,7 +52,7 @@ def _setns(path: str) -> None:
         os.close(fd)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -94,11 +94,11 @@ def sweep_stale(tmp: Path) -> None:
         ["ip", "netns", "list"], capture_output=True, text=True
     ).stdout.split():
         m = pattern.fullmatch(ns)
-        if m and not _alive(int(m.group(1))):
+        if m and not alive(int(m.group(1))):
             subprocess.run(["ip", "netns", "del", ns], check=False)
     for state in tmp.glob(PREFIX + "*"):
         m = pattern.match(state.name)
-        if m and not _alive(int(m.group(1))):
+        if m and not alive(int(m.group(1))):
             kill_qemus(str(state))
             kill_qemus(str(state), "libvirtd")  # a test's private libvirtd (tests/libvirtd.py)
             kill_qemus(f"vnicd-lv{m.group(1)}")  # and the VMs it ran (named so)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import enum
 import secrets
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
+from typing import Any
 
 from vnicd import errors
 from vnicd.domxml import Interface
@@ -104,42 +105,40 @@ class Plan:
     before: NicState | None
     after: NicState | None
     store: Store  # the store once the plan is done
-    notes: tuple[str, ...] = field(default=())
+
+    def _last(self, kinds: Any) -> int | None:
+        return next(
+            (i for i in reversed(range(len(self.steps))) if isinstance(self.steps[i], kinds)),
+            None,
+        )
+
+    def _xml(self, i: int | None) -> str | None:
+        sent = None if i is None else _sent(self.steps[i])
+        return None if sent is None else sent.to_xml()
 
     @property
     def live_xml(self) -> str | None:
         """The ``<interface>`` sent live last (the final one), if any."""
-        for step in reversed(self.steps):
-            if isinstance(step, LiveUpdate):
-                return step.after.to_xml()
-            if isinstance(step, LiveAttach):
-                return step.iface.to_xml()
-        return None
+        return self._xml(self._last(LiveUpdate | LiveAttach))
+
+    @property
+    def definition_xml(self) -> str | None:
+        return self._xml(self._last(DefinitionUpdate | DefinitionAttach))
 
     def _device_step(self) -> int | None:
         """Where the interface this change is about is sent: the last live step, else the
         last definition step, else the removal."""
         for kinds in (LiveUpdate | LiveAttach, DefinitionUpdate | DefinitionAttach):
-            for i in reversed(range(len(self.steps))):
-                if isinstance(self.steps[i], kinds):
-                    return i
-        for i, step in enumerate(self.steps):
-            if isinstance(step, LiveDetach | DefinitionDetach):
-                return i
-        return None
+            found = self._last(kinds)
+            if found is not None:
+                return found
+        return self._last(LiveDetach | DefinitionDetach)
 
     @property
     def device_xml(self) -> str | None:
         """The ``<interface>`` this change is about (what a site hook sees): what it sends
         live, else to the definition, else what it removes."""
-        i = self._device_step()
-        if i is None:
-            return None
-        step = self.steps[i]
-        if isinstance(step, LiveUpdate | DefinitionUpdate):
-            return step.after.to_xml()
-        assert isinstance(step, LiveAttach | DefinitionAttach | LiveDetach | DefinitionDetach)
-        return step.iface.to_xml()
+        return self._xml(self._device_step())
 
     @property
     def before_xml(self) -> str | None:
@@ -169,14 +168,14 @@ class Plan:
             return self
         return replace(self, steps=tuple(steps))
 
-    @property
-    def definition_xml(self) -> str | None:
-        for step in reversed(self.steps):
-            if isinstance(step, DefinitionUpdate):
-                return step.after.to_xml()
-            if isinstance(step, DefinitionAttach):
-                return step.iface.to_xml()
-        return None
+
+def _sent(step: Step) -> Interface | None:
+    """The interface a step sends (or, for a removal, names)."""
+    if isinstance(step, LiveUpdate | DefinitionUpdate):
+        return step.after
+    if isinstance(step, LiveAttach | DefinitionAttach | LiveDetach | DefinitionDetach):
+        return step.iface
+    return None
 
 
 def edit(current: Interface, change: NicChange, wiring: Wiring | None) -> Interface:
