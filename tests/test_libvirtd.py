@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
@@ -201,3 +202,60 @@ def test_hung_libvirtd_is_noticed_by_keepalive(libvirtd: PrivateLibvirtd, workdi
         libvirtd.pause(False)
         stop(proc)
         log.close()
+
+
+def test_libvirt_network_moved_to_a_bridge_and_back(
+    libvirtd: PrivateLibvirtd, workdir: Path
+) -> None:
+    """A vNIC on a libvirt network (<interface type='network'>), moved live to a host bridge
+    and back: same MAC and PCI slot, the tap where the kernel says, the XML's type follows.
+    The network is an isolated one with a bridge of its own, which libvirt creates (in the
+    test's namespace, as its libvirtd runs there)."""
+    net, bridge = f"vnl{os.getpid() % 10000}", f"vtn{os.getpid() % 10000}"
+    net_xml = workdir / "net.xml"
+    net_xml.write_text(f"<network><name>{net}</name><bridge name='{bridge}' stp='off'/></network>")
+    created = libvirtd.virsh("net-create", str(net_xml))
+    assert created.returncode == 0, created.stderr
+    sock, notify = workdir / "vnicd.sock", NotifySocket(workdir / "notify.sock")
+    path = config(workdir, libvirtd.uri)
+    path.write_text(path.read_text() + f"networks: {{lab: {{libvirt_network: {net}}}}}\n")
+    log = (workdir / "vnicd.log").open("w")
+    proc = launch(path, log, NOTIFY_SOCKET=str(notify.path))
+    vm_id = f"5e1f0000-0000-4000-8003-{os.getpid():012x}"
+    tap, mac = f"vn{os.getpid() % 100000}", "52:54:00:7f:03:01"
+    nic = (
+        f"<interface type='network'><mac address='{mac}'/><source network='{net}'/>"
+        f"<target dev='{tap}'/><model type='virtio'/></interface>"
+    )
+    try:
+        notify.wait("READY=1")
+        vm = vm_xml(f"{MARKER}-net", vm_id, [], nic)
+        info: Any = call(sock, "VM.create", vmID=vm_id, vmParams={"xml": vm})
+        (first,) = info["nics"]
+        assert (first["network"], first["sourceType"], first["bridge"]) == (
+            "lab",
+            "network",
+            bridge,
+        )
+        assert master(tap) == bridge
+        caps: Any = call(sock, "Host.getCapabilities")
+        assert {"name": "lab", "type": "network", "bridge": bridge} in caps["networks"]
+
+        for network, kind, where in (("vt-b", "bridge", "vt-b"), ("lab", "network", bridge)):
+            params = {"deviceType": "interface", "macAddr": mac, "network": network}
+            (now,) = cast(Any, call(sock, "VM.updateDevice", vmID=vm_id, params=params))["nics"]
+            assert (now["network"], now["sourceType"], now["bridge"]) == (network, kind, where)
+            assert master(tap) == where, "the kernel agrees"
+            assert (now["macAddr"], now["pciAddress"], now["tap"]) == (
+                mac,
+                first["pciAddress"],
+                tap,
+            )
+            live = libvirtd.virsh("dumpxml", vm_id).stdout
+            assert f"<interface type='{kind}'>" in live
+        call(sock, "VM.destroy", vmID=vm_id)
+    finally:
+        stop(proc)
+        log.close()
+        libvirtd.virsh("destroy", vm_id)
+        libvirtd.virsh("net-destroy", net)
