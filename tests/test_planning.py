@@ -298,3 +298,36 @@ def test_reconcile_drops_a_refused_unplug() -> None:
     assert plan_reconcile(s) is None
     plan = plan_reconcile(s, refused="net4")
     assert plan is not None and plan.store == Store()
+
+
+def test_new_vnic_is_kept_until_the_definition_has_it() -> None:
+    s = snap(domain(nic(A)), domain(nic(A, live=False)))
+    new = Interface.from_xml("<interface type='bridge'><source bridge='br-b'/></interface>")
+    plan = plan_plug_new(s, new, namer)
+    kinds = [type(step) for step in plan.steps]
+    assert kinds == [StoreWrite, LiveAttach, DefinitionAttach, StoreWrite]
+    first, last = plan.steps[0], plan.steps[-1]
+    assert isinstance(first, StoreWrite) and first.after.find(mac=plan.mac) is not None
+    assert isinstance(last, StoreWrite) and last.best_effort and last.after == s.store
+
+
+def test_a_bulk_match_is_checked_again_under_the_lock() -> None:
+    s = snap(domain(nic(A, bridge="br-c")), None, persistent=False)
+    with pytest.raises(errors.UnsupportedChange, match="no longer on network 'br-a'"):
+        plan_update(
+            s,
+            NicRef(mac=A),
+            NicChange(link_up=False, only_on="br-a"),
+            None,
+            namer,
+            persist_running=True,
+        )
+    plan = plan_update(
+        s,
+        NicRef(mac=A),
+        NicChange(link_up=False, only_on="br-c"),
+        None,
+        namer,
+        persist_running=True,
+    )
+    assert [type(step) for step in plan.steps] == [LiveUpdate]

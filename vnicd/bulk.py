@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from vnicd import errors
 from vnicd.model import NicChange, NicRef, NicState, VmState
@@ -65,7 +65,8 @@ async def update_all(
         for nic in vm.nics:
             if not match.picks(nic):
                 continue
-            req = UpdateNic(vm.uuid, NicRef(mac=nic.mac), change, bounce, dry_run)
+            guarded = replace(change, only_on=match.network)
+            req = UpdateNic(vm.uuid, NicRef(mac=nic.mac), guarded, bounce, dry_run)
             try:
                 done.append(Outcome(vm.uuid, nic, await service.update_device(req, wiring)))
             except errors.VnicdError as e:

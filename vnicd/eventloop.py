@@ -11,12 +11,15 @@ loop. Here every hook called off the loop's thread is handed to the loop with
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Callable
 from typing import Any
 
 import libvirt
 import libvirtaio
+
+log = logging.getLogger(__name__)
 
 _current: EventLoop | None = None
 
@@ -34,14 +37,14 @@ class EventLoop(libvirtaio.virEventAsyncIOImpl):  # type: ignore[misc]
         """Hand ``fn(*args)`` to the loop when called off its thread; True if handed."""
         if threading.get_ident() == self._thread:
             return False
-        self.loop.call_soon_threadsafe(fn, *args)
+        self.loop.call_soon_threadsafe(_quietly, fn, *args)
         return True
 
     def _add_handle(self, fd: int, event: int, cb: Any, opaque: Any) -> int:
         if threading.get_ident() == self._thread:
             return int(super()._add_handle(fd, event, cb, opaque))
         watch = int(super()._add_handle(fd, 0, cb, opaque))
-        self.loop.call_soon_threadsafe(super()._update_handle, watch, event)
+        self.loop.call_soon_threadsafe(_quietly, super()._update_handle, watch, event)
         return watch
 
     def _update_handle(self, watch: int, event: int) -> None:
@@ -57,7 +60,7 @@ class EventLoop(libvirtaio.virEventAsyncIOImpl):  # type: ignore[misc]
         if threading.get_ident() == self._thread:
             return int(super()._add_timeout(timeout, cb, opaque))
         timer = int(super()._add_timeout(-1, cb, opaque))
-        self.loop.call_soon_threadsafe(super()._update_timeout, timer, timeout)
+        self.loop.call_soon_threadsafe(_quietly, super()._update_timeout, timer, timeout)
         return timer
 
     def _update_timeout(self, timer: int, timeout: int) -> None:
@@ -68,6 +71,14 @@ class EventLoop(libvirtaio.virEventAsyncIOImpl):  # type: ignore[misc]
         if self._elsewhere(super()._remove_timeout, timer):
             return 0
         return int(super()._remove_timeout(timer))
+
+
+def _quietly(fn: Callable[..., Any], *args: Any) -> None:
+    """A handed-over call for a handle or timer the loop removed meanwhile is moot."""
+    try:
+        fn(*args)
+    except KeyError:
+        log.debug("libvirt event hook %s%r: already removed", fn.__name__, args)
 
 
 def register(loop: asyncio.AbstractEventLoop) -> EventLoop:

@@ -35,12 +35,14 @@ class NicRef:
 @dataclass(frozen=True)
 class NicChange:
     """What to change; None keeps the current value. ``bounce``: seconds the link stays
-    down around a move of a linked vNIC (None: no bounce)."""
+    down around a move of a linked vNIC (None: no bounce). ``only_on``: change it only if
+    it is still on this network when its turn comes (a bulk change matched it by network)."""
 
     link_up: bool | None = None
     network: str | None = None
     model: str | None = None
     bounce: float | None = None
+    only_on: str | None = None
 
 
 @dataclass(frozen=True)

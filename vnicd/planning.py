@@ -206,6 +206,12 @@ def _check_update(
     snap: Snapshot, ref: NicRef, current: Interface, change: NicChange, namer: Namer
 ) -> None:
     nic = str(ref)
+    if change.only_on is not None and (
+        current.kind not in WIRABLE or namer(current.source) != change.only_on
+    ):
+        raise errors.UnsupportedChange(
+            snap.uuid, nic, "network", f"it is no longer on network {change.only_on!r}"
+        )
     if change.model is not None and change.model != current.model:
         raise errors.UnsupportedChange(
             snap.uuid,
@@ -397,12 +403,18 @@ def plan_plug_new(snap: Snapshot, iface: Interface, namer: Namer) -> Plan:
             snap, name, "addressInUse", f"PCI address {iface.address} is taken", "xml"
         )
     assert iface.mac is not None
+    steps = _attach(snap, iface)
+    if snap.active and snap.persistent:
+        # Kept first: a crash between the live attach and the definition leaves a record
+        # that settling completes, instead of a live-only vNIC a restart would lose.
+        kept = snap.store.put("", iface)
+        steps = [StoreWrite(snap.store, kept), *steps, StoreWrite(kept, snap.store, True)]
     return Plan(
         Action.PLUG,
         snap.uuid,
         name,
         iface.mac,
-        tuple(_attach(snap, iface)),
+        tuple(steps),
         None,
         nic_state(iface, namer, plugged=True),
         snap.store,
