@@ -17,7 +17,7 @@ from typing import Any, cast
 
 import pytest
 
-from tests.conftest import TMP, Nic, vm_xml
+from tests.conftest import STEADY, TMP, Nic, vm_xml
 from tests.hostenv import PREFIX, kill_qemus, master
 from tests.libvirtd import PrivateLibvirtd
 from tests.test_service import NotifySocket, launch, stop, wait_for
@@ -93,7 +93,12 @@ def test_libvirtd_killed_and_restarted_while_vnicd_serves(
     nic = Nic("vt-a", mac="52:54:00:7f:02:01", tap=f"vl{os.getpid() % 100000}")
     try:
         notify.wait("READY=1")
-        call(sock, "VM.create", vmID=vm_id, vmParams={"xml": vm_xml(name, vm_id, [nic])})
+        call(
+            sock,
+            "VM.create",
+            vmID=vm_id,
+            vmParams={"xml": vm_xml(name, vm_id, [nic], domain_type=STEADY)},
+        )
         before = call(sock, "VM.getInfo", vmID=vm_id)
         assert master(nic.tap) == "vt-a"
 
@@ -180,7 +185,12 @@ def test_hung_libvirtd_is_noticed_by_keepalive(libvirtd: PrivateLibvirtd, workdi
     nic = Nic("vt-a", mac="52:54:00:7f:04:01", tap=f"vh{os.getpid() % 100000}")
     try:
         until("vnicd ready", lambda: call(sock, "Host.ping2") is True)
-        call(sock, "VM.create", vmID=vm_id, vmParams={"xml": vm_xml(name, vm_id, [nic])})
+        call(
+            sock,
+            "VM.create",
+            vmID=vm_id,
+            vmParams={"xml": vm_xml(name, vm_id, [nic], domain_type=STEADY)},
+        )
         before = call(sock, "VM.getInfo", vmID=vm_id)
 
         libvirtd.pause(True)
