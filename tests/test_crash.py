@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import STEADY, Nic, vm_xml
+from tests.conftest import Nic, vm_xml
 from tests.hostenv import master
 from tests.test_daemon import state, wait_ready
 from tests.test_service import launch, stop, write_config
@@ -49,7 +49,7 @@ def test_sigkill_with_an_unplugged_vnic(state: Path) -> None:
     proc = start()
     try:
         with Client(sock) as c:
-            xml = vm_xml("crash-vm", vm_id, [a, b], domain_type=STEADY)
+            xml = vm_xml("crash-vm", vm_id, [a, b])
             c.call("VM.create", vmID=vm_id, vmParams={"xml": xml, "persistent": True})
         stop(proc)
         # virsh's embedded driver may report "not running" while it reconnects, and stop it.

@@ -17,7 +17,7 @@ from typing import Any, cast
 
 import pytest
 
-from tests.conftest import STEADY, TMP, Nic, vm_xml
+from tests.conftest import TMP, Nic, vm_xml
 from tests.hostenv import PREFIX, kill_qemus, master
 from tests.libvirtd import PrivateLibvirtd
 from tests.test_service import NotifySocket, launch, stop, wait_for
@@ -97,7 +97,7 @@ def test_libvirtd_killed_and_restarted_while_vnicd_serves(
             sock,
             "VM.create",
             vmID=vm_id,
-            vmParams={"xml": vm_xml(name, vm_id, [nic], domain_type=STEADY)},
+            vmParams={"xml": vm_xml(name, vm_id, [nic])},
         )
         before = call(sock, "VM.getInfo", vmID=vm_id)
         assert master(nic.tap) == "vt-a"
@@ -189,7 +189,7 @@ def test_hung_libvirtd_is_noticed_by_keepalive(libvirtd: PrivateLibvirtd, workdi
             sock,
             "VM.create",
             vmID=vm_id,
-            vmParams={"xml": vm_xml(name, vm_id, [nic], domain_type=STEADY)},
+            vmParams={"xml": vm_xml(name, vm_id, [nic])},
         )
         before = call(sock, "VM.getInfo", vmID=vm_id)
 
