@@ -21,7 +21,7 @@ from pathlib import Path
 
 import libvirt
 
-from tests.hostenv import TestHost, alive, kill_qemus
+from tests.hostenv import TestHost, alive, dead_runs, kill_qemus
 from tests.hostenv import _setns as setns
 
 PREFIX = "vnicd-bench-"
@@ -191,16 +191,9 @@ def _cmdlines() -> str:
 def sweep_stale() -> None:
     """Remove what a killed bench left: namespaces, state dirs, QEMUs, system VMs."""
     pattern = re.compile(re.escape(PREFIX) + r"(\d+)")
-    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    for ns in namespaces.split():
-        m = pattern.fullmatch(ns)
-        if m and not alive(int(m.group(1))):
-            subprocess.run(["ip", "netns", "del", ns], check=False)
-    for state in TMP.glob(PREFIX + "*"):
-        m = pattern.match(state.name)
-        if m and not alive(int(m.group(1))):
-            kill_qemus(str(state))
-            shutil.rmtree(state, ignore_errors=True)
+    for _pid, state in dead_runs(TMP, PREFIX):
+        kill_qemus(str(state))
+        shutil.rmtree(state, ignore_errors=True)
     for pid in {int(p) for p in re.findall(r"guest=" + re.escape(PREFIX) + r"(\d+)-", _cmdlines())}:
         if not alive(pid):
             kill_qemus(f"guest={PREFIX}{pid}-")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -93,10 +93,6 @@ class DaemonThread:
     def service(self) -> Service:
         assert self.daemon is not None and self.daemon.service is not None, "vnicd is not running"
         return self.daemon.service
-
-    def call_soon(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` on vnicd's event loop (where libvirt's events are delivered)."""
-        self.loop.call_soon_threadsafe(fn)
 
     @property
     def conn(self) -> libvirt.virConnect:

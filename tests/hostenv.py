@@ -16,6 +16,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 CLONE_NEWNET = 0x40000000
@@ -87,22 +88,29 @@ def kill_qemus(marker: str, program: str = "qemu-system") -> None:
         time.sleep(0.05)
 
 
-def sweep_stale(tmp: Path) -> None:
-    """Remove what earlier runs killed mid-way left behind: their VMs, namespaces, state."""
-    pattern = re.compile(re.escape(PREFIX) + r"(\d+)")
+def dead_runs(tmp: Path, prefix: str) -> Iterator[tuple[int, Path]]:
+    """Runs named ``prefix<pid>`` whose process is gone: their namespaces are deleted here,
+    their state directories (and pids) yielded for the caller to sweep."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)")
     for ns in subprocess.run(
         ["ip", "netns", "list"], capture_output=True, text=True
     ).stdout.split():
         m = pattern.fullmatch(ns)
         if m and not alive(int(m.group(1))):
             subprocess.run(["ip", "netns", "del", ns], check=False)
-    for state in tmp.glob(PREFIX + "*"):
+    for state in list(tmp.glob(prefix + "*")):
         m = pattern.match(state.name)
         if m and not alive(int(m.group(1))):
-            kill_qemus(str(state))
-            kill_qemus(str(state), "libvirtd")  # a test's private libvirtd (tests/libvirtd.py)
-            kill_qemus(f"vnicd-lv{m.group(1)}")  # and the VMs it ran (named so)
-            subprocess.run(["rm", "-rf", str(state)], check=False)
+            yield int(m.group(1)), state
+
+
+def sweep_stale(tmp: Path) -> None:
+    """Remove what earlier runs killed mid-way left behind: their VMs, namespaces, state."""
+    for pid, state in dead_runs(tmp, PREFIX):
+        kill_qemus(str(state))
+        kill_qemus(str(state), "libvirtd")  # a test's private libvirtd (tests/libvirtd.py)
+        kill_qemus(f"vnicd-lv{pid}")  # and the VMs it ran (named so)
+        subprocess.run(["rm", "-rf", str(state)], check=False)
 
 
 class TestHost:
