@@ -33,7 +33,7 @@ TMP = Path(tempfile.gettempdir())
 DOMAIN_TYPE = "qemu"
 BRIDGES = ("vt-a", "vt-b", "vt-c")
 # Tests using any of these boot VMs or run vnicd: they need root and the test namespace.
-HOST_FIXTURES = {"vnicd", "state", "workdir", "libvirtd"}
+HOST_FIXTURES = {"vnicd", "state", "workdir", "libvirtd", "devices"}
 ENGINE_PORT = 54321  # free: the session has its own network namespace
 _host = TestHost()
 

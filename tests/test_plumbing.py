@@ -1,5 +1,6 @@
-"""Pure plumbing: message framing on the local socket, the per-VM lock table, and the
-transaction's undo, with a recording stand-in for a domain (logic only, no wiring)."""
+"""Pure plumbing: message framing on the local socket, the JSON-RPC envelope check, the
+per-VM lock table, and the transaction's undo, with a recording stand-in for a domain
+(logic only, no wiring)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,11 @@ import asyncio
 from typing import Any
 
 import libvirt
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jsonrpcserver.main import default_validator
 
+from vnicd.dispatcher import _validate
 from vnicd.domxml import Interface
 from vnicd.hypervisor import HypervisorError
 from vnicd.model import Snapshot, VmStatus
@@ -33,6 +38,33 @@ def test_oversized_message_does_not_swallow_the_next() -> None:
     assert lines.feed(b"y" * 50) == []
     assert lines.feed(b'yy\n{"c":3}') == []
     assert lines.feed(b"\n") == [b'{"c":3}']
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner),
+    max_leaves=5,
+)
+_member = st.sampled_from(["jsonrpc", "method", "params", "id", "x"])
+_value: st.SearchStrategy[Any] = (
+    st.sampled_from(["2.0", "VM.getInfo", 2.0, 1, True, None, [], {}]) | _json
+)
+_envelopes = st.dictionaries(_member, _value) | _json
+
+
+@settings(max_examples=2000, database=None)
+@given(_envelopes)
+def test_envelope_check_agrees_with_the_schema(request: Any) -> None:
+    """The fast check accepts exactly what jsonrpcserver's JSON-RPC schema accepts."""
+
+    def accepted(check: Any) -> bool:
+        try:
+            check(request)
+        except Exception:
+            return False
+        return True
+
+    assert accepted(_validate) == accepted(default_validator)
 
 
 def test_split_and_joined_messages() -> None:
@@ -125,7 +157,7 @@ async def execute(answer: bool | None, *fail: str) -> tuple[RecordingDomain, Exc
 
     tx = Transaction(dom, snap, ports=None, run=run, removals=removals, unplug_timeout=0.05)  # type: ignore[arg-type]
     try:
-        await tx.execute(plan)
+        await tx.execute(plan, lambda live: live)
     except (Failed, Pending) as e:
         return dom, e
     return dom, None

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from jsonrpcserver import Error, Result, Success, async_dispatch
+from jsonrpcserver.main import default_validator
 
 from vnicd import caller as callers
 from vnicd import errors, logs
@@ -104,9 +105,32 @@ class Dispatcher:
         """
         token = callers.current.set(caller)
         try:
-            return await async_dispatch(message, methods=self._methods)
+            return await async_dispatch(message, methods=self._methods, validator=_validate)
         finally:
             callers.current.reset(token)
+
+
+_KEYS = frozenset({"jsonrpc", "method", "params", "id"})
+
+
+def _validate(request: Any) -> Any:
+    """jsonrpcserver's JSON-RPC 2.0 schema check, with the common case decided first.
+
+    A single request with only the four members, each of the type the schema allows,
+    is what the schema accepts; checking that directly costs a microsecond, the schema
+    validator a tenth of a millisecond. Anything else goes to the schema validator,
+    which decides, and words the error.
+    """
+    if (
+        type(request) is dict
+        and request.keys() <= _KEYS
+        and request.get("jsonrpc") == "2.0"
+        and type(request.get("method")) is str
+        and type(request.get("params", {})) in (dict, list)
+        and type(request.get("id")) in (str, int, float, type(None))
+    ):
+        return request
+    return default_validator(request)
 
 
 def _fields(verb: str, params: dict[str, Any]) -> dict[str, str]:

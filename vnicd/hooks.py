@@ -97,7 +97,10 @@ class Hooks:
             raise ValueError(f"unknown hook {name!r}")
         folder = self.directory / name
         try:
-            found = [p for p in folder.iterdir() if p.is_file() and os.access(p, os.X_OK)]
+            with os.scandir(folder) as entries:
+                found = [
+                    Path(e.path) for e in entries if e.is_file() and os.access(e.path, os.X_OK)
+                ]
         except (FileNotFoundError, NotADirectoryError):
             return []
         return sorted(found, key=lambda p: p.name)

@@ -328,18 +328,21 @@ class Service:
             plan = make_plan(snap)
             if dry_run:
                 return DryRun(plan)
+
+            def answer(live: DomainXML | None) -> VmState:
+                return self._answer(dom, snap, live, plan)
+
             if not plan.steps:
-                return await self._blocking(self._answer, dom, snap, snap.live, plan)
+                return await self._blocking(answer, snap.live)
             plan = await self.hooks.before(plan)
             self._begin(vm_id, snap)
             try:
-                tx = await self._execute(dom, snap, plan)
+                state = await self._execute(dom, snap, plan, answer)
             except errors.VnicdError as e:
                 await self._after(plan, e)
                 raise
             finally:
                 self._end(vm_id)
-            state = await self._blocking(self._answer, dom, snap, tx.live, plan)
         self._notify(plan, state)
         await self._after(plan, None)
         return state
@@ -351,12 +354,16 @@ class Service:
         except Exception:
             log.exception("VM %s: after-change hooks failed", plan.vm)
 
-    async def _execute(self, dom: Domain, snap: Snapshot, plan: Plan) -> Transaction:
+    async def _execute(
+        self, dom: Domain, snap: Snapshot, plan: Plan, answer: Callable[[DomainXML | None], T]
+    ) -> T:
+        """Carry out ``plan``; ``answer`` (run in a worker) builds the result from the
+        live XML the confirmation read."""
         tx = Transaction(
             dom, snap, self._networks.ports, self._raw, self.removals, self._unplug_timeout
         )
         try:
-            await tx.execute(plan)
+            result = await tx.execute(plan, answer)
         except Pending as e:
             raise _error(plan, "timeout", str(e), rolled_back=False) from e
         except Failed as e:
@@ -367,6 +374,9 @@ class Service:
                 else "the previous state was restored"
             )
             raise _error(plan, cause, f"{e}; {outcome}", rolled_back=not e.problems) from e
+        except (HypervisorError, hostnet.HostNetError) as e:
+            # the change is done; reading the state that answers it failed
+            raise errors.GeneralError(str(e), cause=str(e)) from e
         log.info(
             "VM %s vNIC %s: %s done (%s)",
             plan.vm,
@@ -374,7 +384,7 @@ class Service:
             plan.action.value,
             _summary(plan),
         )
-        return tx
+        return result
 
     def _answer(self, dom: Domain, snap: Snapshot, live: DomainXML | None, plan: Plan) -> VmState:
         """The state after a change, from what confirming it already read."""
@@ -424,14 +434,18 @@ class Service:
                 log.info("VM %s: settling stored vNICs (%s)", vm_id, _summary(plan))
                 self._begin(vm_id, snap)
                 try:
-                    await self._execute(dom, snap, plan)
+                    state = await self._execute(dom, snap, plan, self._settled(vm_id))
                 finally:
                     self._end(vm_id)
-                self._notify(plan, await self._raw(self._read_state, vm_id))
+                self._notify(plan, state)
         except errors.NoSuchVM:
             self.forget(vm_id)
         except (errors.VnicdError, HypervisorError, hostnet.HostNetError) as e:
             log.error("VM %s: settling stored vNICs failed: %s", vm_id, e)
+
+    def _settled(self, vm_id: str) -> Callable[[DomainXML | None], VmState]:
+        """The answer of a settling: the VM read afresh (a release may have stopped it)."""
+        return lambda _live: self._read_state(vm_id)
 
     async def reconcile_all(self) -> list[str]:
         """Settle every VM (at start); returns their names."""

@@ -26,10 +26,12 @@ class PlanHooks:
         self._hooks = hooks
 
     async def before(self, plan: Plan) -> Plan:
-        name, xml = _NAMES.get(plan.action), plan.device_xml
-        if name is None or xml is None:
-            return plan
+        name = _NAMES.get(plan.action)
         hook = f"before_{name}"
+        # the device XML is only built for a hook that has scripts
+        xml = plan.device_xml if name is not None and self._hooks.scripts(hook) else None
+        if xml is None:
+            return plan
         new = await self._hooks.run(hook, xml, {"vmId": plan.vm})
         if new == xml:
             return plan
@@ -53,10 +55,11 @@ class PlanHooks:
         return plan.rewritten(iface)
 
     async def after(self, plan: Plan, error: Exception | None) -> None:
-        name, xml = _NAMES.get(plan.action), plan.device_xml
-        if name is None or xml is None:
-            return
-        await self._hooks.run(f"after_{name}{'_fail' if error else ''}", xml, {"vmId": plan.vm})
+        name = _NAMES.get(plan.action)
+        hook = f"after_{name}{'_fail' if error else ''}"
+        xml = plan.device_xml if name is not None and self._hooks.scripts(hook) else None
+        if xml is not None:
+            await self._hooks.run(hook, xml, {"vmId": plan.vm})
 
 
 def _text(nic: NicState | None) -> str:

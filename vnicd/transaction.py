@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from vnicd import hostnet
 from vnicd.domxml import Domain as DomainXML
@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Runner = Callable[..., Awaitable[Any]]
 FAULTS = (HypervisorError, hostnet.HostNetError)
+_WAITING = (Pause, LiveDetach)  # steps that wait on the loop, not in a worker
 
 
 class ConfirmError(Exception):
@@ -121,47 +122,85 @@ class Transaction:
         self._timeout = unplug_timeout
         self.live: DomainXML | None = snap.live
 
-    async def execute(self, plan: Plan) -> None:
-        """Apply every step, or undo the completed ones and raise :class:`Failed`.
-        :class:`Pending` leaves what was done: the guest's late answer finishes it."""
+    async def execute(self, plan: Plan, finish: Callable[[DomainXML | None], T]) -> T:
+        """Apply every step, or undo the completed ones and raise :class:`Failed`; then
+        ``finish(live)`` builds the answer from what the confirmation read.
+        :class:`Pending` leaves what was done: the guest's late answer finishes it.
+
+        Consecutive blocking steps, and ``finish`` after the last of them, run in one
+        worker call: each hop to a worker and back costs more than a libvirt call.
+        """
         done: list[Step] = []
-        for step in plan.steps:
-            try:
-                await self._apply(step)
-            except Pending:
-                raise
-            except (*FAULTS, ConfirmError, Refused) as e:
-                if isinstance(step, StoreWrite) and step.best_effort:
-                    log.warning("VM %s: %s (the change itself is done)", plan.vm, e)
-                    continue
+        steps = list(plan.steps)
+        while steps:
+            if isinstance(steps[0], _WAITING):
+                step = steps.pop(0)
+                try:
+                    await self._wait(step)
+                except Pending:
+                    raise
+                except (*FAULTS, ConfirmError, Refused) as e:
+                    raise Failed(e, await self._undo(done)) from e
+                done.append(step)
+                continue
+            n = next((i for i, s in enumerate(steps) if isinstance(s, _WAITING)), len(steps))
+            batch, steps = steps[:n], steps[n:]
+            failed, answer = await self._run(
+                self._apply_all, plan.vm, batch, done, None if steps else finish
+            )
+            if failed is not None:
+                step, error = failed
                 # a live step may have half-happened (libvirt's own change has no rollback)
                 half: list[Step] = [step] if isinstance(step, LiveUpdate | LiveAttach) else []
-                problems = await self._undo(done + half)
-                raise Failed(e, problems) from e
-            done.append(step)
+                raise Failed(error, await self._undo(done + half)) from error
+            if not steps:
+                return cast(T, answer)
+        return cast(T, await self._run(finish, self.live))
 
-    async def _apply(self, step: Step) -> None:
+    def _apply_all(
+        self,
+        vm: str,
+        steps: list[Step],
+        done: list[Step],
+        finish: Callable[[DomainXML | None], T] | None,
+    ) -> tuple[tuple[Step, Exception] | None, T | None]:
+        """In a worker: apply ``steps`` in order, then ``finish``; the failed step, if any."""
+        for step in steps:
+            try:
+                self._apply(step)
+            except (*FAULTS, ConfirmError) as e:
+                if isinstance(step, StoreWrite) and step.best_effort:
+                    log.warning("VM %s: %s (the change itself is done)", vm, e)
+                    continue
+                return (step, e), None
+            done.append(step)
+        return None, None if finish is None else finish(self.live)
+
+    def _apply(self, step: Step) -> None:
         dom = self._dom
         match step:
             case LiveUpdate(after=after, bridge=bridge):
-                await self._run(dom.update_interface, after.to_xml(), live=True, persistent=False)
-                await self._run(self._confirm, after, bridge)
-            case Pause(seconds=seconds):
-                await asyncio.sleep(seconds)
+                dom.update_interface(after.to_xml(), live=True, persistent=False)
+                self._confirm(after, bridge)
             case DefinitionUpdate(after=after):
-                await self._run(dom.update_interface, after.to_xml(), live=False, persistent=True)
+                dom.update_interface(after.to_xml(), live=False, persistent=True)
             case LiveAttach(iface=iface):
-                await self._run(dom.attach_interface, iface.to_xml(), live=True, persistent=False)
-                await self._run(self._confirm_attached, iface)
-            case LiveDetach(iface=iface):
-                await self._release(iface)
+                dom.attach_interface(iface.to_xml(), live=True, persistent=False)
+                self._confirm_attached(iface)
             case DefinitionAttach(iface=iface, from_live=from_live):
                 xml = (self._live_definition(iface.mac) if from_live else iface).to_xml()
-                await self._run(dom.attach_interface, xml, live=False, persistent=True)
+                dom.attach_interface(xml, live=False, persistent=True)
             case DefinitionDetach(iface=iface):
-                await self._run(dom.detach_interface, iface.to_xml(), live=False, persistent=True)
+                dom.detach_interface(iface.to_xml(), live=False, persistent=True)
             case StoreWrite(after=after):
-                await self._run(self._write_store, after)
+                self._write_store(after)
+
+    async def _wait(self, step: Step) -> None:
+        match step:
+            case Pause(seconds=seconds):
+                await asyncio.sleep(seconds)
+            case LiveDetach(iface=iface):
+                await self._release(iface)
 
     async def _undo(self, done: list[Step]) -> list[str]:
         problems: list[str] = []
