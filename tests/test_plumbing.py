@@ -157,7 +157,7 @@ async def execute(answer: bool | None, *fail: str) -> tuple[RecordingDomain, Exc
 
     tx = Transaction(dom, snap, ports=None, run=run, removals=removals, unplug_timeout=0.05)  # type: ignore[arg-type]
     try:
-        await tx.execute(plan, lambda live: live)
+        await tx.execute(plan, lambda live, _seen: live)
     except (Failed, Pending) as e:
         return dom, e
     return dom, None

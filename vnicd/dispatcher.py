@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -85,6 +86,8 @@ class Dispatcher:
                 ms = (time.monotonic() - started) * 1000
                 log.info("%s ended: %s in %.1f ms", verb.name, outcome, ms, extra=extra)
 
+        # jsonrpcserver binds each request to the method's signature; computed once here
+        call.__signature__ = inspect.signature(call)  # type: ignore[attr-defined]
         return call
 
     async def drain(self, timeout: float) -> bool:

@@ -95,9 +95,8 @@ class Hooks:
         """``name``'s executables, in name order; none when its directory is missing."""
         if name not in NAMES:
             raise ValueError(f"unknown hook {name!r}")
-        folder = self.directory / name
         try:
-            with os.scandir(folder) as entries:
+            with os.scandir(os.path.join(self.directory, name)) as entries:
                 found = [
                     Path(e.path) for e in entries if e.is_file() and os.access(e.path, os.X_OK)
                 ]

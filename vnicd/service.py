@@ -14,7 +14,7 @@ import contextlib
 import functools
 import itertools
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
@@ -27,7 +27,15 @@ from vnicd.model import NicChange, NicRef, Snapshot, VmState, VmStatus
 from vnicd.networks import NetworkMap, Wiring
 from vnicd.planning import Action, Plan
 from vnicd.report import vm_state
-from vnicd.transaction import ConfirmError, Failed, Pending, Refused, Removals, Transaction
+from vnicd.transaction import (
+    ConfirmError,
+    Failed,
+    Finish,
+    Pending,
+    Refused,
+    Removals,
+    Transaction,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -205,10 +213,12 @@ class Service:
         _dom, snap = self._read(vm_id, saved=False)
         return self._state(snap, self._bridges(snap.current) if snap.active else None)
 
-    def _bridges(self, domain: DomainXML) -> dict[str, str]:
-        """The kernel's view of each tap of a running VM, one device read each."""
-        where = self._networks.ports.where
-        return {i.tap: where(i.tap) or "" for i in domain.interfaces if i.tap}
+    def _bridges(self, domain: DomainXML, seen: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The kernel's view of each tap of a running VM, one device read each (none for
+        a tap in ``seen``: read just now)."""
+        where, seen = self._networks.ports.where, seen or {}
+        taps = [i.tap for i in domain.interfaces if i.tap]
+        return {tap: seen[tap] if tap in seen else where(tap) or "" for tap in taps}
 
     def _consistent(self, vm_id: str, epoch: int | None, state: VmState) -> VmState | None:
         """``state`` if no change of the VM started or ended while it was read; the state
@@ -329,11 +339,11 @@ class Service:
             if dry_run:
                 return DryRun(plan)
 
-            def answer(live: DomainXML | None) -> VmState:
-                return self._answer(dom, snap, live, plan)
+            def answer(live: DomainXML | None, seen: Mapping[str, str]) -> VmState:
+                return self._answer(dom, snap, live, plan, seen)
 
             if not plan.steps:
-                return await self._blocking(answer, snap.live)
+                return await self._blocking(answer, snap.live, {})
             plan = await self.hooks.before(plan)
             self._begin(vm_id, snap)
             try:
@@ -354,11 +364,9 @@ class Service:
         except Exception:
             log.exception("VM %s: after-change hooks failed", plan.vm)
 
-    async def _execute(
-        self, dom: Domain, snap: Snapshot, plan: Plan, answer: Callable[[DomainXML | None], T]
-    ) -> T:
-        """Carry out ``plan``; ``answer`` (run in a worker) builds the result from the
-        live XML the confirmation read."""
+    async def _execute(self, dom: Domain, snap: Snapshot, plan: Plan, answer: Finish[T]) -> T:
+        """Carry out ``plan``; ``answer`` (run in a worker) builds the result from what
+        the confirmation read."""
         tx = Transaction(
             dom, snap, self._networks.ports, self._raw, self.removals, self._unplug_timeout
         )
@@ -386,8 +394,16 @@ class Service:
         )
         return result
 
-    def _answer(self, dom: Domain, snap: Snapshot, live: DomainXML | None, plan: Plan) -> VmState:
-        """The state after a change, from what confirming it already read."""
+    def _answer(
+        self,
+        dom: Domain,
+        snap: Snapshot,
+        live: DomainXML | None,
+        plan: Plan,
+        seen: Mapping[str, str],
+    ) -> VmState:
+        """The state after a change, from what confirming it already read (the live XML,
+        the bridge of each tap it checked); the VM's other taps are read here."""
         if snap.active:
             domain = live or DomainXML(dom.xml())
             return vm_state(
@@ -395,7 +411,7 @@ class Service:
                 self._networks.name_of,
                 domain=domain,
                 store=plan.store,
-                bridges=self._bridges(domain),
+                bridges=self._bridges(domain, seen),
             )
         saved = DomainXML(dom.xml(inactive=True))
         return vm_state(snap, self._networks.name_of, domain=saved, store=plan.store)
@@ -443,9 +459,9 @@ class Service:
         except (errors.VnicdError, HypervisorError, hostnet.HostNetError) as e:
             log.error("VM %s: settling stored vNICs failed: %s", vm_id, e)
 
-    def _settled(self, vm_id: str) -> Callable[[DomainXML | None], VmState]:
+    def _settled(self, vm_id: str) -> Finish[VmState]:
         """The answer of a settling: the VM read afresh (a release may have stopped it)."""
-        return lambda _live: self._read_state(vm_id)
+        return lambda _live, _seen: self._read_state(vm_id)
 
     async def reconcile_all(self) -> list[str]:
         """Settle every VM (at start); returns their names."""

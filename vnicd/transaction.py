@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar, cast
 
 from vnicd import hostnet
@@ -102,8 +102,12 @@ def _fail(future: asyncio.Future[bool], reason: str) -> None:
         future.set_exception(ConnectionError(reason))
 
 
+Finish = Callable[[DomainXML | None, Mapping[str, str]], T]
+
+
 class Transaction:
-    """One plan on one domain. ``live`` is the last live XML read while confirming."""
+    """One plan on one domain. ``live`` is the last live XML read while confirming,
+    ``seen`` each tap's bridge as the kernel last reported it ("" for none)."""
 
     def __init__(
         self,
@@ -121,10 +125,11 @@ class Transaction:
         self._removals = removals
         self._timeout = unplug_timeout
         self.live: DomainXML | None = snap.live
+        self.seen: dict[str, str] = {}
 
-    async def execute(self, plan: Plan, finish: Callable[[DomainXML | None], T]) -> T:
+    async def execute(self, plan: Plan, finish: Finish[T]) -> T:
         """Apply every step, or undo the completed ones and raise :class:`Failed`; then
-        ``finish(live)`` builds the answer from what the confirmation read.
+        ``finish(live, seen)`` builds the answer from what the confirmation read.
         :class:`Pending` leaves what was done: the guest's late answer finishes it.
 
         Consecutive blocking steps, and ``finish`` after the last of them, run in one
@@ -155,14 +160,14 @@ class Transaction:
                 raise Failed(error, await self._undo(done + half)) from error
             if not steps:
                 return cast(T, answer)
-        return cast(T, await self._run(finish, self.live))
+        return cast(T, await self._run(finish, self.live, self.seen))
 
     def _apply_all(
         self,
         vm: str,
         steps: list[Step],
         done: list[Step],
-        finish: Callable[[DomainXML | None], T] | None,
+        finish: Finish[T] | None,
     ) -> tuple[tuple[Step, Exception] | None, T | None]:
         """In a worker: apply ``steps`` in order, then ``finish``; the failed step, if any."""
         for step in steps:
@@ -174,7 +179,7 @@ class Transaction:
                     continue
                 return (step, e), None
             done.append(step)
-        return None, None if finish is None else finish(self.live)
+        return None, None if finish is None else finish(self.live, self.seen)
 
     def _apply(self, step: Step) -> None:
         dom = self._dom
@@ -284,7 +289,7 @@ class Transaction:
                 f"expected {expected.source} link {'up' if expected.link_up else 'down'}"
             )
         if bridge is not None and now.tap is not None:
-            actual = self._ports.where(now.tap)
+            actual = self._where(now.tap)
             if actual != bridge:
                 raise ConfirmError(f"tap {now.tap} is on {actual}, expected {bridge}")
 
@@ -294,8 +299,13 @@ class Transaction:
             raise ConfirmError("libvirt does not show it plugged")
         if iface.address is not None and live.address != iface.address:
             raise ConfirmError(f"it came back at {live.address}, not {iface.address}")
-        if live.bridge and live.tap and self._ports.where(live.tap) != live.bridge:
+        if live.bridge and live.tap and self._where(live.tap) != live.bridge:
             raise ConfirmError(f"its tap {live.tap} is not on {live.bridge}")
+
+    def _where(self, tap: str) -> str | None:
+        bridge = self._ports.where(tap)
+        self.seen[tap] = bridge or ""
+        return bridge
 
     def _restore_live(self, before: Interface, bridge: str | None) -> None:
         problems = []
