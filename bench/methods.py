@@ -4,8 +4,9 @@
 ``<interface>`` by MAC with lxml, set ``<link state>`` or ``<source bridge>``, and
 ``updateDeviceFlags(..., AFFECT_LIVE)``; for a persistent VM the same again on the
 inactive XML with ``AFFECT_CONFIG`` (vnicd keeps the definition in step too). It
-confirms nothing. ``Vnicd`` sends ``VM.updateDevice`` over the Unix socket. ``Virsh``
-runs ``virsh domif-setlink`` (a link change only).
+confirms nothing. ``Vnicd`` sends ``VM.updateDevice`` over the Unix socket, ``Engine``
+the same over the engine's wire (JSON-RPC over STOMP 1.2, mutual TLS), as the engine and
+vdsm-client do. ``Virsh`` runs ``virsh domif-setlink`` (a link change only).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import libvirt
 from lxml import etree
 
 from bench.host import Nic, Vm
-from vnicd.client import Client, RpcError
+from vnicd.client import Client, RpcError, StompClient, tls_client_context
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,20 @@ class Vnicd:
         return self._client.call(method, **params)
 
 
+class Engine:
+    name = "vnicd, engine wire"
+
+    def __init__(self, port: int, cert: Path, key: Path, ca: Path) -> None:
+        tls = tls_client_context(cert, key, ca)
+        self._client = StompClient("127.0.0.1", port, tls=tls)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def change(self, vm: Vm, nic: Nic, change: Change) -> None:
+        self._client.call("VM.updateDevice", **_params(vm, nic, change))
+
+
 class Virsh:
     name = "virsh"
 
@@ -123,7 +138,7 @@ class Virsh:
         )
 
 
-Method = Raw | Vnicd | Virsh
+Method = Raw | Vnicd | Engine | Virsh
 
 
 def timed(fn: Callable[[], object]) -> float:

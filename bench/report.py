@@ -61,7 +61,8 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 
 SINGLE = ("link toggle", "bridge move")
-METHODS = ("raw libvirt", "vnicd", "virsh")
+ENGINE = "vnicd, engine wire"
+METHODS = ("raw libvirt", "vnicd", ENGINE, "virsh")
 BULK = ("raw libvirt, 8 threads", "vnicd, pipelined", "vnicd, bulk verb", "virsh loop")
 
 
@@ -75,18 +76,25 @@ def table(r: Results) -> str:
         f"{'persistent' if c['persistent'] else 'transient'}, {c['rounds']} rounds interleaved"
         + (f"; {c['note']}" if c.get("note") else ""),
         "",
-        "| single change | raw libvirt median / p99 | vnicd median / p99 | virsh median / p99 "
-        "| vnicd/raw median / p99 | virsh/vnicd median |",
-        "|---|---|---|---|---|---|",
+        "| single change | raw libvirt median / p99 | vnicd (Unix socket) median / p99 "
+        "| vnicd (engine wire, TLS) median / p99 | virsh median / p99 "
+        "| vnicd/raw median / p99 | engine wire/raw median / p99 | virsh/vnicd median |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+
+    def ratios(measure: str, method: str) -> str:
+        return (
+            f"**{_ratio(r.median(measure, method), r.median(measure, 'raw libvirt'))}** / "
+            f"{_ratio(r.p99(measure, method), r.p99(measure, 'raw libvirt'))}"
+        )
+
     for measure in SINGLE:
         cells = [f"{_ms(r.median(measure, m))} / {_ms(r.p99(measure, m))}" for m in METHODS]
-        vr = (
-            f"**{_ratio(r.median(measure, 'vnicd'), r.median(measure, 'raw libvirt'))}** / "
-            f"{_ratio(r.p99(measure, 'vnicd'), r.p99(measure, 'raw libvirt'))}"
-        )
         sv = _ratio(r.median(measure, "virsh"), r.median(measure, "vnicd"))
-        lines.append(f"| {measure} | {' | '.join(cells)} | {vr} | {sv} |")
+        lines.append(
+            f"| {measure} | {' | '.join(cells)} | {ratios(measure, 'vnicd')} "
+            f"| {ratios(measure, ENGINE)} | {sv} |"
+        )
     total = c["vms"] * c["nics"]
     lines += [
         "",

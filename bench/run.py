@@ -31,6 +31,7 @@ import yaml
 from bench.host import REPO, BenchHost, Vm, log, sweep_stale, wait_until
 from bench.methods import (
     Change,
+    Engine,
     Method,
     Raw,
     Virsh,
@@ -42,13 +43,15 @@ from bench.methods import (
     vnicd_pipelined,
 )
 from bench.report import Results, machine, plot, table
+from tests import pki
 from tests.harness import DaemonThread
 from vnicd import hostnet
 from vnicd.client import Client
-from vnicd.config import Config
+from vnicd.config import Config, EngineConfig
 from vnicd.schema import Schema
 
 TOGGLE = (Change(link_up=False), Change(link_up=True))
+ENGINE_PORT = 54329  # in the bench's own network namespace
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -102,15 +105,25 @@ class Bench:
         self.results = Results()
         self.daemon: DaemonThread | None = None
         self.process: subprocess.Popen[bytes] | None = None
+        self.certs = pki.make(host.state / "pki")
         self.config = Config(
             libvirt_uri="qemu:///system" if host.system else "",
             state_dir=host.state / "vnicd",
             unix_socket=host.state / "vnicd.sock",
             log_level="INFO",
             unwired_bridge=host.unwired,
+            engine=EngineConfig(
+                enabled=True,
+                address="127.0.0.1",
+                port=ENGINE_PORT,
+                cert_file=self.certs.server.cert,
+                key_file=self.certs.server.key,
+                ca_file=self.certs.ca,
+            ),
         )
         self.methods: list[Method] = []
         self.vnicd: Vnicd | None = None
+        self.engine: Engine | None = None
         self.vms: list[Vm] = []
         self._conn: libvirt.virConnect | None = None
 
@@ -123,6 +136,8 @@ class Bench:
             self.process.wait(30)
         if self.vnicd is not None:
             self.vnicd.close()
+        if self.engine is not None:
+            self.engine.close()
         running = self.daemon is not None and self.daemon.daemon is not None
         conn = self._conn or (self.daemon.conn if self.daemon is not None and running else None)
         if conn is not None:
@@ -149,7 +164,9 @@ class Bench:
             conn = self.daemon.conn
         raw = Raw(conn, a.persistent)
         self.vnicd = Vnicd(self.config.unix_socket)
-        self.methods = [raw, self.vnicd]
+        c = self.certs
+        self.engine = Engine(ENGINE_PORT, c.engine.cert, c.engine.key, c.ca)
+        self.methods = [raw, self.vnicd, self.engine]
         virsh = Virsh("qemu:///system") if self.host.system else None
         self._context(conn)
 
@@ -321,6 +338,14 @@ class Bench:
                     "state_dir": str(self.config.state_dir),
                     "unwired_bridge": self.config.unwired_bridge,
                     "log_level": "INFO",
+                    "engine": {
+                        "enabled": True,
+                        "address": "127.0.0.1",
+                        "port": ENGINE_PORT,
+                        "cert_file": str(self.certs.server.cert),
+                        "key_file": str(self.certs.server.key),
+                        "ca_file": str(self.certs.ca),
+                    },
                 }
             )
         )
@@ -342,8 +367,7 @@ class Bench:
     def _footprint(self) -> None:
         """The vnicd process started again with every VM there: time to serving, RSS."""
         assert self.process is not None
-        self._vnicd.close()
-        self.vnicd = None
+        self._close_clients()
         self.process.terminate()
         self.process.wait(30)
         ready = self._spawn()
@@ -362,15 +386,20 @@ class Bench:
     def _restart(self) -> None:
         """vnicd stopped and started again in this process, every VM there."""
         assert self.daemon is not None
-        self._vnicd.close()
-        self.vnicd = None
-        self.methods.clear()
+        self._close_clients()
         self.daemon.stop()
         start = time.perf_counter()
         self.daemon.start()
         self.results.figures[f"Daemon.start() to serving, in-process, {len(self.vms)} VMs"] = (
             f"{(time.perf_counter() - start) * 1000:.0f} ms"
         )
+
+    def _close_clients(self) -> None:
+        for client in (self.vnicd, self.engine):
+            if client is not None:
+                client.close()
+        self.vnicd = self.engine = None
+        self.methods.clear()
 
     def _answers(self) -> bool:
         assert self.process is not None
