@@ -46,8 +46,9 @@ from bench.report import Results, machine, plot, table
 from tests import pki
 from tests.harness import DaemonThread
 from vnicd import hostnet
-from vnicd.client import Client
+from vnicd.client import Client, RpcError
 from vnicd.config import Config, EngineConfig
+from vnicd.errors import Recovering
 from vnicd.schema import Schema
 
 TOGGLE = (Change(link_up=False), Change(link_up=True))
@@ -409,6 +410,10 @@ class Bench:
             with Client(self.config.unix_socket, timeout=5) as c:
                 c.call("Host.ping2")
             return True
+        except RpcError as e:
+            if e.code == Recovering.code:  # the socket is up, the view of the host not yet
+                return False
+            raise
         except OSError:
             return False
 

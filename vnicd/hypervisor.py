@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -179,6 +180,15 @@ class Domain:
         self._call("undefining", self._dom.undefine)
 
 
+@dataclass(frozen=True)
+class Listed:
+    """A VM as a listing found it."""
+
+    domain: Domain
+    status: VmStatus
+    persistent: bool
+
+
 class Hypervisor:
     """A managed libvirt connection. Open it only after an event loop implementation is registered.
 
@@ -311,6 +321,22 @@ class Hypervisor:
 
     def domains(self) -> list[Domain]:
         return [Domain(d) for d in self._call("listing VMs", self.conn.listAllDomains, 0)]
+
+    def listing(self) -> list[Listed]:
+        """Every VM with its status and persistence, in two calls whatever their number
+        (asked VM by VM, each costs a round trip to libvirtd)."""
+        conn = self.conn
+        persistent_flag = libvirt.VIR_CONNECT_LIST_DOMAINS_PERSISTENT
+        persistent = {
+            d.UUIDString() for d in self._call("listing VMs", conn.listAllDomains, persistent_flag)
+        }
+        stats = self._call("listing VMs", conn.getAllDomainStats, libvirt.VIR_DOMAIN_STATS_STATE, 0)
+        found = []
+        for dom, values in stats:
+            listed = Domain(dom)
+            status = _STATES.get(values.get("state.state"), VmStatus.STOPPED)
+            found.append(Listed(listed, status, listed.uuid in persistent))
+        return found
 
     def domain(self, uuid: str) -> Domain | None:
         try:

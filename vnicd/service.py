@@ -22,7 +22,7 @@ from typing import Any, Protocol, TypeVar
 from vnicd import __version__, errors, hostnet, planning
 from vnicd.domxml import Domain as DomainXML
 from vnicd.domxml import XMLError, hotplug_interface
-from vnicd.hypervisor import Domain, Hypervisor, HypervisorError
+from vnicd.hypervisor import Domain, Hypervisor, HypervisorError, Listed
 from vnicd.model import NicChange, NicRef, Snapshot, VmState, VmStatus
 from vnicd.networks import NetworkMap, Wiring
 from vnicd.planning import Action, Plan
@@ -39,6 +39,7 @@ from vnicd.transaction import (
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_LIST_READERS = 4  # libvirtd serves 5 requests of one client at once (max_client_requests)
 
 
 @dataclass(frozen=True)
@@ -193,10 +194,17 @@ class Service:
         return dom
 
     @staticmethod
-    def _snapshot(dom: Domain, *, saved: bool) -> Snapshot:
-        """One read: the live XML when running, the saved one when asked or not running."""
-        status = dom.status()
-        persistent = dom.is_persistent()
+    def _snapshot(
+        dom: Domain,
+        *,
+        saved: bool,
+        status: VmStatus | None = None,
+        persistent: bool | None = None,
+    ) -> Snapshot:
+        """One read: the live XML when running, the saved one when asked or not running
+        (``status`` and ``persistent`` as a listing just found them, else read here)."""
+        status = dom.status() if status is None else status
+        persistent = dom.is_persistent() if persistent is None else persistent
         active = status is not VmStatus.STOPPED
         live = dom.xml() if active else None
         inactive = dom.xml(inactive=True) if persistent and (saved or not active) else None
@@ -240,10 +248,15 @@ class Service:
                 return found
 
     async def vm_list(self) -> list[VmState]:
+        """Every VM, its XML read in a few workers at once: one by one, a host's worth of
+        round trips to libvirtd adds up."""
         epochs = dict(self._epochs)
-        states = await self._blocking(self._all_states)
+        listed, masters = await self._blocking(self._listing)
+        size = -(-len(listed) // _LIST_READERS)  # ceil
+        parts = [listed[i : i + size] for i in range(0, len(listed), size)] if listed else []
+        read = await asyncio.gather(*(self._blocking(self._states, p, masters) for p in parts))
         found = []
-        for state in states:
+        for state in itertools.chain.from_iterable(read):
             consistent = self._consistent(state.uuid, epochs.get(state.uuid), state)
             found.append(consistent or await self._reread(state))
         return found
@@ -266,14 +279,18 @@ class Service:
         except errors.NoSuchVM:
             return state
 
-    def _all_states(self) -> list[VmState]:
-        masters = self._networks.ports.masters()
+    def _listing(self) -> tuple[list[Listed], dict[str, str]]:
+        return self._hypervisor.listing(), self._networks.ports.masters()
+
+    def _states(self, listed: list[Listed], masters: dict[str, str]) -> list[VmState]:
         found = []
-        for dom in self._hypervisor.domains():
+        for vm in listed:
             try:
-                snap = self._snapshot(dom, saved=False)
+                snap = self._snapshot(
+                    vm.domain, saved=False, status=vm.status, persistent=vm.persistent
+                )
             except HypervisorError as e:
-                log.debug("VM %s vanished while listing: %s", dom.uuid, e)
+                log.debug("VM %s vanished while listing: %s", vm.domain.uuid, e)
                 continue
             found.append(self._state(snap, masters))
         return found
