@@ -9,6 +9,7 @@ up; then vnicd as its own process: time to serving and RSS. See bench/README.md.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
 import json
 import logging
@@ -190,6 +191,7 @@ class Bench:
         if self.host.system:
             self._footprint()
         else:
+            self._resync_cost()
             self._restart()
             self.results.figures["RSS of the bench process (vnicd in it)"] = _rss(os.getpid())
         self._report()
@@ -383,6 +385,23 @@ class Bench:
                 params = {"deviceType": "interface", "macAddr": vm.nics[0].mac}
                 c.call("VM.updateDevice", vmID=vm.uuid, params={**params, "linkActive": i % 2 == 1})
         figures[f"RSS after a listing and {self.args.rss_changes} changes"] = _rss(pid)
+
+    def _resync_cost(self) -> None:
+        """CPU time of vnicd's event loop thread for one resync of every VM (the engine's
+        events), median of 5: what the resync takes from serving verbs."""
+        assert self.daemon is not None and self.daemon.daemon is not None
+        daemon = self.daemon.daemon
+
+        async def one() -> float:
+            start = time.thread_time()
+            await daemon.resync_once()
+            return time.thread_time() - start
+
+        loop = self.daemon.loop
+        took = [asyncio.run_coroutine_threadsafe(one(), loop).result(60) for _ in range(5)]
+        self.results.figures[f"resync of {len(self.vms)} VMs, event loop CPU time, median"] = (
+            f"{statistics.median(took) * 1000:.1f} ms"
+        )
 
     def _restart(self) -> None:
         """vnicd stopped and started again in this process, every VM there."""

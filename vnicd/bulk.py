@@ -54,11 +54,16 @@ async def update_all(
         vms = await service.vm_list()
     else:
         vms = []
-        for vm_id in match.vms:
-            try:
-                vms.append(await service.get_info(vm_id))
-            except errors.VnicdError as e:
-                found.append(Outcome(vm_id, None, error=e))
+        read = await asyncio.gather(
+            *(service.get_info(vm_id) for vm_id in match.vms), return_exceptions=True
+        )
+        for vm_id, got in zip(match.vms, read, strict=True):
+            if isinstance(got, errors.VnicdError):
+                found.append(Outcome(vm_id, None, error=got))
+            elif isinstance(got, BaseException):
+                raise got
+            else:
+                vms.append(got)
 
     async def one_vm(vm: VmState) -> list[Outcome]:
         done = []

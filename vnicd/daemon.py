@@ -303,10 +303,15 @@ class Daemon:
         """Look at every VM now and then: libvirt emits no event for a device update."""
         while self.service is not None:
             try:
-                self.events.sync([vm_wire(vm) for vm in await self.service.vm_list()])
+                await self.resync_once()
             except Exception as e:
                 log.warning("resync for events failed: %s", e)
             await asyncio.sleep(self.config.engine.resync_interval)
+
+    async def resync_once(self) -> None:
+        """One look at every VM; events for what changed since the last."""
+        assert self.service is not None
+        self.events.sync([vm_wire(vm) for vm in await self.service.vm_list()])
 
     async def _observe_vm(self, vm_id: str) -> None:
         if self.service is None or self._engine is None:

@@ -36,6 +36,7 @@ from vnicd.transaction import (
     Removals,
     Transaction,
 )
+from vnicd.unplugged import mentions_store
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -481,10 +482,32 @@ class Service:
         return lambda _live, _seen: self._read_state(vm_id)
 
     async def reconcile_all(self) -> list[str]:
-        """Settle every VM (at start); returns their names."""
-        domains = await self._raw(self._hypervisor.domains)
-        await asyncio.gather(*(self.reconcile(d.uuid) for d in domains))
-        return [d.name for d in domains]
+        """Settle every VM that keeps stored vNICs (at start); returns the names of all.
+
+        The VMs are listed and their XML read as for :meth:`vm_list`; only those whose
+        XML holds vnicd's store are read again, under their lock, and settled.
+        """
+        listed = await self._raw(self._hypervisor.listing)
+        size = -(-len(listed) // _LIST_READERS)
+        parts = [listed[i : i + size] for i in range(0, len(listed), size)] if listed else []
+        keeping = await asyncio.gather(*(self._raw(self._keeping, part) for part in parts))
+        await asyncio.gather(*(self.reconcile(u) for u in itertools.chain.from_iterable(keeping)))
+        return [vm.domain.name for vm in listed]
+
+    @staticmethod
+    def _keeping(listed: list[Listed]) -> list[str]:
+        """The VMs whose current XML (live, or saved when not running) has stored vNICs."""
+        found = []
+        for vm in listed:
+            active = vm.status is not VmStatus.STOPPED
+            try:
+                xml = vm.domain.xml(inactive=not active) if active or vm.persistent else ""
+            except HypervisorError as e:
+                log.debug("VM %s vanished while recovering: %s", vm.domain.uuid, e)
+                continue
+            if mentions_store(xml):
+                found.append(vm.domain.uuid)
+        return found
 
     # VMs.
 

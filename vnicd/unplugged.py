@@ -17,6 +17,11 @@ NAMESPACE = "urn:x-vnicd:unplugged:1"
 KEY = "vnicd"
 
 
+def mentions_store(domain_xml: str) -> bool:
+    """Whether a domain's XML may hold stored vNICs: a cheap test before parsing it."""
+    return NAMESPACE in domain_xml
+
+
 class Store:
     """Stored vNIC definitions by MAC. Immutable: edits return a new store."""
 
