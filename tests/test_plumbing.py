@@ -5,22 +5,25 @@ per-VM lock table, and the transaction's undo, with a recording stand-in for a d
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import libvirt
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from jsonrpcserver.main import default_validator
 
-from vnicd.dispatcher import _validate
+from vnicd import errors
+from vnicd.dispatcher import Dispatcher
 from vnicd.domxml import Interface
 from vnicd.hypervisor import HypervisorError
 from vnicd.model import Snapshot, VmStatus
 from vnicd.planning import Action, LiveDetach, Plan, StoreWrite
 from vnicd.rpc_unix import Lines
+from vnicd.schema import Schema
 from vnicd.service import VmLocks
 from vnicd.transaction import Failed, Pending, Refused, Removals, Transaction
 from vnicd.unplugged import Store
+from vnicd.verbs import HANDLERS
 
 VM = "0b7e3f34-3d68-4cb8-a7ea-c9d04be1a0e1"
 MAC = "52:54:00:00:00:0b"
@@ -47,24 +50,80 @@ _json = st.recursive(
 )
 _member = st.sampled_from(["jsonrpc", "method", "params", "id", "x"])
 _value: st.SearchStrategy[Any] = (
-    st.sampled_from(["2.0", "VM.getInfo", 2.0, 1, True, None, [], {}]) | _json
+    st.sampled_from(["2.0", "VM.getInfo", "Host.ping2", "VM.frob", 2.0, 1, True, None, [], {}])
+    | _json
 )
-_envelopes = st.dictionaries(_member, _value) | _json
+_requests = st.dictionaries(_member, _value) | _json
+_SCHEMA = Schema.load()
 
 
-@settings(max_examples=2000, database=None)
-@given(_envelopes)
-def test_envelope_check_agrees_with_the_schema(request: Any) -> None:
-    """The fast check accepts exactly what jsonrpcserver's JSON-RPC schema accepts."""
+class _NoVMs:
+    """A service that knows no VM: every verb that asks it gets ``NoSuchVM``."""
 
-    def accepted(check: Any) -> bool:
-        try:
-            check(request)
-        except Exception:
-            return False
-        return True
+    def __getattr__(self, name: str) -> Any:
+        async def unknown(*_args: Any, **_kwargs: Any) -> Any:
+            raise errors.NoSuchVM(VM)
 
-    assert accepted(_validate) == accepted(default_validator)
+        return unknown
+
+
+def _handle(message: str) -> str:
+    return asyncio.run(Dispatcher(_SCHEMA, _NoVMs(), HANDLERS).handle(message))
+
+
+def _well_formed(response: Any, request_id: Any) -> bool:
+    return (
+        isinstance(response, dict)
+        and response.get("jsonrpc") == "2.0"
+        and ("result" in response) != ("error" in response)
+        and response.get("id", "absent") == request_id
+    )
+
+
+@settings(max_examples=1000, database=None, deadline=None)
+@given(_requests)
+def test_every_request_gets_one_well_formed_answer(request: Any) -> None:
+    """A valid request is answered with its id (a notification not at all); anything
+    else with one "invalid request" error: never an exception, never silence."""
+    reply = _handle(json.dumps(request))
+    valid = (
+        isinstance(request, dict)
+        and request.keys() <= {"jsonrpc", "method", "params", "id"}
+        and request.get("jsonrpc") == "2.0"
+        and type(request.get("method")) is str
+        and type(request.get("params", {})) in (dict, list)
+        and type(request.get("id")) in (str, int, float, type(None))
+    )
+    if isinstance(request, list):
+        assert reply == "" or isinstance(json.loads(reply), list | dict)
+    elif valid and "id" not in request:
+        assert reply == ""
+    elif valid:
+        assert _well_formed(json.loads(reply), request["id"])
+    else:
+        response = json.loads(reply)
+        assert _well_formed(response, None) and response["error"]["code"] == -32600
+
+
+def test_protocol_edges() -> None:
+    def code(message: str) -> Any:
+        return json.loads(_handle(message))["error"]["code"]
+
+    assert code("{not json") == code("[" * 100_000) == -32700
+    assert code("[]") == -32600
+    assert code('{"jsonrpc": "2.0", "method": "VM.frob", "id": 1}') == -32601
+    assert code('{"jsonrpc": "2.0", "method": "Host.ping2", "params": [1], "id": 1}') == -32602
+    batch = [
+        {"jsonrpc": "2.0", "method": "Host.ping2", "id": 1},
+        {"jsonrpc": "2.0", "method": "Host.ping2"},  # a notification: no answer
+        5,
+        {"jsonrpc": "2.0", "method": "VM.getInfo", "params": {"vmID": VM}, "id": "b"},
+    ]
+    answers = json.loads(_handle(json.dumps(batch)))
+    assert [a["id"] for a in answers] == [1, None, "b"]
+    assert answers[0]["result"] is True and answers[1]["error"]["code"] == -32600
+    assert answers[2]["error"]["code"] == errors.NoSuchVM.code
+    assert _handle(json.dumps([{"jsonrpc": "2.0", "method": "Host.ping2"}])) == ""
 
 
 def test_split_and_joined_messages() -> None:
