@@ -148,11 +148,12 @@ def test_hot_unplug_and_plug_as_older_engines_send_them(
     assert e.value.code == 44 and "params.nic.filter" in e.value.message
     assert b.mac not in interfaces(vnicd.live_xml(vm_id))
 
-    plug["nic"] = engine_nic(b, "vt-a", filter="", filterParameters=[], custom={})
+    # plugged back on the network and link the engine names, not as it was unplugged
+    plug["nic"] = engine_nic(b, "vt-b", linkActive="false", filter="", filterParameters=[])
     info = engine.call("VM.hotplugNic", vmID=vm_id, params=plug)
     assert [n["plugged"] for n in info["nics"] if n["macAddr"] == b.mac] == [True]
     got = seen(vnicd, vm_id, b.mac)
-    assert (got.kernel_bridge, got.link_up, got.tap) == ("vt-a", True, b.tap)
+    assert (got.kernel_bridge, got.link_up, got.tap) == ("vt-b", False, b.tap)
     assert got.alias in vnicd.query_pci(vm_id)
     # ActivateDeactivateVmNicCommand reads the new vNIC's alias from result.devices
     [device] = [d for d in info["devices"] if d["macAddr"] == b.mac]

@@ -223,6 +223,20 @@ def test_plug_comes_back_as_stored() -> None:
     assert err.value.fields["cause"] == "alreadyPlugged"
 
 
+def test_plug_on_the_network_and_link_asked() -> None:
+    s = snap(domain(nic(A), stored=[stored(B, 4)]), domain(nic(A, live=False)))
+    change = NicChange(link_up=False, network="br-b")
+    plan = plan_plug(s, NicRef(mac=B), namer, change=change, wiring=BR_B)
+    attach = plan.steps[0]
+    assert isinstance(attach, LiveAttach) and attach.iface.bridge == "br-b"
+    assert not attach.iface.link_up and str(attach.iface.address) == "0000:00:04.0"
+    assert plan.after is not None and (plan.after.network, plan.after.link_up) == ("br-b", False)
+    unwired = Wiring(UNWIRED, Source("bridge", "void"), "void")
+    with pytest.raises(errors.UnsupportedChange):  # linked on no network: refused, as an update
+        up = NicChange(link_up=True, network=UNWIRED)
+        plan_plug(s, NicRef(mac=B), namer, change=up, wiring=unwired)
+
+
 def test_new_vnic_checks() -> None:
     s = snap(domain(nic(A), stored=[stored(B, 4)]), None, persistent=False)
 

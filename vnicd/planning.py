@@ -337,9 +337,17 @@ def plan_unplug(snap: Snapshot, ref: NicRef, namer: Namer) -> Plan:
     return Plan(Action.UNPLUG, snap.uuid, str(ref), current.mac, tuple(steps), before, after, done)
 
 
-def plan_plug(snap: Snapshot, ref: NicRef, namer: Namer, wired_as: Interface | None = None) -> Plan:
+def plan_plug(
+    snap: Snapshot,
+    ref: NicRef,
+    namer: Namer,
+    wired_as: Interface | None = None,
+    change: NicChange | None = None,
+    wiring: Wiring | None = None,
+) -> Plan:
     """Attach a stored vNIC again (same MAC, model, address, network, link); with
-    ``wired_as`` (the engine's XML of the vNIC it plugs back) on its source and link."""
+    ``wired_as`` (the engine's XML of the vNIC it plugs back) on its source and link, with
+    ``change`` (and ``wiring``, its network resolved) on the network and link it names."""
     _usable(snap)
     store = snap.store
     if snap.find(ref) is not None:
@@ -350,6 +358,9 @@ def plan_plug(snap: Snapshot, ref: NicRef, namer: Namer, wired_as: Interface | N
             snap, str(ref), "noNic", "there is no such unplugged vNIC", _ref_field(ref)
         )
     iface = entry.iface
+    if change is not None:
+        _check_update(snap, ref, iface, change, namer)
+        iface = edit(iface, change, wiring)
     if wired_as is not None:
         iface = iface.copy()
         if wired_as.source is not None:

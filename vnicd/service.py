@@ -60,6 +60,7 @@ class PlugNic:
     nic: NicRef | None = None
     xml: str | None = None
     dry_run: bool = False
+    change: NicChange | None = None  # with ``nic``: the network and link to plug it on
 
 
 @dataclass(frozen=True)
@@ -336,10 +337,15 @@ class Service:
             return await self._change(
                 req.vm_id, lambda s: planning.plan_plug_new(s, iface, namer), req.dry_run
             )
-        nic = req.nic
+        nic, change = req.nic, req.change
         assert nic is not None
+        wiring = None
+        if change is not None and change.network is not None:
+            wiring = await self.resolve(change.network, req.vm_id, str(nic))
         return await self._change(
-            req.vm_id, lambda s: planning.plan_plug(s, nic, namer), req.dry_run
+            req.vm_id,
+            lambda s: planning.plan_plug(s, nic, namer, change=change, wiring=wiring),
+            req.dry_run,
         )
 
     async def hotunplug(self, req: UnplugNic) -> VmState | DryRun:

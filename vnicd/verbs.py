@@ -166,7 +166,11 @@ async def _hotplug(svc: Service, p: Params) -> Any:
     if "xml" in dev:
         req = PlugNic(_vm_id(p), xml=dev["xml"], dry_run=dry_run)
     else:
-        req = PlugNic(_vm_id(p), nic=_nic(dev), dry_run=dry_run)
+        link, network = dev.get("linkActive"), dev.get("network")
+        change = (
+            None if link is None and network is None else NicChange(link_up=link, network=network)
+        )
+        req = PlugNic(_vm_id(p), nic=_nic(dev), dry_run=dry_run, change=change)
     outcome = await svc.hotplug(req)
     return outcome_wire(outcome) if isinstance(outcome, DryRun) else with_devices(vm_wire(outcome))
 
