@@ -34,6 +34,7 @@ from vnicd.config import Config, EngineConfig
 from vnicd.networks import Target
 
 TMP = Path(tempfile.gettempdir())
+CHECKOUT = Path(__file__).resolve().parent.parent
 # TCG: under this machine's nested KVM an idle firmware now and then stops with "KVM
 # internal error", which libvirt rightly reports as a paused VM; under TCG it never does.
 DOMAIN_TYPE = "qemu"
@@ -45,6 +46,13 @@ DRIVERS = ("embedded", "system")
 # never contend for it, whatever order their tests run in.
 ENGINE_PORTS = {"embedded": 54321, "system": 54322}
 _host = TestHost()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Programs the tests start (the virtualenv's ``vnicd`` and ``vnic-client``, whose
+    virtualenv may have been installed from another checkout) import this checkout's vnicd."""
+    paths = [str(CHECKOUT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    os.environ["PYTHONPATH"] = os.pathsep.join(paths)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
