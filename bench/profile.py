@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         if daemon is not None:
             if daemon.daemon is not None:
                 host.remove_vms(daemon.conn)
-            daemon.close()
+            daemon.stop()
 
     try:
         host.enter()

@@ -147,7 +147,7 @@ class Bench:
         if self._conn is not None:
             self._conn.close()
         if self.daemon is not None:
-            self.daemon.close()
+            self.daemon.stop()
             self.daemon = None
 
     def run(self) -> None:

@@ -1,5 +1,10 @@
 """Session fixtures: the test host (a network namespace), vnicd, and VMs that never outlive a test.
 
+vnicd runs twice per session, one driver after the other: on libvirt's embedded QEMU driver,
+then on ``qemu:///system`` through a libvirtd of the session's own (tests/libvirtd.py),
+started for it and stopped with it. Every test that uses it runs on both (ids ``[embedded]``
+and ``[system]``); pytest orders the tests so that each driver's vnicd is set up once.
+
 Real-VM tests (those using a fixture of ``HOST_FIXTURES``) need root, /dev/net/tun, libvirt's QEMU
 driver and, for guest tests, the test guest image the set-up built; where one is missing
 the session stops with a clear message instead of skipping. Pure-logic tests need none.
@@ -24,18 +29,30 @@ from tests import pki
 from tests.guest import GuestError, find_image
 from tests.harness import DaemonThread, SchemaClient
 from tests.hostenv import PREFIX, TestHost, kill_qemus, sweep_stale
+from tests.libvirtd import PrivateLibvirtd
 from vnicd.config import Config, EngineConfig
 from vnicd.networks import Target
 
 TMP = Path(tempfile.gettempdir())
+CHECKOUT = Path(__file__).resolve().parent.parent
 # TCG: under this machine's nested KVM an idle firmware now and then stops with "KVM
 # internal error", which libvirt rightly reports as a paused VM; under TCG it never does.
 DOMAIN_TYPE = "qemu"
 BRIDGES = ("vt-a", "vt-b", "vt-c")
 # Tests using any of these boot VMs or run vnicd: they need root and the test namespace.
 HOST_FIXTURES = {"vnicd", "state", "workdir", "libvirtd", "devices"}
-ENGINE_PORT = 54321  # free: the session has its own network namespace
+DRIVERS = ("embedded", "system")
+# Free: the session has its own network namespace. One port per driver, so the two vnicds
+# never contend for it, whatever order their tests run in.
+ENGINE_PORTS = {"embedded": 54321, "system": 54322}
 _host = TestHost()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Programs the tests start (the virtualenv's ``vnicd`` and ``vnic-client``, whose
+    virtualenv may have been installed from another checkout) import this checkout's vnicd."""
+    paths = [str(CHECKOUT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    os.environ["PYTHONPATH"] = os.pathsep.join(paths)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -73,42 +90,51 @@ def remove(dom: libvirt.virDomain) -> None:
         dom.undefine()
 
 
-@pytest.fixture(scope="session")
-def vnicd() -> Iterator[DaemonThread]:
-    """vnicd on the embedded hypervisor, in this session's namespace."""
-    state = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=TMP))
-    certs = pki.make(state / "pki")
-    config = Config(
-        state_dir=state,
-        unix_socket=state / "vnicd.sock",
-        log_level="DEBUG",
-        workers=8,
-        unplug_timeout=2.0,
-        link_bounce_seconds=1.0,
-        networks={"lab": Target("bridge", "vt-c")},
-        engine=EngineConfig(
-            enabled=True,
-            address="127.0.0.1",
-            port=ENGINE_PORT,
-            cert_file=certs.server.cert,
-            key_file=certs.server.key,
-            ca_file=certs.ca,
-            resync_interval=0.5,
-        ),
-    )
-    daemon = DaemonThread(config)
-    try:
+@pytest.fixture(scope="session", params=DRIVERS)
+def vnicd(request: pytest.FixtureRequest) -> Iterator[DaemonThread]:
+    """vnicd in this session's namespace, on the embedded driver or on a private libvirtd."""
+    driver: str = request.param
+    state = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-{driver}-", dir=TMP))
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(shutil.rmtree, state, ignore_errors=True)
+        cleanup.callback(kill_qemus, str(state))
+        libvirtd = None
+        if driver == "system":
+            libvirtd = PrivateLibvirtd(state / "libvirtd")
+            cleanup.callback(libvirtd.close)
+            libvirtd.start()
+        certs = pki.make(state / "pki")
+        config = Config(
+            libvirt_uri=libvirtd.unix_uri if libvirtd else "",
+            state_dir=state,
+            unix_socket=state / "vnicd.sock",
+            log_level="DEBUG",
+            workers=8,
+            unplug_timeout=2.0,
+            link_bounce_seconds=1.0,
+            networks={"lab": Target("bridge", "vt-c")},
+            engine=EngineConfig(
+                enabled=True,
+                address="127.0.0.1",
+                port=ENGINE_PORTS[driver],
+                cert_file=certs.server.cert,
+                key_file=certs.server.key,
+                ca_file=certs.ca,
+                resync_interval=0.5,
+            ),
+        )
+        daemon = DaemonThread(config, libvirtd)
+        cleanup.callback(daemon.stop)
+        cleanup.callback(remove_all, daemon)
         daemon.start()
         yield daemon
-    finally:
-        try:
-            if daemon.daemon is not None:
-                for dom in daemon.conn.listAllDomains(0):
-                    remove(dom)
-        finally:
-            daemon.close()
-            kill_qemus(str(state))
-            shutil.rmtree(state, ignore_errors=True)
+
+
+def remove_all(daemon: DaemonThread) -> None:
+    """Every VM of a running vnicd's libvirt gone (the session's own libvirt only)."""
+    if daemon.daemon is not None:
+        for dom in daemon.conn.listAllDomains(0):
+            remove(dom)
 
 
 @pytest.fixture

@@ -1,9 +1,10 @@
 """vnicd run inside the test process, so tests see what it does where it happens.
 
-The daemon runs on its own asyncio loop in a thread (libvirt's event loop is bound
-to that loop for the whole session, as in the real daemon); tests talk to it over
-its real Unix socket, and read QEMU's own view and libvirt's events through the
-daemon's libvirt connection (the embedded driver allows one opener per root).
+The daemon runs on an asyncio loop in a thread, one loop for the whole process: libvirt's
+event loop is registered once per process and stays bound to it, so every daemon the session
+runs (on the embedded driver, then on a libvirtd) shares it. Tests talk to the daemon over
+its real Unix socket, and read QEMU's own view and libvirt's events through the daemon's
+libvirt connection (the embedded driver allows one opener per root).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any, TypeVar
 import libvirt
 import libvirt_qemu
 
+from tests.libvirtd import PrivateLibvirtd
 from vnicd.client import Client
 from vnicd.config import Config
 from vnicd.daemon import Daemon
@@ -48,16 +50,26 @@ class PciDevice:
     device: int
 
 
-class DaemonThread:
-    """A vnicd Daemon on a session-long event loop in a background thread."""
+_loop: asyncio.AbstractEventLoop | None = None
 
-    def __init__(self, config: Config) -> None:
+
+def process_loop() -> asyncio.AbstractEventLoop:
+    """The process's one event loop for vnicd, running in a background thread from first use
+    until the process exits (libvirt's event loop, once registered on it, cannot move)."""
+    global _loop
+    if _loop is None:
+        _loop = asyncio.new_event_loop()
+        threading.Thread(target=_loop.run_forever, name="vnicd-loop", daemon=True).start()
+    return _loop
+
+
+class DaemonThread:
+    """A vnicd Daemon on the process's event loop, in a background thread."""
+
+    def __init__(self, config: Config, libvirtd: PrivateLibvirtd | None = None) -> None:
         self.config = config
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self.loop.run_forever, name="vnicd-loop", daemon=True
-        )
-        self._thread.start()
+        self.libvirtd = libvirtd  # the libvirtd of config's qemu:///system, if that is the URI
+        self.loop = process_loop()
         self.daemon: Daemon | None = None
         self.removed: list[tuple[str, str]] = []
 
@@ -70,6 +82,7 @@ class DaemonThread:
         self.daemon.hypervisor.on_device_removal(self._on_removal)
 
     def stop(self) -> None:
+        """Stop vnicd; the loop runs on, for the next daemon of this process."""
         if self.daemon is None:
             return
         self._run(self.daemon.stop())
@@ -78,12 +91,6 @@ class DaemonThread:
     def restart(self) -> None:
         self.stop()
         self.start()
-
-    def close(self) -> None:
-        self.stop()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
 
     def _on_removal(self, dom: Domain, alias: str, removed: bool) -> None:
         if removed:

@@ -19,6 +19,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from tests.libvirtd import kill_leftovers
+
 CLONE_NEWNET = 0x40000000
 PREFIX = "vnicd-test-"
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -106,10 +108,11 @@ def dead_runs(tmp: Path, prefix: str) -> Iterator[tuple[int, Path]]:
 
 def sweep_stale(tmp: Path) -> None:
     """Remove what earlier runs killed mid-way left behind: their VMs, namespaces, state."""
-    for pid, state in dead_runs(tmp, PREFIX):
+    run = re.compile(re.escape(PREFIX) + r"(\d+)-")
+    # Private libvirtds and their VMs (tests/libvirtd.py), found even once their state is gone.
+    kill_leftovers(lambda state: any(not alive(int(pid)) for pid in run.findall(state)))
+    for _, state in dead_runs(tmp, PREFIX):
         kill_qemus(str(state))
-        kill_qemus(str(state), "libvirtd")  # a test's private libvirtd (tests/libvirtd.py)
-        kill_qemus(f"vnicd-lv{pid}")  # and the VMs it ran (named so)
         subprocess.run(["rm", "-rf", str(state)], check=False)
 
 

@@ -7,15 +7,22 @@ private mount namespace where private directories are bound over /etc/libvirt, /
 ``qemu:///system?socket=<state>/run/libvirt-sock``: the system QEMU driver through libvirtd's
 remote protocol, as on a production host. Killed with SIGKILL, its QEMUs keep running; a new
 libvirtd on the same directories reconnects to them, as after a restart of libvirtd.
+
+Its QEMUs' command lines name only the bound paths; what is left of one (after a failure, or
+a run killed outright) is found by its mount table instead: every process of that private
+mount namespace has the state directory bound over /var/lib/libvirt, even once the directory
+itself is deleted.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 QEMU_CONF = """\
@@ -48,6 +55,10 @@ class PrivateLibvirtd:
         (state / "etc" / "qemu.conf").write_text(QEMU_CONF)
         self.socket = state / "run" / "libvirt-sock"
         self.uri = f"qemu:///system?socket={self.socket}"
+        # The same connection with its transport named: what a process that has also opened
+        # the embedded driver must use, for that driver then takes qemu:///system for itself
+        # (and refuses it without root=).
+        self.unix_uri = f"qemu+unix:///system?socket={self.socket}"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60) -> None:
@@ -103,7 +114,41 @@ class PrivateLibvirtd:
             self.virsh("undefine", name)
 
     def close(self) -> None:
+        """VMs, libvirtd and state gone, even when libvirtd no longer answers."""
         with contextlib.suppress(Exception):
             self.remove_vms()
         self.stop()
+        kill_leftovers(lambda state: str(self.state).endswith(state))
         shutil.rmtree(self.state, ignore_errors=True)
+
+
+def bound() -> Iterator[tuple[int, str]]:
+    """Every process of a private libvirtd's mount namespace (libvirtd, its QEMUs), with the
+    state directory bound there: as its file system names it, so the end of its path (all
+    of it where /tmp is on the root file system)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            lines = (proc / "mountinfo").read_text().splitlines()
+        except OSError:
+            continue  # gone, or a zombie
+        for line in lines:
+            fields = line.split()  # id parent dev root mountpoint ...
+            if fields[4] == _BINDS["lib"] and fields[3].startswith("/"):
+                yield int(proc.name), fields[3].removesuffix("//deleted").removesuffix("/lib")
+                break
+
+
+def kill_leftovers(whose: Callable[[str], bool], timeout: float = 10) -> None:
+    """SIGKILL every process of each private libvirtd whose state directory (as
+    :func:`bound` names it) ``whose`` accepts, and wait until they are gone."""
+    killed = set()
+    for pid, state in bound():
+        if whose(state):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            killed.add(pid)
+    deadline = time.monotonic() + timeout
+    while killed & {pid for pid, _ in bound()} and time.monotonic() < deadline:
+        time.sleep(0.05)

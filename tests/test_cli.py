@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import Nic, Vms
+from tests.conftest import CHECKOUT, Nic, Vms
 from tests.evidence import interfaces, seen
 from tests.harness import DaemonThread
 
@@ -24,6 +24,20 @@ def cli(
         text=True,
         timeout=60,
     )
+
+
+def test_programs_run_this_checkout() -> None:
+    """vnic-client and vnicd, started by the tests, run this checkout's code."""
+    for script in (CLIENT, CLIENT.with_name("vnicd")):
+        interpreter = script.read_text().splitlines()[0].removeprefix("#!")
+        out = subprocess.run(
+            [interpreter, "-c", "import vnicd; print(vnicd.__file__)"],
+            cwd="/",
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert Path(out.stdout.strip()) == CHECKOUT / "vnicd" / "__init__.py"
 
 
 def test_short_forms(vnicd: DaemonThread, vms: Vms) -> None:

@@ -81,10 +81,14 @@ def test_invalid_config_names_the_key(state: Path) -> None:
 
 
 def test_serves_stops_and_picks_up_running_vms(state: Path, vnicd: DaemonThread) -> None:
+    """The vnicd process, on the session's driver: its own embedded root, or the session's
+    libvirtd by its plain ``qemu:///system`` URI."""
     sock = state / "vnicd.sock"
     config = state / "vnicd.yml"
+    libvirtd = vnicd.libvirtd
     config.write_text(
         f"state_dir: {state}\nrpc: {{unix_socket: {sock}}}\nunwired_bridge: vt-unwired2\n"
+        + (f"libvirt: {{uri: '{libvirtd.uri}'}}\n" if libvirtd else "")
     )
     vm_id = f"5e1f0000-0000-4000-8000-{os.getpid():012x}"
     nic = Nic("vt-a", mac="52:54:00:7f:00:01", tap=f"vp{os.getpid() % 100000}")
@@ -92,7 +96,7 @@ def test_serves_stops_and_picks_up_running_vms(state: Path, vnicd: DaemonThread)
     try:
         wait_ready(proc, sock)
         assert oct(sock.stat().st_mode & 0o777) == "0o600"
-        assert (state / "libvirt" / "etc" / "qemu.conf").is_file()
+        assert (state / "libvirt" / "etc" / "qemu.conf").is_file() == (libvirtd is None)
         with SchemaClient(sock) as c:
             c.call("VM.create", vmID=vm_id, vmParams={"xml": vm_xml("proc-vm", vm_id, [nic])})
         stop(proc)
@@ -115,6 +119,8 @@ def test_serves_stops_and_picks_up_running_vms(state: Path, vnicd: DaemonThread)
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        if libvirtd is not None:
+            libvirtd.virsh("destroy", vm_id)
 
 
 def test_inprocess_restart_keeps_vms(vnicd: DaemonThread) -> None:

@@ -1,7 +1,8 @@
 """Log lines: journal fields, stderr text, one start and one end line per call, audit lines.
 
-No journald runs here: journal records are read back from the journal handler's own
-sender, which receives exactly the fields journald would store.
+Journal fields are read back with journalctl where journald runs; where it does not, from
+the journal handler's own sender, which receives exactly the fields journald would store
+(and then keeps only the valid names, as journald does).
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ import json
 import logging
 import os
 import socket
+import subprocess
 import sys
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,13 +38,31 @@ class Journal:
 
     def __init__(self) -> None:
         self.records: list[dict[str, Any]] = []
-        self.handler = JournalHandler(sender_function=self._send, SYSLOG_IDENTIFIER="vnicd")
+        self.handler = JournalHandler(sender_function=self.send, SYSLOG_IDENTIFIER="vnicd")
         self.handler.addFilter(logs.RequestFilter())
 
-    def _send(self, message: str, /, **fields: Any) -> None:
+    def send(self, message: str, /, **fields: Any) -> None:
         # journald keeps only valid field names (upper case): so does this record
         valid = {k: v for k, v in fields.items() if k.isupper()}
         self.records.append({**valid, "MESSAGE": message})
+
+
+def journalctl(flow_id: str, timeout: float = 15) -> dict[str, Any]:
+    """The one record journald stored for ``flow_id``, as journalctl reads it back."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out = subprocess.run(
+            ["journalctl", "--no-pager", "-o", "json", f"VNICD_FLOW_ID={flow_id}"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        records = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+        if records:
+            (record,) = records
+            return dict(record)
+        assert time.monotonic() < deadline, f"journald stored no record: {out.stderr}"
+        time.sleep(0.2)
 
 
 @pytest.fixture
@@ -73,6 +95,49 @@ def test_journal_fields(journal: Journal) -> None:
     assert rec["VNICD_FLOW_ID"] == "flow-42"
     assert rec["VNICD_CALLER"] == "engine:CN=engine.example flow=flow-42"
     assert rec["SYSLOG_IDENTIFIER"] == "vnicd"
+
+
+def test_journal_fields_read_back(record_property: Any) -> None:
+    """vnicd's own journal handler, as ``vnicd`` sets it up under systemd: where journald runs
+    (its socket exists) the record is read back with journalctl; elsewhere the handler's
+    sender is swapped for one that keeps what journald would have been given."""
+    journald = logs.JOURNAL_SOCKET.is_socket()
+    record_property("journal read back with", "journalctl" if journald else "handler records")
+    flow = f"flow-{uuid.uuid4()}"
+    handler = logs.handler(journal=True)
+    assert isinstance(handler, JournalHandler)
+    kept = Journal()
+    if not journald:
+        handler.send = kept.send
+    logger = logging.getLogger("vnicd.test.journal")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    token = callers.current.set(callers.Caller("engine", "CN=engine.example", flow))
+    try:
+        logger.info(
+            "moved",
+            extra=logs.fields(vm_id=VM, mac="52:54:00:00:00:02", alias="net1", verb="VM.x"),
+        )
+    finally:
+        callers.current.reset(token)
+        logger.removeHandler(handler)
+    if journald:
+        rec = journalctl(flow)
+    else:
+        (rec,) = kept.records
+    assert rec["MESSAGE"] == "vnicd.test.journal: moved"
+    assert (rec["VNICD_VM_ID"], rec["VNICD_MAC"], rec["VNICD_ALIAS"]) == (
+        VM,
+        "52:54:00:00:00:02",
+        "net1",
+    )
+    assert (rec["VNICD_VERB"], rec["VNICD_FLOW_ID"]) == ("VM.x", flow)
+    assert rec["VNICD_CALLER"] == f"engine:CN=engine.example flow={flow}"
+    assert (rec["SYSLOG_IDENTIFIER"], rec["LOGGER"], rec["PRIORITY"]) == (
+        "vnicd",
+        "vnicd.test.journal",
+        "6",
+    )
 
 
 def test_stderr_text_carries_the_flow_id() -> None:
