@@ -47,7 +47,9 @@ class Daemon:
     reopened with backoff and followed by the same recovery.
     """
 
-    BACKOFF = (0.5, 30.0)  # first and longest wait between connection attempts, seconds
+    # First and longest wait between connection attempts, seconds: an attempt on a local
+    # socket costs a failed connect, and vnicd must serve within 2 s of libvirtd's return.
+    BACKOFF = (0.25, 1.0)
     STOP_TIMEOUT = 60.0  # how long a stop waits for calls in flight
 
     def __init__(self, config: Config, config_path: Path | None = None) -> None:
@@ -143,8 +145,10 @@ class Daemon:
             except HypervisorError as e:
                 if not self.hypervisor.remote:
                     raise
-                log.warning(
-                    "cannot connect to %s (attempt %d, next in %.1f s): %s",
+                # attempts 1, 2, 4, 8, ... are logged: an outage does not flood the log
+                log.log(
+                    logging.WARNING if attempt & (attempt - 1) == 0 else logging.DEBUG,
+                    "cannot connect to %s (attempt %d, next in %.2f s): %s",
                     self.hypervisor.uri,
                     attempt,
                     delay,

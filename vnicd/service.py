@@ -25,9 +25,17 @@ from vnicd.domxml import XMLError, hotplug_interface
 from vnicd.hypervisor import Domain, Hypervisor, HypervisorError
 from vnicd.model import NicChange, NicRef, Snapshot, VmState, VmStatus
 from vnicd.networks import NetworkMap, Wiring
-from vnicd.planning import Action, Plan
+from vnicd.planning import Action, Plan, Step
 from vnicd.report import vm_state
-from vnicd.transaction import ConfirmError, Failed, Pending, Refused, Removals, Transaction
+from vnicd.transaction import (
+    ConfirmError,
+    Failed,
+    Pending,
+    Refused,
+    Removals,
+    Transaction,
+    repeatable,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -153,6 +161,10 @@ class Service:
         # exists: a read that sees the same value before and after saw no change happen.
         self._epochs: dict[str, int] = {}
         self._counter = itertools.count(1)
+        # Changes cut short whose undo failed too (libvirt unreachable): the steps to undo,
+        # done again before the VM's next change and at every recovery. Until then reads
+        # answer the state from before the change, which is the state being restored.
+        self._unsettled: dict[str, tuple[Snapshot, tuple[Step, ...]]] = {}
         self.removals = Removals()
         self.hooks: Hooks = NoHooks()
         self.listeners: list[Listener] = []
@@ -243,12 +255,41 @@ class Service:
         self._epochs[vm_id] = next(self._counter)
 
     def _end(self, vm_id: str) -> None:
-        del self._before[vm_id]
+        if vm_id in self._unsettled:
+            return  # the change is over only once it is undone
+        self._before.pop(vm_id, None)
         self._epochs[vm_id] = next(self._counter)
 
     def forget(self, vm_id: str) -> None:
         """The VM is gone: drop what was kept about its changes."""
         self._epochs.pop(vm_id, None)
+        if self._unsettled.pop(vm_id, None) is not None:
+            self._before.pop(vm_id, None)
+
+    async def _settle(self, vm_id: str) -> None:
+        """Undo a change whose undo failed before (under the VM's lock)."""
+        found = self._unsettled.get(vm_id)
+        if found is None:
+            return
+        snap, steps = found
+        try:
+            dom = await self._blocking(self._domain, vm_id)
+        except errors.NoSuchVM:
+            self.forget(vm_id)
+            raise
+        tx = Transaction(
+            dom, snap, self._networks.ports, self._raw, self.removals, self._unplug_timeout
+        )
+        problems = await tx.undo(steps)
+        if problems:
+            raise errors.GeneralError(
+                f"VM {vm_id}: a change that failed earlier is not undone yet: "
+                + "; ".join(problems),
+                vmID=vm_id,
+            )
+        del self._unsettled[vm_id]
+        self._end(vm_id)
+        log.info("VM %s: the change that failed earlier is undone", vm_id)
 
     async def _reread(self, state: VmState) -> VmState:
         try:
@@ -324,6 +365,7 @@ class Service:
         self, vm_id: str, make_plan: Callable[[Snapshot], Plan], dry_run: bool
     ) -> VmState | DryRun:
         async with self.locks.hold(vm_id):
+            await self._settle(vm_id)
             dom, snap = await self._blocking(self._read, vm_id, saved=True)
             plan = make_plan(snap)
             if dry_run:
@@ -366,6 +408,9 @@ class Service:
                 if e.problems
                 else "the previous state was restored"
             )
+            if e.problems and repeatable(e.undo):
+                self._unsettled[plan.vm] = (snap, e.undo)
+                outcome += "; vnicd restores the previous state once libvirt answers again"
             raise _error(plan, cause, f"{e}; {outcome}", rolled_back=not e.problems) from e
         log.info(
             "VM %s vNIC %s: %s done (%s)",
@@ -414,6 +459,7 @@ class Service:
         """Settle a VM's stored vNICs with its domain (see :func:`planning.plan_reconcile`)."""
         try:
             async with self.locks.hold(vm_id):
+                await self._settle(vm_id)
                 dom, snap = await self._raw(self._read, vm_id, saved=True)
                 if snap.store_error is not None:
                     log.error("VM %s: %s", vm_id, snap.store_error)

@@ -54,12 +54,23 @@ class Pending(Exception):
 
 
 class Failed(Exception):
-    """A step failed; the completed steps were undone (``problems``: what could not be)."""
+    """A step failed; the completed steps were undone (``problems``: what could not be;
+    ``undo``: the steps whose undo was attempted, for :meth:`Transaction.undo` to retry)."""
 
-    def __init__(self, cause: Exception, problems: list[str]) -> None:
+    def __init__(self, cause: Exception, problems: list[str], undo: tuple[Step, ...] = ()) -> None:
         super().__init__(str(cause))
         self.cause = cause
         self.problems = problems
+        self.undo = undo
+
+
+# Steps whose undo sends back what they replaced: undoing one again, or one that did not
+# happen, changes nothing; a failed undo of these can be retried later.
+_REPEATABLE = (LiveUpdate, DefinitionUpdate, StoreWrite, Pause)
+
+
+def repeatable(steps: tuple[Step, ...]) -> bool:
+    return all(isinstance(s, _REPEATABLE) for s in steps)
 
 
 class Removals:
@@ -134,10 +145,11 @@ class Transaction:
                 if isinstance(step, StoreWrite) and step.best_effort:
                     log.warning("VM %s: %s (the change itself is done)", plan.vm, e)
                     continue
-                # a live step may have half-happened (libvirt's own change has no rollback)
-                half: list[Step] = [step] if isinstance(step, LiveUpdate | LiveAttach) else []
-                problems = await self._undo(done + half)
-                raise Failed(e, problems) from e
+                # the failed step may have happened: libvirt's own live change has no
+                # rollback, and a call cut by a lost connection may have been carried out
+                half = isinstance(step, LiveUpdate | LiveAttach | DefinitionUpdate | StoreWrite)
+                undo = tuple([*done, step] if half else done)
+                raise Failed(e, await self.undo(undo), undo) from e
             done.append(step)
 
     async def _apply(self, step: Step) -> None:
@@ -163,7 +175,8 @@ class Transaction:
             case StoreWrite(after=after):
                 await self._run(self._write_store, after)
 
-    async def _undo(self, done: list[Step]) -> list[str]:
+    async def undo(self, done: tuple[Step, ...]) -> list[str]:
+        """Undo ``done`` in reverse, each step for real; returns what could not be undone."""
         problems: list[str] = []
         dom = self._dom
         for step in reversed(done):
