@@ -245,3 +245,105 @@ def test_change_cut_by_lost_libvirtd_is_undone(libvirtd: PrivateLibvirtd, workdi
         faults.stop(proc)
         log.close()
         faults.remove_vms(libvirtd.uri)
+
+
+def changes(
+    rng: random.Random, vms: dict[str, list[str]], running: set[str]
+) -> Iterator[tuple[str, str, Params]]:
+    """Every kind of vNIC change, without end: links, moves (unwired too, bounced on a
+    running VM), unplugs and plugs (a guest with no OS never releases a vNIC: an unplug of
+    a running VM's vNIC waits for it, times out and leaves it plugged)."""
+    ids = sorted(vms)
+    while True:
+        vm = rng.choice(ids)
+        mac = rng.choice(vms[vm])
+        kind = rng.randrange(10)
+        if kind < 2:
+            yield vm, "VM.hotunplugNic", {"params": {"macAddr": mac}}
+        elif kind < 4:
+            yield vm, "VM.hotplugNic", {"params": {"macAddr": mac}}
+        else:
+            params: Params = {"deviceType": "interface", "macAddr": mac}
+            if kind < 7:
+                params["linkActive"] = rng.random() < 0.6
+            if kind >= 6:
+                params["network"] = rng.choice((*NETWORKS, ""))
+            if kind == 9 and vm in running:
+                params["linkBounce"] = True
+            yield vm, "VM.updateDevice", {"params": params}
+
+
+def test_vnicd_killed_mid_burst(libvirtd: PrivateLibvirtd, workdir: Path) -> None:
+    """vnicd SIGKILLed at random points of a burst of every kind of change, on persistent
+    (running and stopped) and transient VMs, one running VM with a vNIC unplugged, and
+    restarted: every vNIC reported in its true state, none half changed (live XML,
+    definition, stored unplugged copy, kernel and vnicd's report agree), and every vNIC of
+    a VM whose requests were all answered is as the last successful answer said."""
+    rng = faults.seeded("vnicd mid-burst")
+    rounds = 10 if LONG else 3
+    sock = workdir / "vnicd.sock"
+    log = (workdir / "vnicd.log").open("w")
+    config = write_config(workdir, libvirtd.uri)
+    proc = faults.launch(config, log)
+    totals: collections.Counter[str] = collections.Counter()
+    try:
+        faults.wait_serving(sock, proc)
+        vms = make_vms(sock, 8, "f3", lambda i: i < 5, nics=3)
+        ids = sorted(vms, key=lambda v: vms[v][0])  # in creation order: 0-4 persistent
+        conn = libvirt.open(libvirtd.uri)
+        try:
+            for vm_id in ids[:3]:  # stopped, still defined
+                conn.lookupByUUIDString(vm_id).destroy()
+            with Client(sock) as c:  # the first VM gets a vNIC unplugged, then runs
+                c.call("VM.hotunplugNic", vmID=ids[0], params={"macAddr": vms[ids[0]][2]})
+            conn.lookupByUUIDString(ids[0]).create()
+            running = set(ids) - set(ids[1:3])
+            for vm_id in running:
+                conn.lookupByUUIDString(vm_id).suspend()
+        finally:
+            conn.close()
+        for n in range(rounds):
+            faults.wait_serving(sock, proc)
+            burst = Burst(sock)
+            plans = [
+                changes(random.Random(rng.random()), {v: vms[v] for v in ids[k::4]}, running)
+                for k in range(4)
+            ]
+            threads = burst.run(plans, pause_after_error=0.0)
+            time.sleep(rng.uniform(0.3, 2.5))
+            killed = time.monotonic()
+            proc.kill()
+            proc.wait()
+            burst.stop.set()
+            for t in threads:
+                t.join(30)
+            # requests sent after the kill could not connect: only these were cut
+            cut = [a for a in burst.answers if a.sent < killed and a.result is a.error is None]
+            sent = [a for a in burst.answers if a.sent < killed]
+            totals["requests"] += len(sent)
+            totals["cut by the kill"] += len(cut)
+            totals.update(
+                "ok" if a.error is None else f"error {a.error.code}"
+                for a in sent
+                if a.result is not None or a.error is not None
+            )
+            proc = faults.launch(config, log)
+            faults.wait_serving(sock, proc)
+            conn = libvirt.open(libvirtd.uri)
+            try:
+                truths, problems = faults.check_all(conn, sock, UNWIRED)
+            finally:
+                conn.close()
+            assert not problems, f"after kill {n + 1}: {problems}"
+            promises = last_promises(burst.answers, UNWIRED)
+            wrong = {
+                vm: (truths[vm], promise)
+                for vm, promise in promises.items()
+                if vm not in {a.vm for a in cut} and truths[vm] != promise
+            }
+            assert not wrong, f"after kill {n + 1}, not as last answered: {wrong}"
+        print(f"vnicd SIGKILLed {rounds}x mid-burst, every vNIC agreed after each: {dict(totals)}")
+    finally:
+        faults.stop(proc)
+        log.close()
+        faults.remove_vms(libvirtd.uri)

@@ -90,7 +90,7 @@ class Daemon:
         self.hypervisor.on_connection_lost(self._connection_lost)
         await self._connect()
         await asyncio.to_thread(LinuxBridges.ensure_isolated, cfg.unwired_bridge)
-        await self._recover()
+        await self._recover(starting=True)
         self.ready = True
         self._start_watchdog()
         sdnotify.notify(f"READY=1\nSTATUS=serving on {cfg.unix_socket}")
@@ -159,12 +159,13 @@ class Daemon:
             delay = min(delay * 2, longest)
             attempt += 1
 
-    async def _recover(self) -> None:
+    async def _recover(self, *, starting: bool = False) -> None:
         """Rebuild vnicd's view from libvirt: every VM read and its stored vNICs settled
-        with its domain (a guest may have released one while vnicd was away)."""
+        with its domain (a guest may have released one while vnicd was away); at start,
+        running VMs' definitions too (vnicd may have stopped in the middle of a change)."""
         assert self.service is not None
         sdnotify.status("recovering: reading every VM from libvirt")
-        found = await self.service.reconcile_all()
+        found = await self.service.reconcile_all(starting=starting)
         await asyncio.to_thread(self.hypervisor.ping)  # a connection lost half-way is no recovery
         log.info("found %d VMs: %s", len(found), ", ".join(found) or "none")
 

@@ -455,8 +455,11 @@ class Service:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def reconcile(self, vm_id: str, refused: str | None = None) -> None:
-        """Settle a VM's stored vNICs with its domain (see :func:`planning.plan_reconcile`)."""
+    async def reconcile(
+        self, vm_id: str, refused: str | None = None, *, starting: bool = False
+    ) -> None:
+        """Settle a VM's stored vNICs with its domain (see :func:`planning.plan_reconcile`);
+        ``starting``: also a running VM's definition with its live vNICs."""
         try:
             async with self.locks.hold(vm_id):
                 await self._settle(vm_id)
@@ -464,7 +467,8 @@ class Service:
                 if snap.store_error is not None:
                     log.error("VM %s: %s", vm_id, snap.store_error)
                     return
-                plan = planning.plan_reconcile(snap, refused)
+                follow = starting and self._persist_running
+                plan = planning.plan_reconcile(snap, refused, follow_live=follow)
                 if plan is None:
                     return
                 log.info("VM %s: settling stored vNICs (%s)", vm_id, _summary(plan))
@@ -479,10 +483,10 @@ class Service:
         except (errors.VnicdError, HypervisorError, hostnet.HostNetError) as e:
             log.error("VM %s: settling stored vNICs failed: %s", vm_id, e)
 
-    async def reconcile_all(self) -> list[str]:
-        """Settle every VM (at start); returns their names."""
+    async def reconcile_all(self, *, starting: bool = False) -> list[str]:
+        """Settle every VM (at start, and after reconnecting); returns their names."""
         domains = await self._raw(self._hypervisor.domains)
-        await asyncio.gather(*(self.reconcile(d.uuid) for d in domains))
+        await asyncio.gather(*(self.reconcile(d.uuid, starting=starting) for d in domains))
         return [d.name for d in domains]
 
     # VMs.
