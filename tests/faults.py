@@ -141,15 +141,25 @@ def _store(root: etree._Element) -> dict[str, Stored]:
 
 
 def view(dom: libvirt.virDomain) -> VmView:
-    vm = VmView(dom.UUIDString(), bool(dom.isActive()), bool(dom.isPersistent()))
-    if vm.active:
-        root = etree.fromstring(dom.XMLDesc(0).encode())
+    active, persistent = bool(dom.isActive()), bool(dom.isPersistent())
+    return view_xml(
+        dom.UUIDString(),
+        dom.XMLDesc(0) if active else None,
+        dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) if persistent else None,
+    )
+
+
+def view_xml(uuid: str, live: str | None, saved: str | None) -> VmView:
+    """A VM from its live XML (None: not running) and definition (None: transient)."""
+    vm = VmView(uuid, live is not None, saved is not None)
+    if live is not None:
+        root = etree.fromstring(live.encode())
         for el in root.iterfind("devices/interface"):
             target = el.find("target")
             vm.live[_mac(el)] = (_wire(el), "" if target is None else str(target.get("dev")))
         vm.store_live = _store(root)
-    if vm.persistent:
-        root = etree.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE).encode())
+    if saved is not None:
+        root = etree.fromstring(saved.encode())
         vm.saved = {_mac(el): _wire(el) for el in root.iterfind("devices/interface")}
         vm.store_saved = _store(root)
     return vm
@@ -296,7 +306,7 @@ class Burst:
                     answer.result = client.call(method, vmID=vm, **params)
                 except RpcError as e:
                     answer.error = e
-                except OSError as e:
+                except (OSError, ValueError) as e:  # no answer, or a cut one
                     answer.lost = str(e)
                     if client is not None:
                         client.close()
