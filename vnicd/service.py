@@ -25,7 +25,7 @@ from vnicd.domxml import XMLError, hotplug_interface
 from vnicd.hypervisor import Domain, Hypervisor, HypervisorError
 from vnicd.model import NicChange, NicRef, Snapshot, VmState, VmStatus
 from vnicd.networks import NetworkMap, Wiring
-from vnicd.planning import Action, Plan, Step
+from vnicd.planning import Action, LiveUpdate, Plan, Step
 from vnicd.report import vm_state
 from vnicd.transaction import (
     ConfirmError,
@@ -164,7 +164,7 @@ class Service:
         # Changes cut short whose undo failed too (libvirt unreachable): the steps to undo,
         # done again before the VM's next change and at every recovery. Until then reads
         # answer the state from before the change, which is the state being restored.
-        self._unsettled: dict[str, tuple[Snapshot, tuple[Step, ...]]] = {}
+        self._unsettled: dict[str, tuple[Step, ...]] = {}
         self.removals = Removals()
         self.hooks: Hooks = NoHooks()
         self.listeners: list[Listener] = []
@@ -268,15 +268,16 @@ class Service:
 
     async def _settle(self, vm_id: str) -> None:
         """Undo a change whose undo failed before (under the VM's lock)."""
-        found = self._unsettled.get(vm_id)
-        if found is None:
+        steps = self._unsettled.get(vm_id)
+        if steps is None:
             return
-        snap, steps = found
         try:
-            dom = await self._blocking(self._domain, vm_id)
+            dom, snap = await self._blocking(self._read, vm_id, saved=True)
         except errors.NoSuchVM:
             self.forget(vm_id)
             raise
+        if not snap.active:  # stopped meanwhile: its live state went with it
+            steps = tuple(s for s in steps if not isinstance(s, LiveUpdate))
         tx = Transaction(
             dom, snap, self._networks.ports, self._raw, self.removals, self._unplug_timeout
         )
@@ -408,10 +409,18 @@ class Service:
                 if e.problems
                 else "the previous state was restored"
             )
-            if e.problems and repeatable(e.undo):
-                self._unsettled[plan.vm] = (snap, e.undo)
-                outcome += "; vnicd restores the previous state once libvirt answers again"
-            raise _error(plan, cause, f"{e}; {outcome}", rolled_back=not e.problems) from e
+            # the connection to libvirt was lost: the failed step may have happened
+            lost = bool(e.undo) and not await self._raw(self._hypervisor.alive)
+            if lost:
+                then = "restores the previous state" if repeatable(e.undo) else "settles the vNIC"
+                if repeatable(e.undo):
+                    self._unsettled[plan.vm] = e.undo
+                outcome = (
+                    f"{outcome if e.problems else 'libvirt may have carried it out'}; "
+                    f"vnicd {then} once libvirt answers again"
+                )
+            rolled_back = not e.problems and not lost
+            raise _error(plan, cause, f"{e}; {outcome}", rolled_back=rolled_back) from e
         log.info(
             "VM %s vNIC %s: %s done (%s)",
             plan.vm,

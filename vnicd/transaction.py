@@ -55,7 +55,8 @@ class Pending(Exception):
 
 class Failed(Exception):
     """A step failed; the completed steps were undone (``problems``: what could not be;
-    ``undo``: the steps whose undo was attempted, for :meth:`Transaction.undo` to retry)."""
+    ``undo``: the steps to undo again, the failed one included, should the connection to
+    libvirt have been lost: whether it happened is then unknown)."""
 
     def __init__(self, cause: Exception, problems: list[str], undo: tuple[Step, ...] = ()) -> None:
         super().__init__(str(cause))
@@ -145,11 +146,12 @@ class Transaction:
                 if isinstance(step, StoreWrite) and step.best_effort:
                     log.warning("VM %s: %s (the change itself is done)", plan.vm, e)
                     continue
-                # the failed step may have happened: libvirt's own live change has no
-                # rollback, and a call cut by a lost connection may have been carried out
-                half = isinstance(step, LiveUpdate | LiveAttach | DefinitionUpdate | StoreWrite)
-                undo = tuple([*done, step] if half else done)
-                raise Failed(e, await self.undo(undo), undo) from e
+                # a live step may have half-happened (libvirt's own change has no rollback)
+                half: list[Step] = [step] if isinstance(step, LiveUpdate | LiveAttach) else []
+                problems = await self.undo(tuple(done + half))
+                # and any call cut by a lost connection may have been carried out
+                retry = (*done, step) if isinstance(step, _REPEATABLE) else (*done, *half)
+                raise Failed(e, problems, retry) from e
             done.append(step)
 
     async def _apply(self, step: Step) -> None:
@@ -176,10 +178,16 @@ class Transaction:
                 await self._run(self._write_store, after)
 
     async def undo(self, done: tuple[Step, ...]) -> list[str]:
-        """Undo ``done`` in reverse, each step for real; returns what could not be undone."""
+        """Undo ``done`` in reverse, each step for real; returns what could not be undone.
+        Of a plan's live updates (a bounce has two) only the first is undone: it restores
+        the state from before them all, which a later one's intermediate state (say, on a
+        bridge deleted meanwhile) must not stand in the way of."""
         problems: list[str] = []
         dom = self._dom
+        first_live = next((s for s in done if isinstance(s, LiveUpdate)), None)
         for step in reversed(done):
+            if isinstance(step, LiveUpdate) and step is not first_live:
+                continue
             try:
                 match step:
                     case LiveUpdate(before=before, bridge_before=bridge):
