@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import os
 import random
+import tempfile
 import threading
 import time
 import uuid
@@ -22,17 +23,33 @@ import libvirt
 import pytest
 
 from tests import faults, test_service
-from tests.conftest import Nic, vm_xml
+from tests.conftest import TMP, Nic, vm_xml
 from tests.faults import LONG, Answer, Burst, NicTruth
+from tests.hostenv import PREFIX, kill_qemus
 from tests.libvirtd import PrivateLibvirtd
-from tests.test_libvirtd import MARKER, libvirtd, workdir
+from tests.test_libvirtd import MARKER, workdir
 from vnicd.client import Client, RpcError
 from vnicd.errors import GeneralError, UpdateDeviceFailed
 
-__all__ = ["libvirtd", "workdir"]  # fixtures, used by name
+__all__ = ["workdir"]  # a fixture, used by name
 Params = dict[str, Any]
 UNWIRED = "vt-unwired6"
 NETWORKS = ("vt-a", "vt-b", "vt-c")
+
+
+@pytest.fixture(scope="module")
+def libvirtd() -> Iterator[PrivateLibvirtd]:
+    """One private libvirtd for this module's tests (each removes its VMs): it takes
+    seconds to start."""
+    daemon = PrivateLibvirtd(Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-lv-", dir=TMP)))
+    try:
+        daemon.start()
+        yield daemon
+    finally:
+        try:
+            daemon.close()
+        finally:
+            kill_qemus(MARKER)
 
 
 def write_config(workdir: Path, uri: str, extra: str = "", libvirt: str = "") -> Path:
