@@ -314,19 +314,24 @@ class Burst:
                     answer.error = e
                 except (OSError, ValueError) as e:  # no answer, or a cut one
                     answer.lost = str(e)
-                    if client is not None:
-                        client.close()
+                    _close(client)
                     client = None
                 answer.received = time.monotonic()
                 if answer.error is not None or answer.lost is not None:
                     time.sleep(pause)
         finally:
-            if client is not None:
-                client.close()
+            _close(client)
 
     def done(self) -> int:
         with self._lock:
             return sum(1 for a in self.answers if a.received)
+
+
+def _close(client: Client | None) -> None:
+    """Close a connection whose peer may be gone (a killed vnicd)."""
+    if client is not None:
+        with contextlib.suppress(OSError):
+            client.close()
 
 
 def until(what: str, check: Callable[[], bool], timeout: float = 60) -> None:

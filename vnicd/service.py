@@ -495,6 +495,8 @@ class Service:
     async def reconcile_all(self, *, starting: bool = False) -> list[str]:
         """Settle every VM (at start, and after reconnecting); returns their names."""
         domains = await self._raw(self._hypervisor.domains)
+        for vm_id in set(self._unsettled) - {d.uuid for d in domains}:
+            self.forget(vm_id)  # gone while libvirt was away: nothing left to undo
         await asyncio.gather(*(self.reconcile(d.uuid, starting=starting) for d in domains))
         return [d.name for d in domains]
 
