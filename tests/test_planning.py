@@ -345,3 +345,21 @@ def test_a_bulk_match_is_checked_again_under_the_lock() -> None:
         persist_running=True,
     )
     assert [type(step) for step in plan.steps] == [LiveUpdate]
+
+
+def test_reconcile_at_start_gives_the_definition_the_live_wiring() -> None:
+    """vnicd stopped between a change's live and definition updates: at start the
+    definition follows what the guest has (source and link), nothing else of it."""
+    down = "<link state='down'/>"
+    live = domain(nic(A, bridge="br-b", link=down), nic(B, slot=4))
+    saved = domain(nic(A, live=False), nic(B, slot=4, live=False))
+    assert plan_reconcile(snap(live, saved)) is None
+    plan = plan_reconcile(snap(live, saved), follow_live=True)
+    assert plan is not None
+    (step,) = plan.steps
+    assert isinstance(step, DefinitionUpdate)
+    assert step.before.to_xml() == Interface.from_xml(nic(A, live=False)).to_xml()
+    assert step.after.source == Source("bridge", "br-b") and not step.after.link_up
+    assert step.after.address == step.before.address and step.after.alias is None
+    assert plan_reconcile(snap(live, saved, persistent=False), follow_live=True) is None
+    assert plan_reconcile(snap(None, saved), follow_live=True) is None

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from vnicd import errors
 from vnicd.dispatcher import Dispatcher
-from vnicd.domxml import Interface
+from vnicd.domxml import Interface, Source
 from vnicd.hypervisor import HypervisorError
 from vnicd.model import Snapshot, VmStatus
 from vnicd.planning import Action, LiveDetach, Plan, StoreWrite
@@ -275,3 +275,70 @@ def test_hook_rewrite_goes_live() -> None:
     live, definition = new.steps
     assert isinstance(live, LiveUpdate) and "<bandwidth/>" in live.after.to_xml()
     assert isinstance(definition, DefinitionUpdate) and definition == plan.steps[1]
+
+
+class BridgeGoneDomain:
+    """A running VM with one vNIC whose move's target bridge vanishes after the move."""
+
+    uuid = VM
+
+    def __init__(self, iface: str) -> None:
+        self.iface = iface
+        self.sent: list[str] = []
+        self.ports: dict[str, str | None] = {"tap1": "br-a"}
+
+    def update_interface(self, xml: str, **_k: Any) -> None:
+        self.sent.append(xml)
+        self.iface = xml
+        self.ports["tap1"] = Interface.from_xml(xml).bridge
+        if len(self.sent) == 2:  # the bounce's second half: the bridge is gone
+            self.ports["tap1"] = None
+
+    def xml(self, **_k: Any) -> str:
+        return f"<domain><name>vm</name><devices>{self.iface}</devices></domain>"
+
+    def where(self, tap: str) -> str | None:
+        return self.ports[tap]
+
+    def move(self, tap: str, bridge: str) -> None:
+        raise AssertionError(f"no move to {bridge} was needed")
+
+
+def test_bounce_undo_skips_its_intermediate_state() -> None:
+    """A bounced move fails on its second half (the new bridge deleted meanwhile): the undo
+    sends back the state from before the move, never the intermediate one on that bridge."""
+    from vnicd.model import NicChange
+    from vnicd.networks import Wiring
+    from vnicd.planning import LiveUpdate, Pause, edit
+
+    nic = NIC.replace("<alias", "<target dev='tap1'/><alias")
+    before = Interface.from_xml(nic)
+    gone = Wiring("br-gone", Source("bridge", "br-gone"), "br-gone")
+    down = edit(before, NicChange(link_up=False), gone)
+    after = edit(down, NicChange(link_up=True), None)
+    steps = (
+        LiveUpdate(before, down, "br-gone", "br-a"),
+        Pause(0),
+        LiveUpdate(down, after, "br-gone", "br-gone"),
+    )
+    plan = Plan(Action.UPDATE, VM, "net1", MAC, steps, None, None, Store())
+    snap = Snapshot.parse(
+        VM, VmStatus.RUNNING, False, f"<domain><devices>{nic}</devices></domain>", None
+    )
+    dom = BridgeGoneDomain(nic)
+
+    async def run(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    async def go() -> Exception | None:
+        tx = Transaction(dom, snap, ports=dom, run=run, removals=Removals(), unplug_timeout=1)  # type: ignore[arg-type]
+        try:
+            await tx.execute(plan, lambda live, _seen: live)
+        except Failed as e:
+            return e
+        return None
+
+    error = asyncio.run(go())
+    assert isinstance(error, Failed) and not error.problems, error
+    assert dom.sent == [down.to_xml(), after.to_xml(), before.to_xml()]
+    assert dom.ports["tap1"] == "br-a"

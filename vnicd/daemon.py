@@ -47,7 +47,9 @@ class Daemon:
     reopened with backoff and followed by the same recovery.
     """
 
-    BACKOFF = (0.5, 30.0)  # first and longest wait between connection attempts, seconds
+    # First and longest wait between connection attempts, seconds: an attempt on a local
+    # socket costs a failed connect, and vnicd must serve within 2 s of libvirtd's return.
+    BACKOFF = (0.25, 1.0)
     STOP_TIMEOUT = 60.0  # how long a stop waits for calls in flight
 
     def __init__(self, config: Config, config_path: Path | None = None) -> None:
@@ -88,7 +90,7 @@ class Daemon:
         self.hypervisor.on_connection_lost(self._connection_lost)
         await self._connect()
         await asyncio.to_thread(LinuxBridges.ensure_isolated, cfg.unwired_bridge)
-        await self._recover()
+        await self._recover(starting=True)
         self.ready = True
         self._start_watchdog()
         sdnotify.notify(f"READY=1\nSTATUS=serving on {cfg.unix_socket}")
@@ -143,8 +145,10 @@ class Daemon:
             except HypervisorError as e:
                 if not self.hypervisor.remote:
                     raise
-                log.warning(
-                    "cannot connect to %s (attempt %d, next in %.1f s): %s",
+                # attempts 1, 2, 4, 8, ... are logged: an outage does not flood the log
+                log.log(
+                    logging.WARNING if attempt & (attempt - 1) == 0 else logging.DEBUG,
+                    "cannot connect to %s (attempt %d, next in %.2f s): %s",
                     self.hypervisor.uri,
                     attempt,
                     delay,
@@ -155,12 +159,13 @@ class Daemon:
             delay = min(delay * 2, longest)
             attempt += 1
 
-    async def _recover(self) -> None:
+    async def _recover(self, *, starting: bool = False) -> None:
         """Rebuild vnicd's view from libvirt: every VM read and its stored vNICs settled
-        with its domain (a guest may have released one while vnicd was away)."""
+        with its domain (a guest may have released one while vnicd was away); at start,
+        running VMs' definitions too (vnicd may have stopped in the middle of a change)."""
         assert self.service is not None
         sdnotify.status("recovering: reading every VM from libvirt")
-        found = await self.service.reconcile_all()
+        found = await self.service.reconcile_all(starting=starting)
         await asyncio.to_thread(self.hypervisor.ping)  # a connection lost half-way is no recovery
         log.info("found %d VMs: %s", len(found), ", ".join(found) or "none")
 

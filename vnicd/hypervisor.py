@@ -219,6 +219,17 @@ class Hypervisor:
     def up(self) -> bool:
         return self._conn is not None and self._down is None
 
+    def alive(self) -> bool:
+        """Whether the connection stands: a call that failed may have lost it, before the
+        close callback says so."""
+        conn = self._conn
+        if conn is None or self._down is not None:
+            return False
+        try:
+            return bool(conn.isAlive())
+        except libvirt.libvirtError:
+            return False
+
     def on_connection_lost(self, callback: Callable[[str], None]) -> None:
         """Call ``callback(reason)`` (on the event loop) when libvirt drops the connection."""
         self._lost = callback

@@ -443,18 +443,25 @@ def _attach(snap: Snapshot, iface: Interface) -> list[Step]:
     return steps
 
 
-def plan_reconcile(snap: Snapshot, refused: str | None = None) -> Plan | None:
+def plan_reconcile(
+    snap: Snapshot, refused: str | None = None, *, follow_live: bool = False
+) -> Plan | None:
     """Settle stored vNICs with the domain after a crash, a late guest answer or a restart.
 
     A stored vNIC that the guest (or, when stopped, the definition) has is plugged: its
     entry goes, unless its removal is still awaited (pending, running) and the guest did
     not refuse it (``refused``: the alias it refused). One that it does not have is
-    unplugged: the definition must not bring it back.
+    unplugged: the definition must not bring it back. With ``follow_live`` (at start, when
+    a running VM's definition follows its changes) a vNIC whose definition is wired or
+    linked otherwise than the guest has it gets the live wiring in its definition: vnicd
+    may have stopped between the two updates of a change.
     """
-    if snap.store_error is not None or not snap.store:
+    if snap.store_error is not None:
         return None
     store = snap.store
     steps: list[Step] = []
+    if follow_live and snap.active and snap.persistent:
+        steps += _follow_live(snap)
     for entry in snap.store:
         mac = entry.iface.mac
         assert mac is not None
@@ -477,6 +484,24 @@ def plan_reconcile(snap: Snapshot, refused: str | None = None) -> Plan | None:
     if not steps:
         return None
     return Plan(Action.RECONCILE, snap.uuid, "", "", tuple(steps), None, None, store)
+
+
+def _follow_live(snap: Snapshot) -> list[Step]:
+    """The definition updates that give each plugged vNIC its live source and link."""
+    assert snap.live is not None
+    steps: list[Step] = []
+    for live in snap.live.interfaces:
+        saved = snap.saved_nic(live.mac) if live.mac else None
+        if saved is None or live.kind not in WIRABLE or saved.kind not in WIRABLE:
+            continue
+        if saved.source == live.source and saved.link_up == live.link_up:
+            continue
+        new = saved.copy()
+        if live.source is not None:
+            new.source = live.source
+        new.link_up = live.link_up
+        steps.append(DefinitionUpdate(saved, new))
+    return steps
 
 
 def random_mac(taken: set[str | None]) -> str:

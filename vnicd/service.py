@@ -25,7 +25,7 @@ from vnicd.domxml import XMLError, hotplug_interface
 from vnicd.hypervisor import Domain, Hypervisor, HypervisorError, Listed
 from vnicd.model import NicChange, NicRef, Snapshot, VmState, VmStatus
 from vnicd.networks import NetworkMap, Wiring
-from vnicd.planning import Action, Plan
+from vnicd.planning import Action, LiveUpdate, Plan, Step
 from vnicd.report import vm_state
 from vnicd.transaction import (
     ConfirmError,
@@ -35,6 +35,7 @@ from vnicd.transaction import (
     Refused,
     Removals,
     Transaction,
+    repeatable,
 )
 from vnicd.unplugged import mentions_store
 
@@ -164,6 +165,10 @@ class Service:
         # exists: a read that sees the same value before and after saw no change happen.
         self._epochs: dict[str, int] = {}
         self._counter = itertools.count(1)
+        # Changes cut short whose undo failed too (libvirt unreachable): the steps to undo,
+        # done again before the VM's next change and at every recovery. Until then reads
+        # answer the state from before the change, which is the state being restored.
+        self._unsettled: dict[str, tuple[Step, ...]] = {}
         self.removals = Removals()
         self.hooks: Hooks = NoHooks()
         self.listeners: list[Listener] = []
@@ -268,12 +273,42 @@ class Service:
         self._epochs[vm_id] = next(self._counter)
 
     def _end(self, vm_id: str) -> None:
-        del self._before[vm_id]
+        if vm_id in self._unsettled:
+            return  # the change is over only once it is undone
+        self._before.pop(vm_id, None)
         self._epochs[vm_id] = next(self._counter)
 
     def forget(self, vm_id: str) -> None:
         """The VM is gone: drop what was kept about its changes."""
         self._epochs.pop(vm_id, None)
+        if self._unsettled.pop(vm_id, None) is not None:
+            self._before.pop(vm_id, None)
+
+    async def _settle(self, vm_id: str) -> None:
+        """Undo a change whose undo failed before (under the VM's lock)."""
+        steps = self._unsettled.get(vm_id)
+        if steps is None:
+            return
+        try:
+            dom, snap = await self._blocking(self._read, vm_id, saved=True)
+        except errors.NoSuchVM:
+            self.forget(vm_id)
+            raise
+        if not snap.active:  # stopped meanwhile: its live state went with it
+            steps = tuple(s for s in steps if not isinstance(s, LiveUpdate))
+        tx = Transaction(
+            dom, snap, self._networks.ports, self._raw, self.removals, self._unplug_timeout
+        )
+        problems = await tx.undo(steps)
+        if problems:
+            raise errors.GeneralError(
+                f"VM {vm_id}: a change that failed earlier is not undone yet: "
+                + "; ".join(problems),
+                vmID=vm_id,
+            )
+        del self._unsettled[vm_id]
+        self._end(vm_id)
+        log.info("VM %s: the change that failed earlier is undone", vm_id)
 
     async def _reread(self, state: VmState) -> VmState:
         try:
@@ -358,6 +393,7 @@ class Service:
         self, vm_id: str, make_plan: Callable[[Snapshot], Plan], dry_run: bool
     ) -> VmState | DryRun:
         async with self.locks.hold(vm_id):
+            await self._settle(vm_id)
             dom, snap = await self._blocking(self._read, vm_id, saved=True)
             plan = make_plan(snap)
             if dry_run:
@@ -405,7 +441,18 @@ class Service:
                 if e.problems
                 else "the previous state was restored"
             )
-            raise _error(plan, cause, f"{e}; {outcome}", rolled_back=not e.problems) from e
+            # the connection to libvirt was lost: the failed step may have happened
+            lost = bool(e.undo) and not await self._raw(self._hypervisor.alive)
+            if lost:
+                then = "restores the previous state" if repeatable(e.undo) else "settles the vNIC"
+                if repeatable(e.undo):
+                    self._unsettled[plan.vm] = e.undo
+                outcome = (
+                    f"{outcome if e.problems else 'libvirt may have carried it out'}; "
+                    f"vnicd {then} once libvirt answers again"
+                )
+            rolled_back = not e.problems and not lost
+            raise _error(plan, cause, f"{e}; {outcome}", rolled_back=rolled_back) from e
         except (HypervisorError, hostnet.HostNetError) as e:
             # the change is done; reading the state that answers it failed
             raise errors.GeneralError(str(e), cause=str(e)) from e
@@ -460,15 +507,20 @@ class Service:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def reconcile(self, vm_id: str, refused: str | None = None) -> None:
-        """Settle a VM's stored vNICs with its domain (see :func:`planning.plan_reconcile`)."""
+    async def reconcile(
+        self, vm_id: str, refused: str | None = None, *, starting: bool = False
+    ) -> None:
+        """Settle a VM's stored vNICs with its domain (see :func:`planning.plan_reconcile`);
+        ``starting``: also a running VM's definition with its live vNICs."""
         try:
             async with self.locks.hold(vm_id):
+                await self._settle(vm_id)
                 dom, snap = await self._raw(self._read, vm_id, saved=True)
                 if snap.store_error is not None:
                     log.error("VM %s: %s", vm_id, snap.store_error)
                     return
-                plan = planning.plan_reconcile(snap, refused)
+                follow = starting and self._persist_running
+                plan = planning.plan_reconcile(snap, refused, follow_live=follow)
                 if plan is None:
                     return
                 log.info("VM %s: settling stored vNICs (%s)", vm_id, _summary(plan))
@@ -487,32 +539,48 @@ class Service:
         """The answer of a settling: the VM read afresh (a release may have stopped it)."""
         return lambda _live, _seen: self._read_state(vm_id)
 
-    async def reconcile_all(self) -> list[str]:
-        """Settle every VM that keeps stored vNICs (at start); returns the names of all.
+    async def reconcile_all(self, *, starting: bool = False) -> list[str]:
+        """Settle every VM that needs it (at start, and after reconnecting); returns the
+        names of all.
 
-        The VMs are listed and their XML read as for :meth:`vm_list`; only those whose
-        XML holds vnicd's store are read again, under their lock, and settled.
+        The VMs are listed and their XML read as for :meth:`vm_list`; only those with
+        something to settle (stored vNICs, a change to undo, at start a definition behind
+        its live vNICs) are read again, under their lock, and settled.
         """
         listed = await self._raw(self._hypervisor.listing)
+        for vm_id in set(self._unsettled) - {vm.domain.uuid for vm in listed}:
+            self.forget(vm_id)  # gone while libvirt was away: nothing left to undo
+        follow = starting and self._persist_running
         size = -(-len(listed) // _LIST_READERS)
         parts = [listed[i : i + size] for i in range(0, len(listed), size)] if listed else []
-        keeping = await asyncio.gather(*(self._raw(self._keeping, part) for part in parts))
-        await asyncio.gather(*(self.reconcile(u) for u in itertools.chain.from_iterable(keeping)))
+        found = await asyncio.gather(*(self._raw(self._unsettling, p, follow) for p in parts))
+        due = set(itertools.chain.from_iterable(found)) | set(self._unsettled)
+        await asyncio.gather(*(self.reconcile(vm_id, starting=starting) for vm_id in due))
         return [vm.domain.name for vm in listed]
 
     @staticmethod
-    def _keeping(listed: list[Listed]) -> list[str]:
-        """The VMs whose current XML (live, or saved when not running) has stored vNICs."""
+    def _unsettling(listed: list[Listed], follow_live: bool) -> list[str]:
+        """The VMs that keep stored vNICs in their current XML (live, or saved when not
+        running); with ``follow_live``, also running persistent VMs whose definition has a
+        vNIC wired otherwise than live."""
         found = []
         for vm in listed:
-            active = vm.status is not VmStatus.STOPPED
+            dom, active = vm.domain, vm.status is not VmStatus.STOPPED
             try:
-                xml = vm.domain.xml(inactive=not active) if active or vm.persistent else ""
+                if follow_live and active and vm.persistent:
+                    snap = Snapshot.parse(
+                        dom.uuid, vm.status, True, dom.xml(), dom.xml(inactive=True)
+                    )
+                    plan = planning.plan_reconcile(snap, follow_live=True)
+                    due = snap.store_error is not None or plan is not None
+                else:
+                    xml = dom.xml(inactive=not active) if active or vm.persistent else ""
+                    due = mentions_store(xml)
             except HypervisorError as e:
-                log.debug("VM %s vanished while recovering: %s", vm.domain.uuid, e)
+                log.debug("VM %s vanished while recovering: %s", dom.uuid, e)
                 continue
-            if mentions_store(xml):
-                found.append(vm.domain.uuid)
+            if due:
+                found.append(dom.uuid)
         return found
 
     # VMs.

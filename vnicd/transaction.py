@@ -55,12 +55,24 @@ class Pending(Exception):
 
 
 class Failed(Exception):
-    """A step failed; the completed steps were undone (``problems``: what could not be)."""
+    """A step failed; the completed steps were undone (``problems``: what could not be;
+    ``undo``: the steps to undo again, the failed one included, should the connection to
+    libvirt have been lost: whether it happened is then unknown)."""
 
-    def __init__(self, cause: Exception, problems: list[str]) -> None:
+    def __init__(self, cause: Exception, problems: list[str], undo: tuple[Step, ...] = ()) -> None:
         super().__init__(str(cause))
         self.cause = cause
         self.problems = problems
+        self.undo = undo
+
+
+# Steps whose undo sends back what they replaced: undoing one again, or one that did not
+# happen, changes nothing; a failed undo of these can be retried later.
+_REPEATABLE = (LiveUpdate, DefinitionUpdate, StoreWrite, Pause)
+
+
+def repeatable(steps: tuple[Step, ...]) -> bool:
+    return all(isinstance(s, _REPEATABLE) for s in steps)
 
 
 class Removals:
@@ -145,7 +157,7 @@ class Transaction:
                 except Pending:
                     raise
                 except (*FAULTS, ConfirmError, Refused) as e:
-                    raise Failed(e, await self._undo(done)) from e
+                    raise await self._failed(e, step, done) from e
                 done.append(step)
                 continue
             n = next((i for i, s in enumerate(steps) if isinstance(s, _WAITING)), len(steps))
@@ -155,12 +167,19 @@ class Transaction:
             )
             if failed is not None:
                 step, error = failed
-                # a live step may have half-happened (libvirt's own change has no rollback)
-                half: list[Step] = [step] if isinstance(step, LiveUpdate | LiveAttach) else []
-                raise Failed(error, await self._undo(done + half)) from error
+                raise await self._failed(error, step, done) from error
             if not steps:
                 return cast(T, answer)
         return cast(T, await self._run(finish, self.live, self.seen))
+
+    async def _failed(self, error: Exception, step: Step, done: list[Step]) -> Failed:
+        """``step`` failed: undo the steps done and say how the change ended."""
+        # a live step may have half-happened (libvirt's own change has no rollback)
+        half: list[Step] = [step] if isinstance(step, LiveUpdate | LiveAttach) else []
+        problems = await self.undo((*done, *half))
+        # and any call cut by a lost connection may have been carried out
+        retry = (*done, step) if isinstance(step, _REPEATABLE) else (*done, *half)
+        return Failed(error, problems, retry)
 
     def _apply_all(
         self,
@@ -207,10 +226,17 @@ class Transaction:
             case LiveDetach(iface=iface):
                 await self._release(iface)
 
-    async def _undo(self, done: list[Step]) -> list[str]:
+    async def undo(self, done: tuple[Step, ...]) -> list[str]:
+        """Undo ``done`` in reverse, each step for real; returns what could not be undone.
+        Of a plan's live updates (a bounce has two) only the first is undone: it restores
+        the state from before them all, which a later one's intermediate state (say, on a
+        bridge deleted meanwhile) must not stand in the way of."""
         problems: list[str] = []
         dom = self._dom
+        first_live = next((s for s in done if isinstance(s, LiveUpdate)), None)
         for step in reversed(done):
+            if isinstance(step, LiveUpdate) and step is not first_live:
+                continue
             try:
                 match step:
                     case LiveUpdate(before=before, bridge_before=bridge):
