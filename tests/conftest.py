@@ -39,7 +39,8 @@ CHECKOUT = Path(__file__).resolve().parent.parent
 # internal error", which libvirt rightly reports as a paused VM; under TCG it never does.
 DOMAIN_TYPE = "qemu"
 BRIDGES = ("vt-a", "vt-b", "vt-c")
-# Tests using any of these boot VMs or run vnicd: they need root and the test namespace.
+# Tests using any of these boot VMs, run vnicd or make network devices: they need root and
+# the test namespace.
 HOST_FIXTURES = {"vnicd", "state", "workdir", "libvirtd", "devices"}
 DRIVERS = ("embedded", "system")
 # Free: the session has its own network namespace. One port per driver, so the two vnicds

@@ -40,6 +40,14 @@ class SchemaClient(Client):
         return result
 
 
+def injected(message: str) -> libvirt.libvirtError:
+    """A libvirt error for a test to raise. libvirtError takes the calling thread's last
+    libvirt error, when there is one, as its message: on a worker thread that is a stale
+    one (say, a lookup of a VM an earlier test removed), so it is cleared first."""
+    libvirt.virResetLastError()
+    return libvirt.libvirtError(message)
+
+
 @dataclass(frozen=True)
 class PciDevice:
     qdev_id: str

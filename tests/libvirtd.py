@@ -135,8 +135,9 @@ def bound() -> Iterator[tuple[int, str]]:
             continue  # gone, or a zombie
         for line in lines:
             fields = line.split()  # id parent dev root mountpoint ...
-            if fields[4] == _BINDS["lib"] and fields[3].startswith("/"):
-                yield int(proc.name), fields[3].removesuffix("//deleted").removesuffix("/lib")
+            root = fields[3].removesuffix("//deleted")
+            if fields[4] == _BINDS["lib"] and root.endswith("/lib") and root != "/lib":
+                yield int(proc.name), root.removesuffix("/lib")
                 break
 
 

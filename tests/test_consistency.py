@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import Nic, Vms, vm_xml
 from tests.evidence import interfaces, pci_of, seen
-from tests.harness import DaemonThread, SchemaClient
+from tests.harness import DaemonThread, SchemaClient, injected
 from vnicd.client import RpcError
 from vnicd.hypervisor import Domain, HypervisorError
 from vnicd.rpc_unix import MAX_MESSAGE
@@ -180,7 +180,7 @@ def test_plug_that_worked_is_reported_done(
     dom.create()
 
     def broken(self: Domain, *_a: Any, **_k: Any) -> None:
-        raise HypervisorError("writing metadata", libvirt.libvirtError("injected"))
+        raise HypervisorError("writing metadata", injected("injected"))
 
     monkeypatch.setattr(Domain, "set_metadata", broken)
     info = rpc.call("VM.hotplugNic", vmID=vm_id, params={"macAddr": b.mac})
@@ -201,7 +201,7 @@ def test_failed_create_keeps_its_cause(
     vms.created.append(vm_id)
 
     def broken(self: Domain) -> None:
-        raise HypervisorError("undefining", libvirt.libvirtError("injected undefine failure"))
+        raise HypervisorError("undefining", injected("injected undefine failure"))
 
     monkeypatch.setattr(Domain, "undefine", broken)
     with pytest.raises(RpcError) as err:

@@ -7,12 +7,11 @@ import threading
 import time
 from typing import Any
 
-import libvirt
 import pytest
 
 from tests.conftest import Nic, Vms
 from tests.evidence import Seen, interfaces, seen
-from tests.harness import DaemonThread, SchemaClient
+from tests.harness import DaemonThread, SchemaClient, injected
 from tests.hostenv import ip, link, master
 from vnicd.client import RpcError
 from vnicd.domxml import Interface
@@ -181,7 +180,7 @@ def _fail_after(monkeypatch: pytest.MonkeyPatch, before_libvirt: bool = False) -
                 ip("link", "set", "dev", new.tap, "master", new.source.name)
             else:
                 real(self, xml, live=live, persistent=persistent)
-            raise HypervisorError("updating interface", libvirt.libvirtError("injected failure"))
+            raise HypervisorError("updating interface", injected("injected failure"))
         real(self, xml, live=live, persistent=persistent)
 
     monkeypatch.setattr(Domain, "update_interface", failing)
