@@ -130,7 +130,7 @@ def test_libvirtd_killed_mid_burst(libvirtd: PrivateLibvirtd, workdir: Path) -> 
         faults.wait_serving(sock, proc)
         created = time.monotonic()
         vms = make_vms(sock, 20, "f1", lambda i: i % 2 == 0)
-        conn = libvirt.open(libvirtd.uri)
+        conn = libvirt.open(libvirtd.unix_uri)
         for vm_id in vms:  # paused VMs take live changes alike, and leave the CPUs alone
             conn.lookupByUUIDString(vm_id).suspend()
         conn.close()
@@ -198,7 +198,7 @@ def test_libvirtd_killed_mid_burst(libvirtd: PrivateLibvirtd, workdir: Path) -> 
         assert max(back) <= 2.0, f"vnicd served again only after {back} s"
 
         faults.wait_serving(sock, proc)
-        conn = libvirt.open(libvirtd.uri)
+        conn = libvirt.open(libvirtd.unix_uri)
         try:
             truths, problems = faults.check_all(conn, sock, UNWIRED)
         finally:
@@ -215,7 +215,7 @@ def test_libvirtd_killed_mid_burst(libvirtd: PrivateLibvirtd, workdir: Path) -> 
     finally:
         faults.stop(proc)
         log.close()
-        faults.remove_vms(libvirtd.uri)
+        faults.remove_vms(libvirtd.unix_uri)
 
 
 def test_change_cut_by_lost_libvirtd_is_undone(libvirtd: PrivateLibvirtd, workdir: Path) -> None:
@@ -250,7 +250,7 @@ def test_change_cut_by_lost_libvirtd_is_undone(libvirtd: PrivateLibvirtd, workdi
         test_service.wait_for(log_path, "the change that failed earlier is undone", 30)
         with Client(sock) as c:
             assert c.call("VM.getInfo", vmID=vm_id) == before
-        conn = libvirt.open(libvirtd.uri)
+        conn = libvirt.open(libvirtd.unix_uri)
         try:
             truths, problems = faults.check_all(conn, sock, UNWIRED)
         finally:
@@ -261,7 +261,7 @@ def test_change_cut_by_lost_libvirtd_is_undone(libvirtd: PrivateLibvirtd, workdi
         libvirtd.pause(False)
         faults.stop(proc)
         log.close()
-        faults.remove_vms(libvirtd.uri)
+        faults.remove_vms(libvirtd.unix_uri)
 
 
 def changes(
@@ -307,7 +307,7 @@ def test_vnicd_killed_mid_burst(libvirtd: PrivateLibvirtd, workdir: Path) -> Non
         faults.wait_serving(sock, proc)
         vms = make_vms(sock, 8, "f3", lambda i: i < 5, nics=3)
         ids = sorted(vms, key=lambda v: vms[v][0])  # in creation order: 0-4 persistent
-        conn = libvirt.open(libvirtd.uri)
+        conn = libvirt.open(libvirtd.unix_uri)
         try:
             for vm_id in ids[:3]:  # stopped, still defined
                 conn.lookupByUUIDString(vm_id).destroy()
@@ -346,7 +346,7 @@ def test_vnicd_killed_mid_burst(libvirtd: PrivateLibvirtd, workdir: Path) -> Non
             )
             proc = faults.launch(config, log)
             faults.wait_serving(sock, proc)
-            conn = libvirt.open(libvirtd.uri)
+            conn = libvirt.open(libvirtd.unix_uri)
             try:
                 truths, problems = faults.check_all(conn, sock, UNWIRED)
             finally:
@@ -363,4 +363,4 @@ def test_vnicd_killed_mid_burst(libvirtd: PrivateLibvirtd, workdir: Path) -> Non
     finally:
         faults.stop(proc)
         log.close()
-        faults.remove_vms(libvirtd.uri)
+        faults.remove_vms(libvirtd.unix_uri)
