@@ -110,7 +110,7 @@ def test_protocol_edges() -> None:
         return json.loads(_handle(message))["error"]["code"]
 
     assert code("{not json") == code("[" * 100_000) == -32700
-    assert code("[]") == -32600
+    assert code("[]") == code(json.dumps([{}] * 1001)) == -32600
     assert code('{"jsonrpc": "2.0", "method": "VM.frob", "id": 1}') == -32601
     assert code('{"jsonrpc": "2.0", "method": "Host.ping2", "params": [1], "id": 1}') == -32602
     batch = [

@@ -30,6 +30,7 @@ PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
 METHOD_NOT_FOUND = -32601
 INTERNAL_ERROR = -32603
+MAX_BATCH = 1000  # requests in one batch: each runs at once, so their number is bounded
 _MEMBERS = frozenset({"jsonrpc", "method", "params", "id"})
 _ID_TYPES = (str, int, float, type(None))
 
@@ -125,8 +126,8 @@ class Dispatcher:
             except (ValueError, RecursionError) as e:  # RecursionError: nested too deep
                 return _encode(_response(None, _error(PARSE_ERROR, f"Parse error: {e}")))
             if isinstance(request, list):  # a batch: its requests run at once
-                if not request:
-                    return _encode(_invalid("an empty batch"))
+                if not request or len(request) > MAX_BATCH:
+                    return _encode(_invalid(f"a batch holds 1 to {MAX_BATCH} requests"))
                 found = await asyncio.gather(*(self._one(r) for r in request))
                 answers = [r for r in found if r is not None]
                 return _encode(answers) if answers else ""
