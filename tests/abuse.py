@@ -9,6 +9,7 @@ test namespace with its master, admin and operational state, as the kernel repor
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ from tests.conftest import Nic, Vms
 from tests.engine import tls_socket
 from tests.harness import DaemonThread
 from vnicd import hooks, hostnet, hypervisor
+from vnicd.client import Client
 from vnicd.stomp import Frame, Parser
 
 LONG = os.environ.get("VNICD_ABUSE") == "long"
@@ -168,6 +170,7 @@ class Tally:
     host_changes: int = 0
     codes: Counter[int] = field(default_factory=Counter)
     kinds: Counter[str] = field(default_factory=Counter)
+    notes: dict[str, float] = field(default_factory=dict)  # measures: slowest, most held, ...
     started: float = field(default_factory=time.monotonic)
 
     def code(self, response: Any) -> None:
@@ -194,6 +197,7 @@ class Tally:
             "seconds": round(time.monotonic() - self.started, 1),
             "error codes": dict(sorted(self.codes.items())),
             "kinds": dict(sorted(self.kinds.items())),
+            **self.notes,
         }
 
     def report(self, record: Callable[[str, object], None]) -> None:
@@ -204,21 +208,34 @@ class Tally:
 
 @dataclass(frozen=True)
 class Target:
-    """The session's vnicd with the VMs the abuse aims at (valid ids, aliases, MACs)."""
+    """A vnicd with the VMs the abuse aims at (valid ids, aliases, MACs, networks)."""
 
-    vnicd: DaemonThread
+    socket: Path
+    port: int
     certs: pki.Pki
-    vm_ids: tuple[str, ...]
     nics: tuple[tuple[str, str, str], ...]  # (vm id, alias, mac)
-    networks: tuple[str, ...]
+    domains: tuple[str, ...]  # each VM's XML (its name and uuid are taken)
+    networks: tuple[str, ...] = ("vt-a", "vt-b", "lab", "")
+    vnicd: DaemonThread | None = None  # None: vnicd runs in another process
 
     @property
-    def port(self) -> int:
-        return self.vnicd.config.engine.port
+    def vm_ids(self) -> tuple[str, ...]:
+        return tuple(sorted({vm for vm, _, _ in self.nics}))
 
-    @property
-    def socket(self) -> Path:
-        return self.vnicd.config.unix_socket
+    def fingerprint(self) -> Fingerprint:
+        assert self.vnicd is not None, "the host is read through the session's vnicd"
+        return fingerprint(self.vnicd.conn)
+
+
+def aim(sock: Path, port: int, certs: pki.Pki, vm_ids: list[str]) -> Target:
+    """A target: the vNICs of these VMs, as vnicd reports them."""
+    nics = []
+    with Client(sock) as c:
+        for vm_id in vm_ids:
+            nics += [
+                (vm_id, n["alias"], n["macAddr"]) for n in c.call("VM.getInfo", vmID=vm_id)["nics"]
+            ]
+    return Target(sock, port, certs, tuple(nics), ())
 
 
 @contextlib.contextmanager
@@ -228,19 +245,14 @@ def target(vnicd: DaemonThread) -> Iterator[Target]:
     try:
         a = vms.create(Nic("vt-a", link_up=True), Nic("vt-b", link_up=False))
         b = vms.create(Nic("vt-b"), Nic("vt-c"), persistent=True)
-        nics = []
-        with vnicd.client() as c:
-            for vm_id in (a, b):
-                nics += [
-                    (vm_id, n["alias"], n["macAddr"])
-                    for n in c.call("VM.getInfo", vmID=vm_id)["nics"]
-                ]
-        yield Target(
-            vnicd,
+        found = aim(
+            vnicd.config.unix_socket,
+            vnicd.config.engine.port,
             pki.at(vnicd.config.engine.ca_file.parent),
-            (a, b),
-            tuple(nics),
-            ("vt-a", "vt-b", "lab", ""),
+            [a, b],
+        )
+        yield dataclasses.replace(
+            found, domains=(vnicd.live_xml(a), vnicd.live_xml(b)), vnicd=vnicd
         )
     finally:
         vms.cleanup()

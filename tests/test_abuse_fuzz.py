@@ -12,11 +12,13 @@ could change the host. ``VNICD_ABUSE=long`` runs 10,000 of each instead of the d
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import json
 import re
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
@@ -70,7 +72,7 @@ junk = st.recursive(
 HUGE = "\x00huge\x00"
 DEEP = "\x00deep\x00"
 DEEPER = "\x00deeper\x00"
-BIG = {
+BIG: dict[str, Callable[[], str]] = {
     HUGE: lambda: json.dumps("x" * 2_000_000),
     DEEP: lambda: '{"a": ' * 200 + "[]" + "}" * 200,
     DEEPER: lambda: "[" * 5000 + "]" * 5000,
@@ -212,7 +214,7 @@ def break_one(draw: st.DrawFn, params: Params, fields: dict[str, Spec]) -> str:
 
 def refusal(verb: str, params: Params, draw: st.DrawFn, t: Target) -> str | None:
     """Make a well-formed request one vnicd must refuse for what it names; None if it can't."""
-    dev = params.get("params")
+    dev: Any = params.get("params")
     ways = []
     if "vmID" in params and verb != "VM.create":
         ways.append("unknown VM")
@@ -258,7 +260,7 @@ def broken_request(draw: st.DrawFn, t: Target) -> tuple[str, Params, str]:
 def creations(t: Target) -> st.SearchStrategy[str]:
     """VM.create's XML, none of it a VM that could start: malformed, not a domain, a copy
     of a running VM (its name and uuid taken), a domain whose vNIC names are nasty."""
-    live = [t.vnicd.live_xml(vm) for vm in t.vm_ids]
+    live = list(t.domains)
     nasty = st.sampled_from(NASTY_NAMES).map(
         lambda n: live[0].replace("<source bridge='vt-a'", f"<source bridge={quoteattr(n)}")
     )
@@ -274,11 +276,12 @@ def message(draw: st.DrawFn, t: Target) -> tuple[str, str, Any]:
     request_id = draw(st.integers(1, 10**9) | st.text(min_size=1, max_size=10))
     if kind == "schema":
         verb, params, how = draw(broken_request(t))
-        body = {"jsonrpc": "2.0", "method": verb, "params": params, "id": request_id}
-        return f"schema:{how}", encode(body), request_id
+        request = {"jsonrpc": "2.0", "method": verb, "params": params, "id": request_id}
+        return f"schema:{how}", encode(request), request_id
     if kind == "envelope":
         method = draw(st.sampled_from(sorted(SCHEMA.verbs)) | st.text(max_size=20) | junk)
-        body = {"jsonrpc": draw(st.sampled_from(["2.0", "1.0", 2.0])), "method": method}
+        body: dict[str, Any] = {"jsonrpc": draw(st.sampled_from(["2.0", "1.0", 2.0]))}
+        body["method"] = method
         for key in draw(st.sets(st.sampled_from(["params", "id"]))):
             body[key] = draw(junk)
         body.update(draw(st.dictionaries(st.text(max_size=8), junk, max_size=2)))
@@ -305,7 +308,7 @@ class Checker:
     def __init__(self, t: Target, tally: Tally) -> None:
         self.t = t
         self.tally = tally
-        self.before = abuse.fingerprint(t.vnicd.conn)
+        self.before = t.fingerprint()
         self.since = 0
 
     def after(self, reached: bool, what: str) -> None:
@@ -314,10 +317,10 @@ class Checker:
             return
         self.since = 0
         self.tally.host_checks += 1
-        changed = abuse.differences(self.before, abuse.fingerprint(self.t.vnicd.conn))
+        changed = abuse.differences(self.before, self.t.fingerprint())
         if changed:
             self.tally.host_changes += 1
-            self.before = abuse.fingerprint(self.t.vnicd.conn)
+            self.before = self.t.fingerprint()
         assert not changed, f"{what} changed the host: {changed}"
 
 
@@ -344,52 +347,63 @@ def judge(tally: Tally, responses: list[Any], expect_id: Any, what: str) -> bool
     return reached
 
 
-def run_fuzz(
-    t: Target,
-    tally: Tally,
-    record: Callable[[str, object], None],
-    one: Callable[[str, str, Any], tuple[list[Any], bool]],
-) -> None:
-    """Drive ``one(kind, text, expected id) -> (responses, reached)`` with generated messages."""
-    checker = Checker(t, tally)
+Case = Any
+One = Callable[[Case], tuple[bool, str]]  # a case -> (it may have reached a verb, what it was)
+
+
+def drive(t: Target, tally: Tally, cases: st.SearchStrategy[Case], one: One, count: int) -> None:
+    """Send ``count`` generated cases with ``one``; then vnicd must still answer, and have
+    crashed, hung and changed nothing. In this process the host is checked as it goes, and
+    vnicd's calls that could change it are spied on."""
+    checker = Checker(t, tally) if t.vnicd is not None else None
     with abuse.spying() as spy, abuse.problems() as logged:
 
-        @FUZZ_SETTINGS
-        @given(message(t))
-        def fuzz(case: tuple[str, str, Any]) -> None:
-            kind, text, expect_id = case
+        @settings(FUZZ_SETTINGS, max_examples=count)
+        @given(cases)
+        def run(case: Case) -> None:
             tally.sent += 1
-            tally.kinds[kind.split(":")[0]] += 1
-            _responses, reached = one(kind, text, expect_id)
-            checker.after(reached, f"{kind} {text[:300]!r}")
-            assert spy.changing() == 0, (kind, text[:300], spy.args[-3:])
+            reached, what = one(case)
+            if checker is not None:
+                checker.after(reached, what)
+            assert spy.changing() == 0, (what, spy.args[-3:])
 
         try:
-            fuzz()
+            run()
         finally:
             tally.crashes += len(logged.records)
-            tally.report(record)
     assert not logged.records, [r.getMessage()[:500] for r in logged.records[:5]]
-    checker.after(True, "the whole run")
+    if checker is not None:
+        checker.after(True, "the whole run")
     assert abuse.alive(t), "vnicd stopped answering"
     assert (tally.hangs, tally.crashes, tally.host_changes) == (0, 0, 0)
 
 
-def test_fuzz_unix_socket(aimed: Target, record_property: Callable[[str, object], None]) -> None:
-    tally = Tally("fuzz: JSON-RPC on the Unix socket")
+def unix_sender(t: Target, tally: Tally) -> One:
+    """Each message on a connection of its own, half-closed: all its answers, then the end."""
 
-    def one(kind: str, text: str, expect_id: Any) -> tuple[list[Any], bool]:
-        exchange = abuse.unix_exchange(aimed.socket, text.encode(errors="surrogatepass") + b"\n")
+    def one(case: tuple[str, str, Any]) -> tuple[bool, str]:
+        kind, text, expect_id = case
+        tally.kinds[kind.split(":")[0]] += 1
+        what = f"{kind} {text[:300]!r}"
+        exchange = abuse.unix_exchange(t.socket, text.encode(errors="surrogatepass") + b"\n")
         if exchange.hung:
             tally.hangs += 1
-        assert not exchange.hung, f"no answer in {abuse.TIMEOUT} s to {kind} {text[:300]!r}"
+        assert not exchange.hung, f"no answer in {abuse.TIMEOUT} s to {what}"
         if exchange.responses:
             tally.answered += 1
         else:
             tally.closed += 1
-        return exchange.responses, judge(tally, exchange.responses, expect_id, kind)
+        return judge(tally, exchange.responses, expect_id, kind), what
 
-    run_fuzz(aimed, tally, record_property, one)
+    return one
+
+
+def test_fuzz_unix_socket(aimed: Target, record_property: Callable[[str, object], None]) -> None:
+    tally = Tally("fuzz: JSON-RPC on the Unix socket")
+    try:
+        drive(aimed, tally, message(aimed), unix_sender(aimed, tally), EXAMPLES)
+    finally:
+        tally.report(record_property)
 
 
 # STOMP frames: a request in a SEND, or any frame, or any bytes.
@@ -445,72 +459,63 @@ def stomp_case(draw: st.DrawFn, t: Target) -> tuple[str, bytes, str, Any]:
     return "bytes", data, "", None
 
 
-def test_fuzz_engine_wire(aimed: Target, record_property: Callable[[str, object], None]) -> None:
-    tally = Tally("fuzz: STOMP frames on the engine wire")
+@contextlib.contextmanager
+def engine_sender(t: Target, tally: Tally) -> Iterator[One]:
+    """Cases on one STOMP connection (a new one after vnicd closed it). A case that expects
+    no answer is followed by a ping on the same connection: it was read once that answers."""
     conn: list[RawStomp] = []
-    sentinels = iter(range(10**9))
-    checker = Checker(aimed, tally)
+    sentinels = itertools.count()
 
     def connection() -> RawStomp:
         if conn and conn[0].closed:
             conn.pop().close()
         if not conn:
-            conn.append(RawStomp(aimed.port, aimed.certs))
+            conn.append(RawStomp(t.port, t.certs))
         return conn[0]
 
-    with abuse.spying() as spy, abuse.problems() as logged:
+    def one(case: tuple[str, bytes, str, Any]) -> tuple[bool, str]:
+        kind, data, _text, expect_id = case
+        tally.kinds[kind.split(":")[0]] += 1
+        what = f"{kind} {data[:300]!r}"
+        stomp = connection()
+        stomp.send(data)
+        sentinel = expect_id is None
+        if sentinel:
+            expect_id = f"sentinel-{next(sentinels)}"
+            stomp.send(stomp.request(abuse.PING.replace('"alive"', f'"{expect_id}"')))
+        started = time.monotonic()
+        frames = stomp.read(abuse.reply_to(expect_id, not sentinel), abuse.TIMEOUT)
+        errors = [f for f in frames if f.command == "ERROR"]
+        answered = bool(frames) and frames[-1].command in ("MESSAGE", "ERROR")
+        if not answered and not stomp.closed:
+            tally.hangs += 1
+        assert answered or stomp.closed, f"nothing in {time.monotonic() - started:.0f} s: {what}"
+        if errors:
+            stomp.read(lambda f: False, 5)
+            assert stomp.closed, "an ERROR frame must end the connection"
+            tally.closed += 1
+        else:
+            tally.answered += 1
+        replies = [json.loads(f.body) for f in frames if f.command == "MESSAGE"]
+        if sentinel:
+            mine = [r for r in replies if not (isinstance(r, dict) and r.get("id") == expect_id)]
+            return judge(tally, mine, None, kind), what
+        return judge(tally, replies, expect_id if not errors else None, kind), what
 
-        @FUZZ_SETTINGS
-        @given(stomp_case(aimed))
-        def fuzz(case: tuple[str, bytes, str, Any]) -> None:
-            kind, data, _text, expect_id = case
-            tally.sent += 1
-            tally.kinds[kind.split(":")[0]] += 1
-            stomp = connection()
-            stomp.send(data)
-            if expect_id is None:  # no answer to wait for: a ping on the same connection
-                expect_id = f"sentinel-{next(sentinels)}"
-                stomp.send(stomp.request(abuse.PING.replace('"alive"', f'"{expect_id}"')))
-                sentinel = True
-            else:
-                sentinel = False
-            started = time.monotonic()
-            frames = stomp.read(abuse.reply_to(expect_id, not sentinel), abuse.TIMEOUT)
-            errors = [f for f in frames if f.command == "ERROR"]
-            answered = bool(frames) and frames[-1].command in ("MESSAGE", "ERROR")
-            if not answered and not stomp.closed:
-                tally.hangs += 1
-            assert answered or stomp.closed, (
-                f"nothing in {time.monotonic() - started:.0f} s after {kind} {data[:300]!r}"
-            )
-            if errors:
-                stomp.read(lambda f: False, 5)
-                assert stomp.closed, "an ERROR frame must end the connection"
-                tally.closed += 1
-            else:
-                tally.answered += 1
-            replies = [json.loads(f.body) for f in frames if f.command == "MESSAGE"]
-            if sentinel:
-                replies = [
-                    r for r in replies if not (isinstance(r, dict) and r.get("id") == expect_id)
-                ]
-                reached = judge(tally, replies, None, kind)
-            else:
-                reached = judge(tally, replies, expect_id if not errors else None, kind)
-            checker.after(reached, f"{kind} {data[:300]!r}")
-            assert spy.changing() == 0, (kind, data[:300], spy.args[-3:])
+    try:
+        yield one
+    finally:
+        for c in conn:
+            c.close()
 
-        try:
-            fuzz()
-        finally:
-            for c in conn:
-                c.close()
-            tally.crashes += len(logged.records)
-            tally.report(record_property)
-    assert not logged.records, [r.getMessage()[:500] for r in logged.records[:5]]
-    checker.after(True, "the whole run")
-    assert abuse.alive(aimed), "vnicd stopped answering"
-    assert (tally.hangs, tally.crashes, tally.host_changes) == (0, 0, 0)
+
+def test_fuzz_engine_wire(aimed: Target, record_property: Callable[[str, object], None]) -> None:
+    tally = Tally("fuzz: STOMP frames on the engine wire")
+    try:
+        with engine_sender(aimed, tally) as one:
+            drive(aimed, tally, stomp_case(aimed), one, EXAMPLES)
+    finally:
+        tally.report(record_property)
 
 
 @pytest.mark.parametrize("flood", [5000])
@@ -547,4 +552,5 @@ def _tasks(t: Target) -> set[Any]:
     async def tasks() -> set[Any]:
         return asyncio.all_tasks()
 
+    assert t.vnicd is not None
     return asyncio.run_coroutine_threadsafe(tasks(), t.vnicd.loop).result(10)

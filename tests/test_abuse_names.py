@@ -115,7 +115,7 @@ def test_nasty_names_refused(
     aimed: Target, wire: Callable[..., Any], record_property: Callable[[str, object], None]
 ) -> None:
     tally = Tally("names: nasty network, bridge, alias and MAC values")
-    before = abuse.fingerprint(aimed.vnicd.conn)
+    before = aimed.fingerprint()
     wrong: list[str] = []
     with abuse.spying() as spy, abuse.problems() as logged:
         for value in NASTY_NAMES:
@@ -133,7 +133,7 @@ def test_nasty_names_refused(
                     tally.successes += 1
                     wrong.append(f"{where} {value!r}: accepted")
     tally.host_checks = 1
-    changed = abuse.differences(before, abuse.fingerprint(aimed.vnicd.conn))
+    changed = abuse.differences(before, aimed.fingerprint())
     tally.host_changes = len(changed)
     tally.crashes = len(logged.records)
     tally.report(record_property)

@@ -205,15 +205,19 @@ class StompServer:
             del self._handshakes[oldest]
             oldest.transport.abort()
         self._handshakes[writer] = None
+        plain = writer.transport
         try:
             await writer.start_tls(self._tls, ssl_handshake_timeout=self.limits.connect_timeout)
+            return True
         except (OSError, TimeoutError) as e:
             log.debug("engine client %s: no TLS session: %s", _peer(writer), e)
-            writer.transport.abort()
-            return False
+        except AttributeError:  # Python 3.11, a client that left as its handshake ended
+            writer._transport = plain  # type: ignore[attr-defined]  # the writer had none left
+            log.debug("engine client %s left after its TLS handshake", _peer(writer))
         finally:
             self._handshakes.pop(writer, None)
-        return True
+        plain.abort()
+        return False
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if not await self._handshake(writer):
