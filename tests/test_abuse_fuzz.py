@@ -70,10 +70,12 @@ junk = st.recursive(
 # Placeholders replaced in the encoded request: too big or too deep to build as objects.
 HUGE = "\x00huge\x00"
 DEEP = "\x00deep\x00"
+DEEP_LIST = "\x00deep list\x00"
 DEEPER = "\x00deeper\x00"
 BIG: dict[str, Callable[[], str]] = {
     HUGE: lambda: json.dumps("x" * 2_000_000),
     DEEP: lambda: '{"a": ' * 200 + "[]" + "}" * 200,
+    DEEP_LIST: lambda: "[" * 200 + "]" * 200,
     DEEPER: lambda: "[" * 5000 + "]" * 5000,
 }
 
@@ -204,8 +206,9 @@ def break_one(draw: st.DrawFn, params: Params, fields: dict[str, Spec]) -> str:
         holder[key] = draw(st.text(max_size=12).filter(lambda v: v not in spec["enum"]))
     elif how == "huge" and spec.get("type", "string") != "string":
         holder[key] = HUGE
-    elif how == "deep":
-        holder[key] = draw(st.sampled_from([DEEP, DEEPER]))
+    elif how == "deep":  # of another type than the field's: an object may be any object
+        deep = [DEEP_LIST] if spec.get("type") == "object" else [DEEP, DEEP_LIST]
+        holder[key] = draw(st.sampled_from([*deep, DEEPER]))
     else:
         holder[key] = draw(junk.filter(lambda v: not fits(spec, v)))
     return how
@@ -323,8 +326,9 @@ class Checker:
         assert not changed, f"{what} changed the host: {changed}"
 
 
-def judge(tally: Tally, responses: list[Any], expect_id: Any, what: str) -> bool:
-    """Check the answers to one message; True if it may have reached a verb."""
+def judge(tally: Tally, responses: list[Any], expect_id: Any, what: str, sent: str | bytes) -> bool:
+    """Check the answers to one message; True if it may have reached a verb. A result (no
+    error) may only answer a verb that changes nothing, named in the message ``sent``."""
     reached = False
     for response in responses:
         tally.code(response)
@@ -337,6 +341,8 @@ def judge(tally: Tally, responses: list[Any], expect_id: Any, what: str) -> bool
                 assert code in STABLE_CODES, (what, r)
                 reached = reached or code not in UNDISPATCHED
             else:
+                text = sent if isinstance(sent, str) else sent.decode(errors="replace")
+                assert any(verb in text for verb in READ_ONLY), ("a result", what, r)
                 reached = True
     if expect_id is not None:  # the last: on the engine wire, late answers may come first
         assert responses, (what, "no answer")
@@ -392,7 +398,7 @@ def unix_sender(t: Target, tally: Tally) -> One:
             tally.answered += 1
         else:
             tally.closed += 1
-        return judge(tally, exchange.responses, expect_id, kind), what
+        return judge(tally, exchange.responses, expect_id, what, text), what
 
     return one
 
@@ -498,8 +504,8 @@ def engine_sender(t: Target, tally: Tally) -> Iterator[One]:
         replies = [json.loads(f.body) for f in frames if f.command == "MESSAGE"]
         if sentinel:
             mine = [r for r in replies if not (isinstance(r, dict) and r.get("id") == expect_id)]
-            return judge(tally, mine, None, kind), what
-        return judge(tally, replies, expect_id if not errors else None, kind), what
+            return judge(tally, mine, None, what, data), what
+        return judge(tally, replies, expect_id if not errors else None, what, data), what
 
     try:
         yield one
