@@ -38,7 +38,6 @@ def _error_line(code: int, message: str) -> bytes:
 
 
 TOO_LARGE = _error_line(-32600, f"message over {MAX_MESSAGE} bytes")
-TOO_MANY = _error_line(-32000, f"too many connections ({MAX_CONNECTIONS}), all busy")
 
 
 @dataclass
@@ -146,7 +145,9 @@ class UnixServer:
         caller = Caller("unix", _peer(writer))
         if not self._make_room(caller.identity):
             with contextlib.suppress(ConnectionError):
-                writer.write(TOO_MANY)
+                writer.write(
+                    _error_line(-32000, f"too many connections ({len(self._clients)}), all busy")
+                )
                 await writer.drain()
             writer.close()
             return
