@@ -1,4 +1,5 @@
-"""Certificates for the engine-wire tests: a CA, vnicd's and the engine's, and an intruder's."""
+"""Certificates for the engine-wire tests: a CA, vnicd's and the engine's, an intruder's, and
+an expired one from the right CA."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ class Pki:
     engine: Pair
     other_ca: Path
     intruder: Pair  # signed by other_ca
+    expired: Pair  # signed by ca, valid until yesterday
 
 
 def _name(cn: str) -> x509.Name:
@@ -52,8 +54,9 @@ def _cert(
     cn: str,
     key: ec.EllipticCurvePrivateKey,
     issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None,
+    age: datetime.timedelta = datetime.timedelta(0),
 ) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.UTC)
+    now = datetime.datetime.now(datetime.UTC) - age
     issuer_name, issuer_key = issuer or (_name(cn), key)
     builder = (
         x509.CertificateBuilder()
@@ -90,10 +93,15 @@ def _ca(directory: Path, cn: str) -> tuple[Path, x509.Name, ec.EllipticCurvePriv
     return path, _name(cn), key
 
 
-def _leaf(directory: Path, cn: str, issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey]) -> Pair:
+def _leaf(
+    directory: Path,
+    cn: str,
+    issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey],
+    age: datetime.timedelta = datetime.timedelta(0),
+) -> Pair:
     key = ec.generate_private_key(ec.SECP256R1())
     pair = Pair(directory / f"{cn}-cert.pem", directory / f"{cn}-key.pem")
-    _write_cert(_cert(cn, key, issuer), pair.cert)
+    _write_cert(_cert(cn, key, issuer, age), pair.cert)
     _write_key(key, pair.key)
     return pair
 
@@ -108,6 +116,7 @@ def make(directory: Path) -> Pki:
         engine=_leaf(directory, "engine", (ca_name, ca_key)),
         other_ca=other,
         intruder=_leaf(directory, "intruder", (other_name, other_key)),
+        expired=_leaf(directory, "expired", (ca_name, ca_key), datetime.timedelta(days=2)),
     )
 
 
@@ -123,4 +132,5 @@ def at(directory: Path) -> Pki:
         engine=pair("engine"),
         other_ca=directory / "other-ca.pem",
         intruder=pair("intruder"),
+        expired=pair("expired"),
     )

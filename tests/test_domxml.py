@@ -133,5 +133,7 @@ def test_domain_uuid_and_rejections() -> None:
         Domain("<domain>")
     with pytest.raises(XMLError, match="expected <domain>"):
         Domain(LIVE)
+    with pytest.raises(XMLError, match="surrogates"):  # JSON's "\ud800" can carry one
+        Domain("<domain><name>x\ud800</name></domain>")
     hostile = '<!DOCTYPE d [<!ENTITY e SYSTEM "file:///etc/passwd">]><domain>&e;</domain>'
     assert "root:" not in Domain(hostile).to_xml(), "an external entity was expanded"

@@ -31,6 +31,8 @@ def parse(xml: str, *tags: str) -> etree._Element:
         root = etree.fromstring(xml.encode(), _PARSER)
     except etree.XMLSyntaxError as e:
         raise XMLError(f"malformed XML: {e}") from e
+    except UnicodeEncodeError as e:  # a lone surrogate, as JSON's \ud800 can carry
+        raise XMLError(f"not text XML can hold: {e.reason} at {e.start}") from e
     if root.tag not in tags:
         raise XMLError(f"expected <{'> or <'.join(tags)}>, found <{root.tag}>")
     return root

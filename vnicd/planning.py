@@ -14,7 +14,7 @@ import secrets
 from dataclasses import dataclass, replace
 from typing import Any
 
-from vnicd import errors
+from vnicd import errors, names
 from vnicd.domxml import Interface
 from vnicd.model import NicChange, NicRef, NicState, Snapshot
 from vnicd.networks import UNWIRED, Wiring
@@ -24,6 +24,13 @@ from vnicd.unplugged import Store
 # How a request names a vNIC, for errors: the API layer maps these to its field names.
 ALIAS, MAC = "alias", "mac"
 HOTPLUG_FORBIDDEN = ("script", "backend", "ip", "route")
+# The names an <interface> may carry that reach libvirt and the kernel, and their rules.
+_NAMES = (
+    ("source", "a network name", names.is_ifname),
+    ("mac address", "a MAC address", names.is_mac),
+    ("target dev", "an interface name", names.is_ifname),
+    ("alias name", "a device alias", names.is_alias),
+)
 
 
 class Action(enum.Enum):
@@ -381,6 +388,16 @@ def plan_plug(
     )
 
 
+def check_names(iface: Interface, field: str) -> None:
+    """A vNIC's XML names what reaches libvirt and the kernel: the same rules as the fields
+    that name them, checked before libvirt sees it."""
+    source = iface.source
+    values = (source.name if source else None, iface.mac, iface.tap, iface.alias)
+    for (where, what, valid), value in zip(_NAMES, values, strict=True):
+        if value is not None and not valid(value):
+            raise errors.InvalidParameter(field, f"<{where}> {value[:64]!r} is not {what}")
+
+
 def plan_plug_new(snap: Snapshot, iface: Interface, namer: Namer) -> Plan:
     """Plug a vNIC the VM never had. Only vNICs that reach a bridge or a libvirt network,
     with a free MAC and PCI address; without a MAC one is chosen here. The XML of a vNIC
@@ -392,6 +409,7 @@ def plan_plug_new(snap: Snapshot, iface: Interface, namer: Namer) -> Plan:
     forbidden = iface.has_any(*HOTPLUG_FORBIDDEN)
     if forbidden is not None:
         raise errors.InvalidParameter("xml", f"<{forbidden}> is not accepted in a vNIC")
+    check_names(iface, "xml")
     mac = iface.mac
     stored = snap.store.find(mac=mac) if mac is not None else None
     if stored is not None and snap.find(NicRef(mac=mac)) is None:

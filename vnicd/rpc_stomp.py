@@ -55,6 +55,7 @@ class Limits:
     pending: int = 64  # requests in flight per connection; more get a JSON-RPC error
     subscriptions: int = 64
     connections: int = 128
+    handshakes: int = 64  # TLS handshakes under way; past it the oldest is dropped
     connect_timeout: float = 10.0  # TLS handshake, then CONNECT
     frame_timeout: float = 60.0  # from a frame's first byte to its last
     min_heartbeat_ms: int = 1000  # the fastest heart-beat either side may ask for
@@ -90,6 +91,11 @@ def tls_context(cert_file: Path, key_file: Path, ca_file: Path) -> ssl.SSLContex
     return ctx
 
 
+def _peer(writer: asyncio.StreamWriter) -> str:
+    peer = writer.get_extra_info("peername")
+    return f"{peer[0]}:{peer[1]}" if peer else "?"
+
+
 def _subject(cert: dict[str, Any] | None) -> str:
     if not cert:
         return "anonymous"
@@ -111,8 +117,23 @@ class _Close(Exception):
     """Stop serving this connection (after an ERROR frame, or DISCONNECT)."""
 
 
+class _Unread(asyncio.StreamReaderProtocol):
+    """Reads nothing until the connection is served: the TLS handshake, which starts on the
+    serving task, must see the client's first bytes."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.ReadTransport)
+        transport.pause_reading()
+        super().connection_made(transport)
+
+
 class StompServer:
-    """One listening socket; the daemon starts and stops it."""
+    """One listening socket; the daemon starts and stops it.
+
+    TLS is started on each accepted connection, so connections still in their handshake
+    are counted too: past ``limits.handshakes`` the oldest of them is dropped, so idle
+    sockets that never complete one cannot take every file descriptor nor lock clients out.
+    """
 
     def __init__(
         self,
@@ -129,14 +150,14 @@ class StompServer:
         self.limits = limits
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
+        self._handshakes: dict[asyncio.StreamWriter, None] = {}  # oldest first
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(
-            self._client,
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Unread(asyncio.StreamReader(), self._client),
             host=self.address or None,
             port=self.port,
-            ssl=self._tls,
-            ssl_handshake_timeout=self.limits.connect_timeout if self._tls else None,
             reuse_address=True,
         )
         if self.port == 0:
@@ -155,6 +176,8 @@ class StompServer:
         if self._server is None:
             return
         self._server.close()
+        for writer in list(self._handshakes):
+            writer.transport.abort()
         serving = [t for c in list(self._connections) if (t := c.abort()) is not None]
         if serving:
             await asyncio.wait(serving)
@@ -167,7 +190,38 @@ class StompServer:
         for conn in list(self._connections):
             conn.deliver(EVENTS, body)
 
+    async def _handshake(self, writer: asyncio.StreamWriter) -> bool:
+        """Start TLS (or just reading, on plain TCP); False when the client did not make it."""
+        if self._tls is None:
+            writer.transport.resume_reading()  # type: ignore[attr-defined]
+            return True
+        if len(self._handshakes) >= self.limits.handshakes:
+            oldest = next(iter(self._handshakes))
+            log.warning(
+                "%d TLS handshakes under way: dropping the oldest, from %s",
+                len(self._handshakes),
+                _peer(oldest),
+            )
+            del self._handshakes[oldest]
+            oldest.transport.abort()
+        self._handshakes[writer] = None
+        plain = writer.transport
+        try:
+            await writer.start_tls(self._tls, ssl_handshake_timeout=self.limits.connect_timeout)
+            return True
+        except (OSError, TimeoutError) as e:
+            log.debug("engine client %s: no TLS session: %s", _peer(writer), e)
+        except AttributeError:  # Python 3.11, a client that left as its handshake ended
+            writer._transport = plain  # type: ignore[attr-defined]  # the writer had none left
+            log.debug("engine client %s left after its TLS handshake", _peer(writer))
+        finally:
+            self._handshakes.pop(writer, None)
+        plain.abort()
+        return False
+
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not await self._handshake(writer):
+            return
         conn = _Connection(self, reader, writer)
         if len(self._connections) >= self.limits.connections:
             log.warning("refused %s: %d connections open", conn.peer, len(self._connections))
@@ -188,8 +242,7 @@ class _Connection:
         self._limits = server.limits
         self._reader = reader
         self._writer = writer
-        peer = writer.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.peer = _peer(writer)
         self.identity = _subject(writer.get_extra_info("peercert"))
         self._parser = stomp.Parser(self._limits.frame)
         self._connected = False

@@ -1,7 +1,10 @@
 """JSON-RPC over a local Unix socket: one JSON message per line, each way.
 
 Requests on one connection are handled concurrently; each response carries its
-request's id. The socket is root-only by default.
+request's id. The socket is root-only by default. What a client may hold is bounded: a
+connection with ``MAX_PENDING`` requests in flight is not read until one is answered, and
+past ``MAX_CONNECTIONS`` the connection idle the longest is closed to make room (a new one
+is refused when every connection has a request in flight).
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ import logging
 import os
 import socket
 import struct
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vnicd.caller import Caller
@@ -23,16 +28,25 @@ log = logging.getLogger(__name__)
 Handler = Callable[[str, Caller], Awaitable[str]]
 MAX_MESSAGE = 16 * 1024 * 1024
 READ_SIZE = 256 * 1024
-TOO_LARGE = (
-    json.dumps(
-        {
-            "jsonrpc": "2.0",
-            "error": {"code": -32600, "message": f"message over {MAX_MESSAGE} bytes"},
-            "id": None,
-        }
-    ).encode()
-    + b"\n"
-)
+MAX_PENDING = 64  # requests in flight per connection before it is read no further
+MAX_CONNECTIONS = 128
+
+
+def _error_line(code: int, message: str) -> bytes:
+    error = {"jsonrpc": "2.0", "error": {"code": code, "message": message}, "id": None}
+    return json.dumps(error).encode() + b"\n"
+
+
+TOO_LARGE = _error_line(-32600, f"message over {MAX_MESSAGE} bytes")
+
+
+@dataclass
+class _Client:
+    """What the server knows of one connection: its requests in flight, when it last sent."""
+
+    writer: asyncio.StreamWriter
+    pending: set[asyncio.Task[None]] = field(default_factory=set)
+    last: float = field(default_factory=time.monotonic)
 
 
 class Lines:
@@ -70,12 +84,15 @@ class Lines:
 
 
 class UnixServer:
-    def __init__(self, path: Path, handle: Handler, mode: int = 0o600) -> None:
+    def __init__(
+        self, path: Path, handle: Handler, mode: int = 0o600, max_connections: int = MAX_CONNECTIONS
+    ) -> None:
         self.path = path
         self._handle = handle
         self._mode = mode
+        self._max_connections = max_connections
         self._server: asyncio.Server | None = None
-        self._clients: set[asyncio.StreamWriter] = set()
+        self._clients: dict[asyncio.StreamWriter, _Client] = {}
 
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,20 +122,50 @@ class UnixServer:
             await self._server.wait_closed()
             self._server = None
 
+    def _make_room(self, peer: str) -> bool:
+        """Below the connection limit, or made so by closing the connection idle longest."""
+        if len(self._clients) < self._max_connections:
+            return True
+        idle = [c for c in self._clients.values() if not c.pending]
+        if not idle:
+            log.warning("refused a client (%s): %d connections, all busy", peer, len(self._clients))
+            return False
+        oldest = min(idle, key=lambda c: c.last)
+        log.warning(
+            "%d connections open: closing the one idle for %.0f s to serve a new client (%s)",
+            len(self._clients),
+            time.monotonic() - oldest.last,
+            peer,
+        )
+        del self._clients[oldest.writer]
+        oldest.writer.close()
+        return True
+
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._clients.add(writer)
-        lock = asyncio.Lock()
         caller = Caller("unix", _peer(writer))
-        pending: set[asyncio.Task[None]] = set()
+        if not self._make_room(caller.identity):
+            with contextlib.suppress(ConnectionError):
+                writer.write(
+                    _error_line(-32000, f"too many connections ({len(self._clients)}), all busy")
+                )
+                await writer.drain()
+            writer.close()
+            return
+        client = self._clients[writer] = _Client(writer)
+        lock = asyncio.Lock()
+        pending = client.pending
         lines = Lines()
         try:
             while data := await reader.read(READ_SIZE):
+                client.last = time.monotonic()
                 for line in lines.feed(data):
                     if line is None:
                         log.warning("refused a message over %d bytes", MAX_MESSAGE)
                         async with lock:
                             writer.write(TOO_LARGE)
                         continue
+                    while len(pending) >= MAX_PENDING:
+                        await asyncio.wait(list(pending), return_when=asyncio.FIRST_COMPLETED)
                     task = asyncio.create_task(self._one(line, caller, writer, lock))
                     pending.add(task)
                     task.add_done_callback(pending.discard)
@@ -127,7 +174,8 @@ class UnixServer:
         finally:
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
-            self._clients.discard(writer)
+            if self._clients.get(writer) is client:
+                del self._clients[writer]
             writer.close()
 
     async def _one(

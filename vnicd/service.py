@@ -594,6 +594,8 @@ class Service:
             raise errors.InvalidParameter(
                 "vm.xml", f"<uuid> {xml.uuid} differs from the VM id {req.vm_id}"
             )
+        for iface in xml.interfaces:
+            planning.check_names(iface, "vm.xml")
         xml.set_uuid(req.vm_id)
         async with self.locks.hold(req.vm_id):
             if await self._blocking(self._hypervisor.domain, req.vm_id) is not None:
