@@ -39,7 +39,7 @@ from vnicd.client import Client, RpcError
 __all__ = ["enough_files", "state"]  # fixtures, used by name
 
 ROOT = Path(__file__).resolve().parent.parent
-PORT = 54322  # the session's vnicd has 54321
+PORT = 54330  # the session's vnicds have conftest.ENGINE_PORTS
 FILE_LIMIT = 1024  # systemd's default soft limit for a service
 
 
