@@ -211,7 +211,10 @@ def test_resources_back_where_they_started(
 ) -> None:
     proc, t, log_path = separate
     peak: dict[str, int] = {}
-    workload(t, proc.pid, ROUND, peak)
+    # Two rounds to warm up: the allocator's high-water mark moves for a round or two (it
+    # keeps freed memory), then stays (five rounds here: 120, 157, 180, 148, 148 MiB).
+    for _ in range(2):
+        workload(t, proc.pid, ROUND, peak)
     before = settled(proc.pid, {"fds": 0}, timeout=3)
     tally = workload(t, proc.pid, ROUND, peak)
     after = settled(proc.pid, before)
