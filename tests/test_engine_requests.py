@@ -148,6 +148,11 @@ def test_hot_unplug_and_plug_as_older_engines_send_them(
     assert e.value.code == 44 and "params.nic.filter" in e.value.message
     assert b.mac not in interfaces(vnicd.live_xml(vm_id))
 
+    nowhere = {**plug, "nic": engine_nic(b, "no-such-net", filter="", filterParameters=[])}
+    with pytest.raises(RpcError) as e:
+        engine.call("VM.hotplugNic", vmID=vm_id, params=nowhere)
+    assert e.value.code == 49 and e.value.data["field"] == "params.nic.network"
+    assert e.value.data["cause"] == "noNetwork"
     # plugged back on the network and link the engine names, not as it was unplugged
     plug["nic"] = engine_nic(b, "vt-b", linkActive="false", filter="", filterParameters=[])
     info = engine.call("VM.hotplugNic", vmID=vm_id, params=plug)

@@ -44,7 +44,11 @@ def test_oversized_message_does_not_swallow_the_next() -> None:
 
 
 _json = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=5),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner),
     max_leaves=5,
 )
@@ -110,6 +114,9 @@ def test_protocol_edges() -> None:
         return json.loads(_handle(message))["error"]["code"]
 
     assert code("{not json") == code("[" * 100_000) == -32700
+    # NaN and Infinity are not JSON: neither read nor ever written back
+    assert code('{"jsonrpc": "2.0", "method": "Host.ping2", "id": NaN}') == -32700
+    assert code('{"jsonrpc": "2.0", "method": "Host.ping2", "id": 1e400}') == -32600
     assert code("[]") == code(json.dumps([{}] * 1001)) == -32600
     assert code('{"jsonrpc": "2.0", "method": "VM.frob", "id": 1}') == -32601
     assert code('{"jsonrpc": "2.0", "method": "Host.ping2", "params": [1], "id": 1}') == -32602

@@ -54,10 +54,11 @@ async def update_all(
         vms = await service.vm_list()
     else:
         vms = []
+        wanted = list(dict.fromkeys(match.vms))  # a VM named twice is changed once
         read = await asyncio.gather(
-            *(service.get_info(vm_id) for vm_id in match.vms), return_exceptions=True
+            *(service.get_info(vm_id) for vm_id in wanted), return_exceptions=True
         )
-        for vm_id, got in zip(match.vms, read, strict=True):
+        for vm_id, got in zip(wanted, read, strict=True):
             if isinstance(got, errors.VnicdError):
                 found.append(Outcome(vm_id, None, error=got))
             elif isinstance(got, BaseException):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -30,7 +31,7 @@ PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
 METHOD_NOT_FOUND = -32601
 INTERNAL_ERROR = -32603
-MAX_BATCH = 1000  # requests in one batch: each runs at once, so their number is bounded
+MAX_BATCH = 1000  # requests in one batch
 _MEMBERS = frozenset({"jsonrpc", "method", "params", "id"})
 _ID_TYPES = (str, int, float, type(None))
 
@@ -122,15 +123,16 @@ class Dispatcher:
         token = callers.current.set(caller)
         try:
             try:
-                request = json.loads(message)
+                request = json.loads(message, parse_constant=_not_json)
             except (ValueError, RecursionError) as e:  # RecursionError: nested too deep
                 return _encode(_response(None, _error(PARSE_ERROR, f"Parse error: {e}")))
-            if isinstance(request, list):  # a batch: its requests run at once
+            if isinstance(request, list):
+                # a batch: one request after the other, so a connection's requests in
+                # flight stay as many as its messages
                 if not request or len(request) > MAX_BATCH:
                     return _encode(_invalid(f"a batch holds 1 to {MAX_BATCH} requests"))
-                found = await asyncio.gather(*(self._one(r) for r in request))
-                answers = [r for r in found if r is not None]
-                return _encode(answers) if answers else ""
+                answers = [a for a in [await self._one(r) for r in request] if a is not None]
+                return f"[{', '.join(_encode(a) for a in answers)}]" if answers else ""
             response = await self._one(request)
             return "" if response is None else _encode(response)
         finally:
@@ -162,9 +164,15 @@ def _envelope_problem(request: Any) -> str | None:
         return "method must be a string"
     if not isinstance(request.get("params", {}), dict | list):
         return "params must be an object or an array"
-    if type(request.get("id")) not in _ID_TYPES:
+    request_id = request.get("id")
+    if type(request_id) not in _ID_TYPES or request_id in (math.inf, -math.inf):
         return "id must be a string, a number or null"
     return None
+
+
+def _not_json(constant: str) -> Any:
+    """NaN and Infinity: Python's json reads them, JSON has no such numbers."""
+    raise ValueError(f"{constant} is not a JSON number")
 
 
 def _error(code: int, message: str, data: Any = None) -> Response:
@@ -182,13 +190,13 @@ def _invalid(problem: str) -> Response:
     return _response(None, _error(INVALID_REQUEST, f"Invalid request: {problem}"))
 
 
-def _encode(response: Response | list[Response]) -> str:
+def _encode(response: Response) -> str:
     try:
-        return json.dumps(response)
+        return json.dumps(response, allow_nan=False)
     except (TypeError, ValueError) as e:  # a handler returned what JSON cannot carry
         log.error("cannot encode a response: %s", e)
-        request_id = response.get("id") if isinstance(response, dict) else None
-        return json.dumps(_response(request_id, _error(INTERNAL_ERROR, f"Internal error: {e}")))
+        error = _error(INTERNAL_ERROR, f"Internal error: {e}")
+        return json.dumps(_response(response.get("id"), error))
 
 
 def _fields(verb: str, params: dict[str, Any]) -> dict[str, str]:

@@ -87,7 +87,10 @@ def _request(
     try:
         sock = _idle.get_nowait()
     except queue.Empty:
-        sock = IPRSocket(groups=0)
+        try:
+            sock = IPRSocket(groups=0)
+        except OSError as e:  # out of files, say
+            raise HostNetError(f"{what}: {e}", e.errno) from e
     try:
         replies = _converse(sock, what, data, single_get=get and not flags & NLM_F_DUMP)
     except HostNetError:

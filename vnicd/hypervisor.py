@@ -96,6 +96,10 @@ class Domain:
         self.uuid: str = dom.UUIDString()
         self.name: str = dom.name()
 
+    @property
+    def connection(self) -> libvirt.virConnect:
+        return self._dom.connect()
+
     def _call(self, action: str, fn: Callable[..., Any], *args: Any) -> Any:
         try:
             return fn(*args)
@@ -230,6 +234,11 @@ class Hypervisor:
         except libvirt.libvirtError:
             return False
 
+    def holds(self, dom: Domain) -> bool:
+        """Whether ``dom`` was looked up on the connection that stands now: calls made on a
+        connection lost since may have been carried out, or not."""
+        return self.alive() and dom.connection is self._conn
+
     def on_connection_lost(self, callback: Callable[[str], None]) -> None:
         """Call ``callback(reason)`` (on the event loop) when libvirt drops the connection."""
         self._lost = callback
@@ -330,9 +339,6 @@ class Hypervisor:
         except libvirt.libvirtError as e:
             raise HypervisorError(action, e) from e
 
-    def domains(self) -> list[Domain]:
-        return [Domain(d) for d in self._call("listing VMs", self.conn.listAllDomains, 0)]
-
     def listing(self) -> list[Listed]:
         """Every VM with its status and persistence, in two calls whatever their number
         (asked VM by VM, each costs a round trip to libvirtd)."""
@@ -346,6 +352,8 @@ class Hypervisor:
         for dom, values in stats:
             listed = Domain(dom)
             status = _STATES.get(values.get("state.state"), VmStatus.STOPPED)
+            if status is VmStatus.STOPPED and listed.uuid not in persistent:
+                continue  # a transient VM going away, or one defined between the two calls
             found.append(Listed(listed, status, listed.uuid in persistent))
         return found
 

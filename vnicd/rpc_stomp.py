@@ -481,7 +481,7 @@ def _busy(body: str, limit: int) -> str:
     error = {"code": -32000, "message": f"too many requests in flight on this connection ({limit})"}
     try:
         message = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         message = {"id": None}
     requests = message if isinstance(message, list) else [message]
     replies = [

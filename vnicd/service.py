@@ -300,15 +300,23 @@ class Service:
             dom, snap, self._networks.ports, self._raw, self.removals, self._unplug_timeout
         )
         problems = await tx.undo(steps)
-        if problems:
+        if problems and not await self._raw(self._hypervisor.alive):
             raise errors.GeneralError(
                 f"VM {vm_id}: a change that failed earlier is not undone yet: "
                 + "; ".join(problems),
                 vmID=vm_id,
             )
-        del self._unsettled[vm_id]
+        self._unsettled.pop(vm_id, None)
         self._end(vm_id)
-        log.info("VM %s: the change that failed earlier is undone", vm_id)
+        if problems:  # libvirt or the kernel answered, and refused: retrying will not help
+            log.error(
+                "VM %s: the change that failed earlier cannot be undone (%s); its vNICs are "
+                "taken as they are now",
+                vm_id,
+                "; ".join(problems),
+            )
+        else:
+            log.info("VM %s: the change that failed earlier is undone", vm_id)
 
     async def _reread(self, state: VmState) -> VmState:
         try:
@@ -393,7 +401,8 @@ class Service:
         self, vm_id: str, make_plan: Callable[[Snapshot], Plan], dry_run: bool
     ) -> VmState | DryRun:
         async with self.locks.hold(vm_id):
-            await self._settle(vm_id)
+            if not dry_run:  # a dry run changes nothing, not even that
+                await self._settle(vm_id)
             dom, snap = await self._blocking(self._read, vm_id, saved=True)
             plan = make_plan(snap)
             if dry_run:
@@ -408,6 +417,8 @@ class Service:
             self._begin(vm_id, snap)
             try:
                 state = await self._execute(dom, snap, plan, answer)
+            except _Unanswered as e:
+                state = await self._answer_again(plan, e.cause)
             except errors.VnicdError as e:
                 await self._after(plan, e)
                 raise
@@ -416,6 +427,29 @@ class Service:
         self._notify(plan, state)
         await self._after(plan, None)
         return state
+
+    async def _answer_again(self, plan: Plan, cause: Exception) -> VmState:
+        """The state after a done change whose answer could not be read: read once more,
+        else an error that says the change is done (its success hooks run either way)."""
+        try:
+            return await self._blocking(self._read_state, plan.vm)
+        except errors.VnicdError as e:
+            log.error(
+                "VM %s vNIC %s: %s done, but its state cannot be read: %s; then: %s",
+                plan.vm,
+                plan.nic,
+                plan.action.value,
+                cause,
+                e,
+            )
+            await self._after(plan, None)
+            raise errors.GeneralError(
+                f"the {plan.action.value} of vNIC {plan.nic} of VM {plan.vm} is done, but "
+                f"reading its state to answer failed: {cause}",
+                vmID=plan.vm,
+                nic=plan.nic,
+                done=True,
+            ) from e
 
     async def _after(self, plan: Plan, error: Exception | None) -> None:
         """The after_ hooks: how the change ended is decided already, whatever they do."""
@@ -442,11 +476,13 @@ class Service:
                 else "the previous state was restored"
             )
             # the connection to libvirt was lost: the failed step may have happened
-            lost = bool(e.undo) and not await self._raw(self._hypervisor.alive)
+            lost = bool(e.undo) and not await self._raw(self._hypervisor.holds, dom)
             if lost:
                 then = "restores the previous state" if repeatable(e.undo) else "settles the vNIC"
                 if repeatable(e.undo):
                     self._unsettled[plan.vm] = e.undo
+                if self._hypervisor.up:  # back already: recovery may have passed this VM
+                    self.spawn(self.reconcile(plan.vm))
                 outcome = (
                     f"{outcome if e.problems else 'libvirt may have carried it out'}; "
                     f"vnicd {then} once libvirt answers again"
@@ -454,8 +490,7 @@ class Service:
             rolled_back = not e.problems and not lost
             raise _error(plan, cause, f"{e}; {outcome}", rolled_back=rolled_back) from e
         except (HypervisorError, hostnet.HostNetError) as e:
-            # the change is done; reading the state that answers it failed
-            raise errors.GeneralError(str(e), cause=str(e)) from e
+            raise _Unanswered(e) from e
         log.info(
             "VM %s vNIC %s: %s done (%s)",
             plan.vm,
@@ -532,7 +567,7 @@ class Service:
                 self._notify(plan, state)
         except errors.NoSuchVM:
             self.forget(vm_id)
-        except (errors.VnicdError, HypervisorError, hostnet.HostNetError) as e:
+        except (errors.VnicdError, HypervisorError, hostnet.HostNetError, _Unanswered) as e:
             log.error("VM %s: settling stored vNICs failed: %s", vm_id, e)
 
     def _settled(self, vm_id: str) -> Finish[VmState]:
@@ -621,6 +656,14 @@ class Service:
             dom.destroy()
         if persistent:
             dom.undefine()
+
+
+class _Unanswered(Exception):
+    """The change is done; reading the state that answers it failed (``cause``)."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 def _cause(e: Exception) -> str:

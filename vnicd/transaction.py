@@ -340,11 +340,11 @@ class Transaction:
         except HypervisorError as e:
             problems.append(str(e))
         tap = before.tap
-        if bridge is not None and tap is not None and self._ports.where(tap) != bridge:
-            self._ports.move(tap, bridge)
         try:
+            if bridge is not None and tap is not None and self._ports.where(tap) != bridge:
+                self._ports.move(tap, bridge)
             self._confirm(before, bridge)
-        except ConfirmError as e:
+        except (*FAULTS, ConfirmError) as e:
             problems.append(str(e))
         if problems:
             raise ConfirmError("; ".join(problems))

@@ -53,6 +53,13 @@ WIRE_FIELDS = {
     "xml": "params.xml",
     "vm.xml": "vmParams.xml",
 }
+# The same in an older engine's ``params.nic``.
+NIC_FIELDS = {
+    "alias": "params.nic.alias",
+    "mac": "params.nic.macAddr",
+    "network": "params.nic.network",
+    "link": "params.nic.linkActive",
+}
 
 
 def nic_wire(nic: NicState) -> dict[str, Any]:
@@ -171,7 +178,11 @@ async def _hotplug(svc: Service, p: Params) -> Any:
             None if link is None and network is None else NicChange(link_up=link, network=network)
         )
         req = PlugNic(_vm_id(p), nic=_nic(dev), dry_run=dry_run, change=change)
-    outcome = await svc.hotplug(req)
+    try:
+        outcome = await svc.hotplug(req)
+    except errors.UpdateDeviceError as e:  # the network or link params.nic asks for
+        e.rename_field(NIC_FIELDS)
+        raise errors.HotplugNicError(e.message, **{**e.fields, "cause": e.reason}) from e
     return outcome_wire(outcome) if isinstance(outcome, DryRun) else with_devices(vm_wire(outcome))
 
 
