@@ -349,3 +349,90 @@ def test_bounce_undo_skips_its_intermediate_state() -> None:
     assert isinstance(error, Failed) and not error.problems, error
     assert dom.sent == [down.to_xml(), after.to_xml(), before.to_xml()]
     assert dom.ports["tap1"] == "br-a"
+
+
+class _CutDomain:
+    """A running VM whose last change (br-old -> br-new) libvirt carried out after the
+    connection was lost; br-old is gone since, so libvirt refuses to go back."""
+
+    uuid, name = VM, "vm"
+
+    def __init__(self) -> None:
+        self.bridge, self.link = "br-new", "up"
+
+    def status(self) -> VmStatus:
+        return VmStatus.RUNNING
+
+    def is_persistent(self) -> bool:
+        return False
+
+    def xml(self, inactive: bool = False) -> str:
+        nic = _cut_nic(self.bridge, self.link)
+        return f"<domain><name>vm</name><devices>{nic}</devices></domain>"
+
+    def update_interface(self, xml: str, **_k: Any) -> None:
+        if "br-old" in xml:
+            raise HypervisorError("updating", libvirt.libvirtError("br-old: No such device"))
+        self.link = "up" if Interface.from_xml(xml).link_up else "down"
+
+
+def _cut_nic(bridge: str, link: str = "up") -> str:
+    return (
+        f"<interface type='bridge'><mac address='{MAC}'/><source bridge='{bridge}'/>"
+        f"<target dev='tap1'/><model type='virtio'/><alias name='net1'/><link state='{link}'/>"
+        "</interface>"
+    )
+
+
+def test_an_undo_libvirt_refuses_does_not_lock_the_vm_out() -> None:
+    """A change cut by a lost connection is undone before the VM's next change; if libvirt,
+    back, refuses the undo, vnicd takes the vNIC as it is rather than refuse every change."""
+    from vnicd import hostnet
+    from vnicd.model import NicChange, NicRef
+    from vnicd.planning import LiveUpdate
+    from vnicd.service import Service, UpdateNic
+
+    dom = _CutDomain()
+
+    class Hypervisor:
+        uri = "test"
+
+        def domain(self, _uuid: str) -> _CutDomain:
+            return dom
+
+        def alive(self) -> bool:
+            return True
+
+        def holds(self, _dom: object) -> bool:
+            return True
+
+    class Ports:
+        def where(self, _tap: str) -> str:
+            return "br-new"
+
+        def move(self, _tap: str, bridge: str) -> None:
+            raise hostnet.HostNetError(f"no device {bridge}")
+
+    class Networks:
+        ports, unwired_bridge = Ports(), "void"
+
+        def name_of(self, source: Source | None) -> str:
+            return source.name if source else ""
+
+    async def scenario() -> tuple[Any, Any]:
+        svc = Service(Hypervisor(), Networks(), workers=2, unplug_timeout=1)  # type: ignore[arg-type]
+        old, new = Interface.from_xml(_cut_nic("br-old")), Interface.from_xml(_cut_nic("br-new"))
+        svc._unsettled[VM] = (LiveUpdate(old, new, "br-new", "br-old"),)
+        svc._before[VM] = Snapshot.parse(
+            VM,
+            VmStatus.RUNNING,
+            False,
+            f"<domain><devices>{_cut_nic('br-old')}</devices></domain>",
+            None,
+        )
+        change = UpdateNic(VM, NicRef(mac=MAC), NicChange(link_up=False))
+        return await svc.update_device(change), await svc.get_info(VM)
+
+    answer, info = asyncio.run(scenario())
+    assert [(n.network, n.link_up) for n in answer.nics] == [("br-new", False)]
+    assert [(n.network, n.link_up) for n in info.nics] == [("br-new", False)]
