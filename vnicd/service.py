@@ -41,7 +41,10 @@ from vnicd.unplugged import mentions_store
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-_LIST_READERS = 4  # libvirtd serves 5 requests of one client at once (max_client_requests)
+# Workers reading the VMs of a listing: through libvirtd, whose round trips they overlap
+# (it serves 5 requests of one client at once, max_client_requests); in-process, the
+# embedded driver's reads are work for this process, and one worker does them fastest.
+_LIST_READERS = {True: 4, False: 1}
 
 
 @dataclass(frozen=True)
@@ -255,11 +258,11 @@ class Service:
                 return found
 
     async def vm_list(self) -> list[VmState]:
-        """Every VM, its XML read in a few workers at once: one by one, a host's worth of
-        round trips to libvirtd adds up."""
+        """Every VM, its XML read in a few workers at once through libvirtd: one by one, a
+        host's worth of round trips adds up."""
         epochs = dict(self._epochs)
         listed, masters = await self._blocking(self._listing)
-        size = -(-len(listed) // _LIST_READERS)  # ceil
+        size = -(-len(listed) // _LIST_READERS[self._hypervisor.remote])  # ceil
         parts = [listed[i : i + size] for i in range(0, len(listed), size)] if listed else []
         read = await asyncio.gather(*(self._blocking(self._states, p, masters) for p in parts))
         found = []
@@ -586,7 +589,7 @@ class Service:
         for vm_id in set(self._unsettled) - {vm.domain.uuid for vm in listed}:
             self.forget(vm_id)  # gone while libvirt was away: nothing left to undo
         follow = starting and self._persist_running
-        size = -(-len(listed) // _LIST_READERS)
+        size = -(-len(listed) // _LIST_READERS[self._hypervisor.remote])
         parts = [listed[i : i + size] for i in range(0, len(listed), size)] if listed else []
         found = await asyncio.gather(*(self._raw(self._unsettling, p, follow) for p in parts))
         due = set(itertools.chain.from_iterable(found)) | set(self._unsettled)
