@@ -54,7 +54,9 @@ class Round:
 
 
 ROUND = Round(2000, 48, 25, 1000, 300, 5000) if abuse.LONG else Round(100, 8, 5, 300, 100, 2000)
-SLACK = {"fds": 4, "threads": 2, "rss_kib": 32 * 1024}  # memory: the allocator keeps some
+# Memory: the allocator keeps some of what a round freed, and how much varies most with the
+# default mode's short rounds (the long mode measured +0.6 MiB).
+SLACK = {"fds": 4, "threads": 2, "rss_kib": (32 if abuse.LONG else 64) * 1024}
 
 
 def usage(pid: int) -> dict[str, int]:
@@ -162,11 +164,12 @@ def flood(t: Target, count: int) -> None:
 
 
 def workload(t: Target, pid: int, size: Round, peak: dict[str, int]) -> Tally:
-    """One round of the abuse; ``peak`` gets the most files vnicd held."""
+    """One round of the abuse; ``peak`` gets the most of each resource vnicd held."""
     tally = Tally(f"resources: a vnicd process limited to {FILE_LIMIT} files")
 
     def sample() -> None:
-        peak["fds"] = max(peak.get("fds", 0), usage(pid)["fds"])
+        for key, value in usage(pid).items():
+            peak[key] = max(peak.get(key, 0), value)
 
     drive(t, tally, message(t), unix_sender(t, tally), size.fuzz)
     with engine_sender(t, tally) as one:
@@ -211,11 +214,13 @@ def test_resources_back_where_they_started(
 ) -> None:
     proc, t, log_path = separate
     peak: dict[str, int] = {}
-    # Two rounds to warm up: the allocator's high-water mark moves for a round or two (it
-    # keeps freed memory), then stays (five rounds here: 120, 157, 180, 148, 148 MiB).
+    # Two rounds to warm up. glibc's allocator keeps memory a round freed, and how much
+    # varies (after five rounds here: 120, 157, 180, 148, 148 MiB), so memory is held to
+    # the most it reached while warming up: a leak goes past it, round after round.
     for _ in range(2):
         workload(t, proc.pid, ROUND, peak)
     before = settled(proc.pid, {"fds": 0}, timeout=3)
+    before["rss_kib"] = max(before["rss_kib"], peak["rss_kib"])
     tally = workload(t, proc.pid, ROUND, peak)
     after = settled(proc.pid, before)
     tally.notes |= {f"{k} before": v for k, v in before.items()}
