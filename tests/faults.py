@@ -14,7 +14,6 @@ import contextlib
 import copy
 import os
 import random
-import signal
 import subprocess
 import sys
 import threading
@@ -43,16 +42,6 @@ def launch(config: Path, log: IO[str]) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "vnicd", "--config", str(config)], stderr=log, text=True, env=env
     )
-
-
-def stop(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def remove_vms(uri: str) -> None:
@@ -240,18 +229,22 @@ def check(
 
 
 def check_all(
-    conn: libvirt.virConnect, sock: Path, unwired: str
+    uri: str, sock: Path, unwired: str
 ) -> tuple[dict[str, dict[str, NicTruth]], list[str]]:
-    """Every VM of ``conn`` checked against what vnicd reports through ``sock``."""
+    """Every VM of ``uri`` checked against what vnicd reports through ``sock``."""
     kernel = masters()
     truths: dict[str, dict[str, NicTruth]] = {}
     problems: list[str] = []
-    with Client(sock, timeout=30) as c:
-        for dom in conn.listAllDomains(0):
-            vm = view(dom)
-            info = c.call("VM.getInfo", vmID=vm.uuid)
-            truths[vm.uuid], found = check(vm, info, kernel, unwired)
-            problems += found
+    conn = libvirt.open(uri)
+    try:
+        with Client(sock, timeout=30) as c:
+            for dom in conn.listAllDomains(0):
+                vm = view(dom)
+                info = c.call("VM.getInfo", vmID=vm.uuid)
+                truths[vm.uuid], found = check(vm, info, kernel, unwired)
+                problems += found
+    finally:
+        conn.close()
     return truths, problems
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import os
 import random
-import tempfile
 import threading
 import time
 import uuid
@@ -23,11 +22,10 @@ import libvirt
 import pytest
 
 from tests import faults, test_service
-from tests.conftest import TMP, Nic, vm_xml
+from tests.conftest import Nic, vm_xml
 from tests.faults import LONG, Answer, Burst, NicTruth
-from tests.hostenv import PREFIX, kill_qemus
 from tests.libvirtd import PrivateLibvirtd
-from tests.test_libvirtd import MARKER, workdir
+from tests.test_libvirtd import MARKER, private_libvirtd, workdir
 from vnicd.client import Client, RpcError
 from vnicd.errors import GeneralError, UpdateDeviceFailed
 
@@ -41,15 +39,8 @@ NETWORKS = ("vt-a", "vt-b", "vt-c")
 def libvirtd() -> Iterator[PrivateLibvirtd]:
     """One private libvirtd for this module's tests (each removes its VMs): it takes
     seconds to start."""
-    daemon = PrivateLibvirtd(Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-lv-", dir=TMP)))
-    try:
-        daemon.start()
+    with private_libvirtd() as daemon:
         yield daemon
-    finally:
-        try:
-            daemon.close()
-        finally:
-            kill_qemus(MARKER)
 
 
 def write_config(workdir: Path, uri: str, extra: str = "", libvirt: str = "") -> Path:
@@ -198,11 +189,7 @@ def test_libvirtd_killed_mid_burst(libvirtd: PrivateLibvirtd, workdir: Path) -> 
         assert max(back) <= 2.0, f"vnicd served again only after {back} s"
 
         faults.wait_serving(sock, proc)
-        conn = libvirt.open(libvirtd.unix_uri)
-        try:
-            truths, problems = faults.check_all(conn, sock, UNWIRED)
-        finally:
-            conn.close()
+        truths, problems = faults.check_all(libvirtd.unix_uri, sock, UNWIRED)
         assert not problems, problems
         promises = {**initial, **last_promises(answers, UNWIRED)}
         wrong = {
@@ -213,7 +200,7 @@ def test_libvirtd_killed_mid_burst(libvirtd: PrivateLibvirtd, workdir: Path) -> 
         }
         assert not wrong, f"{len(wrong)} vNICs not as last promised (now, promised): {wrong}"
     finally:
-        faults.stop(proc)
+        test_service.stop(proc)
         log.close()
         faults.remove_vms(libvirtd.unix_uri)
 
@@ -250,16 +237,12 @@ def test_change_cut_by_lost_libvirtd_is_undone(libvirtd: PrivateLibvirtd, workdi
         test_service.wait_for(log_path, "the change that failed earlier is undone", 30)
         with Client(sock) as c:
             assert c.call("VM.getInfo", vmID=vm_id) == before
-        conn = libvirt.open(libvirtd.unix_uri)
-        try:
-            truths, problems = faults.check_all(conn, sock, UNWIRED)
-        finally:
-            conn.close()
+        truths, problems = faults.check_all(libvirtd.unix_uri, sock, UNWIRED)
         assert not problems, problems
         assert truths[vm_id][mac] == NicTruth(True, "vt-a", True)
     finally:
         libvirtd.pause(False)
-        faults.stop(proc)
+        test_service.stop(proc)
         log.close()
         faults.remove_vms(libvirtd.unix_uri)
 
@@ -346,11 +329,7 @@ def test_vnicd_killed_mid_burst(libvirtd: PrivateLibvirtd, workdir: Path) -> Non
             )
             proc = faults.launch(config, log)
             faults.wait_serving(sock, proc)
-            conn = libvirt.open(libvirtd.unix_uri)
-            try:
-                truths, problems = faults.check_all(conn, sock, UNWIRED)
-            finally:
-                conn.close()
+            truths, problems = faults.check_all(libvirtd.unix_uri, sock, UNWIRED)
             assert not problems, f"after kill {n + 1}: {problems}"
             promises = last_promises(burst.answers, UNWIRED)
             wrong = {
@@ -361,6 +340,6 @@ def test_vnicd_killed_mid_burst(libvirtd: PrivateLibvirtd, workdir: Path) -> Non
             assert not wrong, f"after kill {n + 1}, not as last answered: {wrong}"
         print(f"vnicd SIGKILLed {rounds}x mid-burst, every vNIC agreed after each: {dict(totals)}")
     finally:
-        faults.stop(proc)
+        test_service.stop(proc)
         log.close()
         faults.remove_vms(libvirtd.unix_uri)

@@ -6,6 +6,7 @@ test's own (tests/libvirtd.py), so killing it disturbs nobody else on this host.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -27,8 +28,9 @@ from vnicd.errors import GeneralError, Recovering
 MARKER = f"vnicd-lv{os.getpid()}"  # in every VM name: QEMUs left behind are found by it
 
 
-@pytest.fixture
-def libvirtd() -> Iterator[PrivateLibvirtd]:
+@contextlib.contextmanager
+def private_libvirtd() -> Iterator[PrivateLibvirtd]:
+    """A libvirtd of this test's own, closed with every VM it ran."""
     daemon = PrivateLibvirtd(Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-lv-", dir=TMP)))
     try:
         daemon.start()
@@ -38,6 +40,12 @@ def libvirtd() -> Iterator[PrivateLibvirtd]:
             daemon.close()
         finally:
             kill_qemus(MARKER)
+
+
+@pytest.fixture
+def libvirtd() -> Iterator[PrivateLibvirtd]:
+    with private_libvirtd() as daemon:
+        yield daemon
 
 
 @pytest.fixture
