@@ -64,7 +64,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=50, help="single-change rounds (default 50)")
     p.add_argument("--bulk-runs", type=int, default=3, help="all-vNICs runs per method")
     p.add_argument("--virsh-every", type=int, default=5, help="virsh in one round of N")
-    p.add_argument("--rss-changes", type=int, default=500, help="changes before the last RSS")
+    p.add_argument(
+        "--rss-changes", type=int, default=10_000, help="changes before the last RSS (>= 500)"
+    )
     p.add_argument("--persistent", action="store_true", help="defined VMs (raw updates both)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = p.parse_args(argv)
@@ -378,13 +380,20 @@ class Bench:
         figures = self.results.figures
         figures[f"process start to first answer, {len(self.vms)} VMs"] = f"{ready:.2f} s"
         figures["RSS when serving"] = _rss(pid)
+        warm, total, vms = 500, max(self.args.rss_changes, 500), self.vms
         with Client(self.config.unix_socket) as c:
             c.call("Host.getVMList")
-            vm = self.vms[0]
-            for i in range(self.args.rss_changes):
+            for i in range(total):  # each VM's first vNIC down, then up, VM after VM
+                vm = vms[i % len(vms)]
                 params = {"deviceType": "interface", "macAddr": vm.nics[0].mac}
-                c.call("VM.updateDevice", vmID=vm.uuid, params={**params, "linkActive": i % 2 == 1})
-        figures[f"RSS after a listing and {self.args.rss_changes} changes"] = _rss(pid)
+                up = (i // len(vms)) % 2 == 1
+                c.call("VM.updateDevice", vmID=vm.uuid, params={**params, "linkActive": up})
+                if i + 1 == warm:
+                    warmed = _rss(pid)
+                    figures[f"RSS after a listing and {warm} changes"] = warmed
+        last = _rss(pid)
+        figures[f"RSS after {total} changes"] = last
+        figures[f"RSS growth from {warm} to {total} changes"] = _growth(warmed, last)
 
     def _resync_cost(self) -> None:
         """CPU time of vnicd's event loop thread for one resync of every VM (the engine's
@@ -451,6 +460,12 @@ class Bench:
 def _down_up(fn: Callable[[bool], None]) -> None:
     fn(False)
     fn(True)
+
+
+def _growth(before: str, after: str) -> str:
+    if "n/a" in (before, after):
+        return "n/a"
+    return f"{float(after.split()[0]) - float(before.split()[0]):+.1f} MiB"
 
 
 def _rss(pid: int) -> str:

@@ -1,10 +1,9 @@
 """vnicd run inside the test process, so tests see what it does where it happens.
 
-The daemon runs on an asyncio loop in a thread, one loop for the whole process: libvirt's
-event loop is registered once per process and stays bound to it, so every daemon the session
-runs (on the embedded driver, then on a libvirtd) shares it. Tests talk to the daemon over
-its real Unix socket, and read QEMU's own view and libvirt's events through the daemon's
-libvirt connection (the embedded driver allows one opener per root).
+The daemon runs on an asyncio loop in a thread, one loop for the whole process, shared by
+every daemon the session runs (on the embedded driver, then on a libvirtd). Tests talk to
+the daemon over its real Unix socket, and read QEMU's own view and libvirt's events
+through the daemon's libvirt connection (the embedded driver allows one opener per root).
 """
 
 from __future__ import annotations
@@ -63,7 +62,7 @@ _loop: asyncio.AbstractEventLoop | None = None
 
 def process_loop() -> asyncio.AbstractEventLoop:
     """The process's one event loop for vnicd, running in a background thread from first use
-    until the process exits (libvirt's event loop, once registered on it, cannot move)."""
+    until the process exits."""
     global _loop
     if _loop is None:
         _loop = asyncio.new_event_loop()

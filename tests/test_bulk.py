@@ -7,7 +7,7 @@ import uuid
 from typing import Any
 
 from tests.conftest import Nic, Vms
-from tests.evidence import seen
+from tests.evidence import interfaces, seen
 from tests.harness import DaemonThread, SchemaClient
 
 
@@ -54,3 +54,30 @@ def test_each_vnic_has_its_own_outcome(vnicd: DaemonThread, vms: Vms, rpc: Schem
     assert not gone["ok"] and gone["error"]["code"] == 1
     assert seen(vnicd, vm_id, linked.mac).link_up
     assert not seen(vnicd, vm_id, unwired.mac).link_up
+
+
+def test_one_hold_per_vm_chains_its_vnics(vnicd: DaemonThread, vms: Vms, rpc: SchemaClient) -> None:
+    """A VM's vNICs change one after the other on one read: after a refused one the VM is
+    read again, else each next one is planned on what the last confirmation read; the
+    definition follows every one."""
+    unwired, a, b = Nic("vt-a"), Nic("vt-a", link_up=False), Nic("vt-a", link_up=False)
+    vm_id = vms.create(unwired, a, b, persistent=True)
+    rpc.call(
+        "VM.updateDevice",
+        vmID=vm_id,
+        params={"deviceType": "interface", "macAddr": unwired.mac, "network": ""},
+    )
+    linked = bulk(rpc, match={"vmIDs": [vm_id]}, change={"linkActive": True})
+    assert [r["macAddr"] for r in linked] == [unwired.mac, a.mac, b.mac], "in the VM's order"
+    assert [r["ok"] for r in linked] == [False, True, True], linked
+    moved = bulk(rpc, match={"vmIDs": [vm_id]}, change={"network": "vt-c"})
+    assert all(r["ok"] for r in moved), moved
+    saved = interfaces(str(vnicd.domain(vm_id).XMLDesc(2)))  # VIR_DOMAIN_XML_INACTIVE
+    for nic in (unwired, a, b):
+        got = seen(vnicd, vm_id, nic.mac)
+        assert (got.kernel_bridge, got.source) == ("vt-c", "vt-c"), got
+        assert got.link_up is (nic is not unwired)
+        saved_nic = saved[nic.mac]
+        assert saved_nic.find("source").get("bridge") == "vt-c"  # type: ignore[union-attr]
+        link = saved_nic.find("link")
+        assert (link is not None and link.get("state") == "down") is (nic is unwired)

@@ -360,11 +360,8 @@ class _CutDomain:
     def __init__(self) -> None:
         self.bridge, self.link = "br-new", "up"
 
-    def status(self) -> VmStatus:
-        return VmStatus.RUNNING
-
-    def is_persistent(self) -> bool:
-        return False
+    def presence(self) -> tuple[VmStatus, bool]:
+        return VmStatus.RUNNING, False
 
     def xml(self, inactive: bool = False) -> str:
         nic = _cut_nic(self.bridge, self.link)

@@ -1,21 +1,19 @@
 """One change for many vNICs: every vNIC that matches a filter, each all-or-nothing.
 
-The matching vNICs are found in one listing; each VM's vNICs are changed one after the
-other through the one transaction path (so per-VM serialization holds), different VMs in
-parallel. The call as a whole is not all-or-nothing: every vNIC gets its own outcome.
+Each VM is read once under its lock, its matching vNICs found in that read and changed
+one after the other through the one transaction path (so per-VM serialization holds),
+different VMs in parallel. The call as a whole is not all-or-nothing: every vNIC gets its
+own outcome.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 from dataclasses import dataclass, replace
 
 from vnicd import errors
-from vnicd.model import NicChange, NicRef, NicState, VmState
-from vnicd.service import DryRun, Service, UpdateNic
-
-log = logging.getLogger(__name__)
+from vnicd.model import NicChange, NicState, VmState
+from vnicd.service import DryRun, Service
 
 
 @dataclass(frozen=True)
@@ -49,39 +47,27 @@ async def update_all(
     wiring = None
     if change.network is not None:
         wiring = await service.resolve(change.network)
-    found: list[Outcome] = []
     if match.vms is None:
-        vms = await service.vm_list()
+        vms = await service.vm_ids()
     else:
-        vms = []
-        wanted = list(dict.fromkeys(match.vms))  # a VM named twice is changed once
-        read = await asyncio.gather(
-            *(service.get_info(vm_id) for vm_id in wanted), return_exceptions=True
-        )
-        for vm_id, got in zip(wanted, read, strict=True):
-            if isinstance(got, errors.VnicdError):
-                found.append(Outcome(vm_id, None, error=got))
-            elif isinstance(got, BaseException):
-                raise got
-            else:
-                vms.append(got)
+        vms = list(dict.fromkeys(match.vms))  # a VM named twice is changed once
+    guarded = replace(change, only_on=match.network)
 
-    async def one_vm(vm: VmState) -> list[Outcome]:
-        done = []
-        for nic in vm.nics:
-            if not match.picks(nic):
-                continue
-            guarded = replace(change, only_on=match.network)
-            req = UpdateNic(vm.uuid, NicRef(mac=nic.mac), guarded, bounce, dry_run)
-            try:
-                done.append(Outcome(vm.uuid, nic, await service.update_device(req, wiring)))
-            except errors.VnicdError as e:
-                done.append(Outcome(vm.uuid, nic, error=e))
-            except Exception as e:  # one vNIC's surprise must not end the others' changes
-                log.exception("VM %s vNIC %s: bulk change failed", vm.uuid, nic.mac)
-                done.append(Outcome(vm.uuid, nic, error=errors.GeneralError(str(e))))
-        return done
+    async def one_vm(vm_id: str) -> list[Outcome]:
+        try:
+            done = await service.update_each(vm_id, match.picks, guarded, wiring, bounce, dry_run)
+        except errors.VnicdError as e:
+            if match.vms is None and isinstance(e, errors.NoSuchVM):
+                return []  # gone since it was listed
+            return [Outcome(vm_id, None, error=e)]
+        return [
+            Outcome(vm_id, nic, error=got)
+            if isinstance(got, errors.VnicdError)
+            else Outcome(vm_id, nic, got)
+            for nic, got in done
+        ]
 
+    found: list[Outcome] = []
     for outcomes in await asyncio.gather(*(one_vm(vm) for vm in vms)):
         found += outcomes
     return found

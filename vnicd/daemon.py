@@ -75,7 +75,8 @@ class Daemon:
         cfg = self.config
         tls = self._engine_tls()  # a bad certificate stops vnicd before it changes anything
         self._loop = asyncio.get_running_loop()
-        eventloop.register(self._loop)
+        eventloop.start()
+        self.hypervisor.bind(self._loop)
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self._hold_state_dir()
         if cfg.embedded:

@@ -7,6 +7,7 @@ methods block: callers run them off the event loop.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
@@ -42,6 +43,15 @@ _STATES = {
     libvirt.VIR_DOMAIN_SHUTDOWN: VmStatus.SHUTTING_DOWN,
 }
 
+# lifecycle events after which a kept handle may be of a VM that is gone
+_GONE = frozenset({libvirt.VIR_DOMAIN_EVENT_UNDEFINED, libvirt.VIR_DOMAIN_EVENT_STOPPED})
+
+# domainListGetStats() filters that answer for a VM only if it is (True) or is not persistent
+_PERSISTENCE = {
+    True: libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_PERSISTENT,
+    False: libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_TRANSIENT,
+}
+
 DomainEventCallback = Callable[["Domain", int, int], None]
 DeviceEventCallback = Callable[["Domain", str, bool], None]
 
@@ -58,6 +68,7 @@ class HypervisorError(Exception):
 
     def __init__(self, action: str, error: libvirt.libvirtError) -> None:
         self.cause = error.get_error_message() or str(error)
+        self.code: int | None = error.get_error_code()
         super().__init__(f"{action}: {self.cause}")
 
 
@@ -67,6 +78,7 @@ class HypervisorDown(HypervisorError):
     def __init__(self, uri: str, reason: str) -> None:
         self.uri = uri
         self.reason = reason
+        self.code = None
         self.cause = f"libvirt connection to {uri} is down ({reason}); vnicd is reconnecting"
         Exception.__init__(self, self.cause)
 
@@ -91,10 +103,17 @@ def prepare_embed_root(root: Path) -> None:
 class Domain:
     """One libvirt domain."""
 
-    def __init__(self, dom: libvirt.virDomain) -> None:
+    def __init__(self, dom: libvirt.virDomain, *, persistent: bool = False) -> None:
+        """``persistent``: as last seen (an engine's VMs are transient)."""
         self._dom = dom
         self.uuid: str = dom.UUIDString()
         self.name: str = dom.name()
+        self._persistent = persistent
+
+    @property
+    def persistent(self) -> bool:
+        """As last seen; :meth:`presence` reads it."""
+        return self._persistent
 
     @property
     def connection(self) -> libvirt.virConnect:
@@ -115,6 +134,23 @@ class Domain:
     def status(self) -> VmStatus:
         state, _reason = self._call("reading state", self._dom.state)
         return _STATES.get(state, VmStatus.STOPPED)
+
+    def presence(self) -> tuple[VmStatus, bool] | None:
+        """Status and persistence, None once the VM is gone: one round trip while the
+        persistence is as last seen, two when it changed."""
+        conn, stat = self._dom.connect(), libvirt.VIR_DOMAIN_STATS_STATE
+        for persistent in (self._persistent, not self._persistent):  # as last seen first
+            flags = _PERSISTENCE[persistent]
+            found = self._call("reading state", conn.domainListGetStats, [self._dom], stat, flags)
+            if found:
+                self._persistent = persistent
+                return _STATES.get(found[0][1].get("state.state"), VmStatus.STOPPED), persistent
+        try:  # neither: gone, or undefined between the two calls
+            return self.status(), self.is_persistent()
+        except HypervisorError as e:
+            if e.code == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise
 
     def xml(self, *, inactive: bool = False) -> str:
         flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
@@ -194,7 +230,8 @@ class Listed:
 
 
 class Hypervisor:
-    """A managed libvirt connection. Open it only after an event loop implementation is registered.
+    """A managed libvirt connection. Open it only after :func:`vnicd.eventloop.start` and
+    :meth:`bind`.
 
     On a remote URI (libvirtd) the connection is watched by libvirt's keepalive and a close
     callback: once it is lost, :attr:`conn` raises :class:`HypervisorDown` at once (no caller
@@ -211,6 +248,8 @@ class Hypervisor:
         self._lifecycle_listeners: list[DomainEventCallback] = []
         self._device_listeners: list[DeviceEventCallback] = []
         self._lost: Callable[[str], None] | None = None
+        self._domains: dict[str, Domain] = {}  # handles of the standing connection, by UUID
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def conn(self) -> libvirt.virConnect:
@@ -239,8 +278,12 @@ class Hypervisor:
         connection lost since may have been carried out, or not."""
         return self.alive() and dom.connection is self._conn
 
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The asyncio loop event listeners run on."""
+        self._loop = loop
+
     def on_connection_lost(self, callback: Callable[[str], None]) -> None:
-        """Call ``callback(reason)`` (on the event loop) when libvirt drops the connection."""
+        """Call ``callback(reason)`` from libvirt's event thread when it drops the connection."""
         self._lost = callback
 
     def open(self) -> None:
@@ -263,12 +306,14 @@ class Hypervisor:
 
     def reopen(self) -> None:
         """Drop a lost connection and connect again; listeners are registered on the new one."""
+        self._domains.clear()
         old, self._conn = self._conn, None
         if old is not None:
             self._drop(old)
         self.open()
 
     def close(self) -> None:
+        self._domains.clear()
         conn, self._conn = self._conn, None
         self._down = "closed"
         if conn is not None:
@@ -307,17 +352,24 @@ class Hypervisor:
         except libvirt.libvirtError as e:
             log.debug("closing the connection to %s: %s", self.uri, e)
 
+    def _deliver(self, listener: Callable[..., None], *args: Any) -> None:
+        """An event, from libvirt's event thread, to a listener on the bound loop."""
+        assert self._loop is not None, "bind() before open()"
+        self._loop.call_soon_threadsafe(listener, *args)
+
     def _register(self, conn: libvirt.virConnect) -> None:
         """One libvirt callback per event type, shared by every listener."""
 
         def lifecycle(_c: Any, dom: libvirt.virDomain, event: int, detail: int, _o: Any) -> None:
+            if event in _GONE:
+                self._domains.pop(dom.UUIDString(), None)
             for listener in list(self._lifecycle_listeners):
-                listener(Domain(dom), event, detail)
+                self._deliver(listener, Domain(dom), event, detail)
 
         def removal(removed: bool) -> Callable[..., None]:
             def handler(_c: Any, dom: libvirt.virDomain, alias: str, _o: Any) -> None:
                 for listener in list(self._device_listeners):
-                    listener(Domain(dom), alias, removed)
+                    self._deliver(listener, Domain(dom), alias, removed)
 
             return handler
 
@@ -350,20 +402,39 @@ class Hypervisor:
         stats = self._call("listing VMs", conn.getAllDomainStats, libvirt.VIR_DOMAIN_STATS_STATE, 0)
         found = []
         for dom, values in stats:
-            listed = Domain(dom)
+            listed = Domain(dom, persistent=dom.UUIDString() in persistent)
             status = _STATES.get(values.get("state.state"), VmStatus.STOPPED)
-            if status is VmStatus.STOPPED and listed.uuid not in persistent:
+            if status is VmStatus.STOPPED and not listed.persistent:
                 continue  # a transient VM going away, or one defined between the two calls
-            found.append(Listed(listed, status, listed.uuid in persistent))
+            found.append(Listed(listed, status, listed.persistent))
+            self._domains[listed.uuid] = listed
         return found
 
     def domain(self, uuid: str) -> Domain | None:
+        """The VM's handle, kept from an earlier lookup on this connection: libvirt finds
+        a domain by the UUID in it, so a kept handle of a VM gone since fails like a new
+        lookup would (see :meth:`Domain.presence`). ``uuid`` in canonical form."""
+        conn = self.conn
+        found = self._domains.get(uuid)
+        if found is not None and found.connection is conn:
+            return found
+        return self.lookup(uuid)
+
+    def lookup(self, uuid: str) -> Domain | None:
+        """Whether libvirt has the VM now, asked of it (and the handle kept)."""
         try:
-            return Domain(self.conn.lookupByUUIDString(uuid))
+            dom = Domain(self.conn.lookupByUUIDString(uuid))
         except libvirt.libvirtError as e:
             if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                self._domains.pop(uuid, None)
                 return None
             raise HypervisorError(f"looking up VM {uuid}", e) from e
+        self._domains[uuid] = dom
+        return dom
+
+    def forget(self, uuid: str) -> None:
+        """Drop a kept handle: the VM is gone."""
+        self._domains.pop(uuid, None)
 
     def create(self, xml: str, *, persistent: bool) -> Domain:
         log.info("creating VM (persistent=%s): %s", persistent, xml)

@@ -23,7 +23,7 @@ from vnicd import __version__, errors, hostnet, planning
 from vnicd.domxml import Domain as DomainXML
 from vnicd.domxml import XMLError, hotplug_interface
 from vnicd.hypervisor import Domain, Hypervisor, HypervisorError, Listed
-from vnicd.model import NicChange, NicRef, Snapshot, VmState, VmStatus
+from vnicd.model import NicChange, NicRef, NicState, Snapshot, VmState, VmStatus
 from vnicd.networks import NetworkMap, Wiring
 from vnicd.planning import Action, LiveUpdate, Plan, Step
 from vnicd.report import vm_state
@@ -204,25 +204,24 @@ class Service:
         return dom
 
     @staticmethod
-    def _snapshot(
-        dom: Domain,
-        *,
-        saved: bool,
-        status: VmStatus | None = None,
-        persistent: bool | None = None,
-    ) -> Snapshot:
-        """One read: the live XML when running, the saved one when asked or not running
-        (``status`` and ``persistent`` as a listing just found them, else read here)."""
-        status = dom.status() if status is None else status
-        persistent = dom.is_persistent() if persistent is None else persistent
+    def _snapshot(dom: Domain, *, saved: bool, status: VmStatus, persistent: bool) -> Snapshot:
+        """One read: the live XML when running, the saved one when asked or not running."""
         active = status is not VmStatus.STOPPED
         live = dom.xml() if active else None
         inactive = dom.xml(inactive=True) if persistent and (saved or not active) else None
         return Snapshot.parse(dom.uuid, status, persistent, live, inactive)
 
-    def _read(self, vm_id: str, *, saved: bool) -> tuple[Domain, Snapshot]:
+    def _present(self, vm_id: str) -> tuple[Domain, VmStatus, bool]:
         dom = self._domain(vm_id)
-        return dom, self._snapshot(dom, saved=saved)
+        found = dom.presence()
+        if found is None:
+            self._hypervisor.forget(vm_id)
+            raise errors.NoSuchVM(vm_id)
+        return dom, *found
+
+    def _read(self, vm_id: str, *, saved: bool) -> tuple[Domain, Snapshot]:
+        dom, status, persistent = self._present(vm_id)
+        return dom, self._snapshot(dom, saved=saved, status=status, persistent=persistent)
 
     def _state(self, snap: Snapshot, bridges: dict[str, str] | None = None) -> VmState:
         return vm_state(snap, self._networks.name_of, bridges=bridges)
@@ -270,6 +269,11 @@ class Service:
             consistent = self._consistent(state.uuid, epochs.get(state.uuid), state)
             found.append(consistent or await self._reread(state))
         return found
+
+    async def vm_ids(self) -> list[str]:
+        """Every VM's id, in two calls whatever their number."""
+        listed = await self._blocking(self._hypervisor.listing)
+        return [vm.domain.uuid for vm in listed]
 
     def _begin(self, vm_id: str, snap: Snapshot) -> None:
         self._before[vm_id] = snap
@@ -410,26 +414,108 @@ class Service:
             plan = make_plan(snap)
             if dry_run:
                 return DryRun(plan)
+            plan, state, _live = await self._carry_out(dom, snap, plan)
+        await self._done(plan, state)
+        return state
 
-            def answer(live: DomainXML | None, seen: Mapping[str, str]) -> VmState:
-                return self._answer(dom, snap, live, plan, seen)
+    async def update_each(
+        self,
+        vm_id: str,
+        picks: Callable[[NicState], bool],
+        change: NicChange,
+        wiring: Wiring | None,
+        bounce: bool | None,
+        dry_run: bool,
+    ) -> list[tuple[NicState, VmState | DryRun | errors.VnicdError]]:
+        """Change each vNIC of one VM that ``picks`` chooses, one after the other in one hold
+        of the VM: read once, each vNIC's confirmation is the next one's read (the saved
+        XML of a persistent VM is read again). Each vNIC is all-or-nothing; after a failed
+        one the VM is read afresh."""
+        bounce = self._bounce_default if bounce is None else bounce
+        change = replace(change, bounce=self._bounce_seconds if bounce else None)
+        namer, persist = self._networks.name_of, self._persist_running
+        outcomes: list[tuple[NicState, VmState | DryRun | errors.VnicdError]] = []
+        finished: list[tuple[Plan, VmState]] = []
+        async with self.locks.hold(vm_id):
+            if not dry_run:
+                await self._settle(vm_id)
+            dom, snap = await self._blocking(self._read, vm_id, saved=True)
+            picked = [n for n in self._state(snap).nics if picks(n)]
+            for i, nic in enumerate(picked):
+                live, last = None, i == len(picked) - 1
+                try:
+                    plan = planning.plan_update(
+                        snap, NicRef(mac=nic.mac), change, wiring, namer, persist_running=persist
+                    )
+                    if dry_run:
+                        outcomes.append((nic, DryRun(plan)))
+                        continue
+                    plan, state, live = await self._carry_out(dom, snap, plan)
+                except Exception as e:  # one vNIC's failure must not end the others' changes
+                    outcomes.append((nic, _failure(vm_id, nic.mac, e)))
+                    if last:
+                        break
+                    try:
+                        dom, snap = await self._blocking(self._read, vm_id, saved=True)
+                    except errors.VnicdError as gone:
+                        outcomes += [(n, gone) for n in picked[i + 1 :]]
+                        break
+                    continue
+                finished.append((plan, state))
+                outcomes.append((nic, state))
+                if last:
+                    break
+                try:
+                    snap = await self._blocking(self._next, dom, snap, plan, live)
+                except errors.VnicdError as e:
+                    outcomes += [(n, e) for n in picked[i + 1 :]]
+                    break
+        for plan, state in finished:
+            await self._done(plan, state)
+        return outcomes
 
-            if not plan.steps:
-                return await self._blocking(answer, snap.live, {})
-            plan = await self.hooks.before(plan)
-            self._begin(vm_id, snap)
-            try:
-                state = await self._execute(dom, snap, plan, answer)
-            except _Unanswered as e:
-                state = await self._answer_again(plan, e.cause)
-            except errors.VnicdError as e:
-                await self._after(plan, e)
-                raise
-            finally:
-                self._end(vm_id)
+    def _next(self, dom: Domain, snap: Snapshot, plan: Plan, live: DomainXML | None) -> Snapshot:
+        """The VM after one change of several in one hold: the live XML its confirmation
+        read, the saved XML read again, vnicd's store as the change left it."""
+        if snap.active and live is None:
+            live = DomainXML(dom.xml())
+        saved = DomainXML(dom.xml(inactive=True)) if snap.persistent else None
+        return replace(snap, live=live, saved=saved, store=plan.store, store_error=None)
+
+    async def _carry_out(
+        self, dom: Domain, snap: Snapshot, plan: Plan
+    ) -> tuple[Plan, VmState, DomainXML | None]:
+        """Under the VM's lock: ``plan`` (as the hooks left it) carried out, its answer, and
+        the live XML its confirmation read (None when it read none)."""
+        confirmed: list[DomainXML | None] = []
+
+        def answer(live: DomainXML | None, seen: Mapping[str, str]) -> VmState:
+            confirmed.append(live)
+            return self._answer(dom, snap, live, plan, seen)
+
+        if not plan.steps:
+            return plan, await self._blocking(answer, snap.live, {}), snap.live
+        plan = await self.hooks.before(plan)
+        self._begin(plan.vm, snap)
+        try:
+            state = await self._execute(dom, snap, plan, answer)
+        except _Unanswered as e:
+            state = await self._answer_again(plan, e.cause)
+            confirmed.clear()  # a read failed: the next change reads afresh
+        except errors.VnicdError as e:
+            await self._after(plan, e)
+            raise
+        finally:
+            self._end(plan.vm)
+        return plan, state, confirmed[0] if confirmed else None
+
+    async def _done(self, plan: Plan, state: VmState) -> None:
+        """After the VM's lock is let go: listeners, then the success hooks (none for a
+        change that had nothing to do)."""
+        if not plan.steps:
+            return
         self._notify(plan, state)
         await self._after(plan, None)
-        return state
 
     async def _answer_again(self, plan: Plan, cause: Exception) -> VmState:
         """The state after a done change whose answer could not be read: read once more,
@@ -636,7 +722,7 @@ class Service:
             planning.check_names(iface, "vm.xml")
         xml.set_uuid(req.vm_id)
         async with self.locks.hold(req.vm_id):
-            if await self._blocking(self._hypervisor.domain, req.vm_id) is not None:
+            if await self._blocking(self._hypervisor.lookup, req.vm_id) is not None:
                 raise errors.VMExists(req.vm_id)
             await self._blocking(self._create, req.vm_id, xml.to_xml(), req.persistent)
         return await self.get_info(req.vm_id)
@@ -653,12 +739,18 @@ class Service:
         self.forget(vm_id)
 
     def _destroy(self, vm_id: str) -> None:
-        dom = self._domain(vm_id)
-        persistent = dom.is_persistent()  # a transient VM is gone once destroyed
-        if dom.is_active():
-            dom.destroy()
+        dom, _status, persistent = self._present(vm_id)
+        if dom.is_active():  # a crashed VM kept for a dump is still active
+            dom.destroy()  # a transient VM is gone then
         if persistent:
             dom.undefine()
+
+
+def _failure(vm_id: str, mac: str, error: Exception) -> errors.VnicdError:
+    if isinstance(error, errors.VnicdError):
+        return error
+    log.error("VM %s vNIC %s: change failed", vm_id, mac, exc_info=error)
+    return errors.GeneralError(str(error), vmID=vm_id, nic=mac)
 
 
 class _Unanswered(Exception):
