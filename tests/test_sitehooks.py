@@ -99,3 +99,22 @@ def test_failing_after_hook_keeps_the_change(
     assert any(
         vm_id in line and "network=vt-a" in line and "network=vt-b" in line for line in audits
     ), audits
+
+
+def test_bulk_pairs_each_vnics_hooks(site: Site, vms: Vms, vnicd: DaemonThread) -> None:
+    """A bulk change of a VM's vNICs runs each vNIC's hooks as a change of its own: its
+    before_ hook, its change, its after_ hook, then the next vNIC's."""
+    order = site.root / "order"
+    for name in ("before_update_device", "after_update_device"):
+        mac = "$(grep -o -m1 '52:54:[0-9a-f:]*' \"$_hook_domxml\")"
+        site.hook(name, f'echo "{name.split("_")[0]} {mac}" >> {order}\n')
+    a, b = Nic("vt-a"), Nic("vt-a")
+    vm_id = vms.create(a, b)
+    with vnicd.client() as rpc:
+        results = rpc.call(
+            "Host.bulkUpdateNics", match={"vmIDs": [vm_id]}, change={"linkActive": False}
+        )["results"]
+    assert [r["ok"] for r in results] == [True, True], results
+    assert order.read_text().splitlines() == [
+        f"{when} {mac}" for mac in (a.mac, b.mac) for when in ("before", "after")
+    ]

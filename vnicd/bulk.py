@@ -9,11 +9,14 @@ own outcome.
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass, replace
 
 from vnicd import errors
 from vnicd.model import NicChange, NicState, VmState
 from vnicd.service import DryRun, Service
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,9 @@ async def update_all(
             if match.vms is None and isinstance(e, errors.NoSuchVM):
                 return []  # gone since it was listed
             return [Outcome(vm_id, None, error=e)]
+        except Exception as e:  # one VM's surprise must not end the others' changes
+            log.exception("VM %s: bulk change failed", vm_id)
+            return [Outcome(vm_id, None, error=errors.GeneralError(str(e), vmID=vm_id))]
         return [
             Outcome(vm_id, nic, error=got)
             if isinstance(got, errors.VnicdError)

@@ -270,6 +270,18 @@ class Domain:
     def to_xml(self) -> str:
         return to_string(self.element)
 
+    def with_interface(self, iface: Interface) -> Domain:
+        """A copy whose ``<interface>`` of ``iface``'s MAC is a copy of ``iface``."""
+        copied = Domain.__new__(Domain)
+        copied.element = copy.deepcopy(self.element)
+        for el in copied.element.iterfind("devices/interface"):
+            if Interface(el).mac == iface.mac:
+                new = copy.deepcopy(iface.element)
+                new.tail = el.tail
+                el.getparent().replace(el, new)  # type: ignore[union-attr]
+                break
+        return copied
+
 
 def hotplug_interface(xml: str) -> Interface:
     """The ``<interface>`` of a hotplug request: bare, or in VDSM's ``<hotplug>`` wrapper."""

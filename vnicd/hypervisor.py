@@ -288,6 +288,8 @@ class Hypervisor:
 
     def open(self) -> None:
         """Connect, watch the connection (remote URIs) and register the event callbacks."""
+        if self._loop is None:
+            raise RuntimeError("bind() the loop events go to before open()")
         try:
             conn = libvirt.open(self.uri)
         except libvirt.libvirtError as e:
@@ -353,9 +355,13 @@ class Hypervisor:
             log.debug("closing the connection to %s: %s", self.uri, e)
 
     def _deliver(self, listener: Callable[..., None], *args: Any) -> None:
-        """An event, from libvirt's event thread, to a listener on the bound loop."""
-        assert self._loop is not None, "bind() before open()"
-        self._loop.call_soon_threadsafe(listener, *args)
+        """An event, from libvirt's event thread, to a listener on the bound loop (none
+        once that loop is closed: nothing is left to hear it)."""
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(listener, *args)
+        except RuntimeError:
+            log.debug("event for %s after the loop closed: dropped", listener)
 
     def _register(self, conn: libvirt.virConnect) -> None:
         """One libvirt callback per event type, shared by every listener."""
@@ -407,11 +413,11 @@ class Hypervisor:
             if status is VmStatus.STOPPED and not listed.persistent:
                 continue  # a transient VM going away, or one defined between the two calls
             found.append(Listed(listed, status, listed.persistent))
-            self._domains[listed.uuid] = listed
+        self._domains = {vm.domain.uuid: vm.domain for vm in found}  # a gone VM's goes too
         return found
 
     def domain(self, uuid: str) -> Domain | None:
-        """The VM's handle, kept from an earlier lookup on this connection: libvirt finds
+        """The VM's handle, kept from a lookup or listing on this connection: libvirt finds
         a domain by the UUID in it, so a kept handle of a VM gone since fails like a new
         lookup would (see :meth:`Domain.presence`). ``uuid`` in canonical form."""
         conn = self.conn

@@ -25,7 +25,15 @@ from vnicd.domxml import XMLError, hotplug_interface
 from vnicd.hypervisor import Domain, Hypervisor, HypervisorError, Listed
 from vnicd.model import NicChange, NicRef, NicState, Snapshot, VmState, VmStatus
 from vnicd.networks import NetworkMap, Wiring
-from vnicd.planning import Action, LiveUpdate, Plan, Step
+from vnicd.planning import (
+    Action,
+    DefinitionAttach,
+    DefinitionDetach,
+    DefinitionUpdate,
+    LiveUpdate,
+    Plan,
+    Step,
+)
 from vnicd.report import vm_state
 from vnicd.transaction import (
     ConfirmError,
@@ -355,9 +363,9 @@ class Service:
 
     # Changing.
 
-    async def update_device(self, req: UpdateNic, wiring: Wiring | None = None) -> VmState | DryRun:
-        """``wiring``: the network already resolved (a bulk change resolves it once)."""
-        if wiring is None and req.change.network is not None:
+    async def update_device(self, req: UpdateNic) -> VmState | DryRun:
+        wiring = None
+        if req.change.network is not None:
             wiring = await self.resolve(req.change.network, req.vm_id, str(req.nic))
         bounce = self._bounce_default if req.bounce is None else req.bounce
         change = replace(req.change, bounce=self._bounce_seconds if bounce else None)
@@ -414,7 +422,7 @@ class Service:
             plan = make_plan(snap)
             if dry_run:
                 return DryRun(plan)
-            plan, state, _live = await self._carry_out(dom, snap, plan)
+            plan, state = await self._carry_out(dom, snap, plan)
         await self._done(plan, state)
         return state
 
@@ -428,21 +436,20 @@ class Service:
         dry_run: bool,
     ) -> list[tuple[NicState, VmState | DryRun | errors.VnicdError]]:
         """Change each vNIC of one VM that ``picks`` chooses, one after the other in one hold
-        of the VM: read once, each vNIC's confirmation is the next one's read (the saved
-        XML of a persistent VM is read again). Each vNIC is all-or-nothing; after a failed
-        one the VM is read afresh."""
+        of the VM (see :meth:`_next`). Each vNIC is all-or-nothing, with its hooks and its
+        notification as a change of its own; after a failed one the VM is settled and read
+        afresh."""
         bounce = self._bounce_default if bounce is None else bounce
         change = replace(change, bounce=self._bounce_seconds if bounce else None)
         namer, persist = self._networks.name_of, self._persist_running
         outcomes: list[tuple[NicState, VmState | DryRun | errors.VnicdError]] = []
-        finished: list[tuple[Plan, VmState]] = []
         async with self.locks.hold(vm_id):
             if not dry_run:
                 await self._settle(vm_id)
             dom, snap = await self._blocking(self._read, vm_id, saved=True)
             picked = [n for n in self._state(snap).nics if picks(n)]
             for i, nic in enumerate(picked):
-                live, last = None, i == len(picked) - 1
+                rest = picked[i + 1 :]
                 try:
                     plan = planning.plan_update(
                         snap, NicRef(mac=nic.mac), change, wiring, namer, persist_running=persist
@@ -450,68 +457,65 @@ class Service:
                     if dry_run:
                         outcomes.append((nic, DryRun(plan)))
                         continue
-                    plan, state, live = await self._carry_out(dom, snap, plan)
+                    plan, state = await self._carry_out(dom, snap, plan)
                 except Exception as e:  # one vNIC's failure must not end the others' changes
                     outcomes.append((nic, _failure(vm_id, nic.mac, e)))
-                    if last:
+                    if not rest:
                         break
                     try:
+                        await self._settle(vm_id)  # a cut change is undone before the next
                         dom, snap = await self._blocking(self._read, vm_id, saved=True)
-                    except errors.VnicdError as gone:
-                        outcomes += [(n, gone) for n in picked[i + 1 :]]
+                    except Exception as e:
+                        outcomes += [(n, _failure(vm_id, n.mac, e)) for n in rest]
                         break
                     continue
-                finished.append((plan, state))
                 outcomes.append((nic, state))
-                if last:
+                await self._done(plan, state)
+                if not rest:
                     break
                 try:
-                    snap = await self._blocking(self._next, dom, snap, plan, live)
-                except errors.VnicdError as e:
-                    outcomes += [(n, e) for n in picked[i + 1 :]]
+                    dom, snap = await self._blocking(self._next, vm_id, dom, snap, plan)
+                except Exception as e:
+                    outcomes += [(n, _failure(vm_id, n.mac, e)) for n in rest]
                     break
-        for plan, state in finished:
-            await self._done(plan, state)
         return outcomes
 
-    def _next(self, dom: Domain, snap: Snapshot, plan: Plan, live: DomainXML | None) -> Snapshot:
-        """The VM after one change of several in one hold: the live XML its confirmation
-        read, the saved XML read again, vnicd's store as the change left it."""
-        if snap.active and live is None:
-            live = DomainXML(dom.xml())
-        saved = DomainXML(dom.xml(inactive=True)) if snap.persistent else None
-        return replace(snap, live=live, saved=saved, store=plan.store, store_error=None)
+    def _next(self, vm_id: str, dom: Domain, snap: Snapshot, plan: Plan) -> tuple[Domain, Snapshot]:
+        """The VM after one change of several in one hold, read again: the saved XML only
+        if the change touched it, vnicd's store as the change left it; all of it if its
+        status or persistence moved meanwhile or the connection was renewed."""
+        found = dom.presence() if self._hypervisor.holds(dom) else None
+        if found != (snap.status, snap.persistent):
+            return self._read(vm_id, saved=True)
+        live = DomainXML(dom.xml()) if snap.active else None
+        saved = snap.saved
+        if snap.persistent and any(isinstance(s, _DEFINITION) for s in plan.steps):
+            saved = DomainXML(dom.xml(inactive=True))
+        return dom, replace(snap, live=live, saved=saved, store=plan.store, store_error=None)
 
-    async def _carry_out(
-        self, dom: Domain, snap: Snapshot, plan: Plan
-    ) -> tuple[Plan, VmState, DomainXML | None]:
-        """Under the VM's lock: ``plan`` (as the hooks left it) carried out, its answer, and
-        the live XML its confirmation read (None when it read none)."""
-        confirmed: list[DomainXML | None] = []
+    async def _carry_out(self, dom: Domain, snap: Snapshot, plan: Plan) -> tuple[Plan, VmState]:
+        """Under the VM's lock: ``plan`` (as the hooks left it) carried out, and its answer."""
 
         def answer(live: DomainXML | None, seen: Mapping[str, str]) -> VmState:
-            confirmed.append(live)
             return self._answer(dom, snap, live, plan, seen)
 
         if not plan.steps:
-            return plan, await self._blocking(answer, snap.live, {}), snap.live
+            return plan, await self._blocking(answer, snap.live, {})
         plan = await self.hooks.before(plan)
         self._begin(plan.vm, snap)
         try:
             state = await self._execute(dom, snap, plan, answer)
         except _Unanswered as e:
             state = await self._answer_again(plan, e.cause)
-            confirmed.clear()  # a read failed: the next change reads afresh
         except errors.VnicdError as e:
             await self._after(plan, e)
             raise
         finally:
             self._end(plan.vm)
-        return plan, state, confirmed[0] if confirmed else None
+        return plan, state
 
     async def _done(self, plan: Plan, state: VmState) -> None:
-        """After the VM's lock is let go: listeners, then the success hooks (none for a
-        change that had nothing to do)."""
+        """Listeners, then the success hooks (none for a change that had nothing to do)."""
         if not plan.steps:
             return
         self._notify(plan, state)
@@ -597,8 +601,9 @@ class Service:
         plan: Plan,
         seen: Mapping[str, str],
     ) -> VmState:
-        """The state after a change, from what confirming it already read (the live XML,
-        the bridge of each tap it checked); the VM's other taps are read here."""
+        """The state after a change, from what the transaction knows (the live XML as read,
+        with the updates libvirt accepted; the bridge of each tap it checked); the VM's
+        other taps are read here."""
         if snap.active:
             domain = live or DomainXML(dom.xml())
             return vm_state(
@@ -744,6 +749,9 @@ class Service:
             dom.destroy()  # a transient VM is gone then
         if persistent:
             dom.undefine()
+
+
+_DEFINITION = (DefinitionUpdate, DefinitionAttach, DefinitionDetach)
 
 
 def _failure(vm_id: str, mac: str, error: Exception) -> errors.VnicdError:

@@ -118,8 +118,9 @@ Finish = Callable[[DomainXML | None, Mapping[str, str]], T]
 
 
 class Transaction:
-    """One plan on one domain. ``live`` is the last live XML read while confirming,
-    ``seen`` each tap's bridge as the kernel last reported it ("" for none)."""
+    """One plan on one domain. ``live`` is the live XML as last read, with the live
+    updates libvirt accepted since; ``seen`` each tap's bridge as the kernel last
+    reported it ("" for none)."""
 
     def __init__(
         self,
@@ -205,7 +206,7 @@ class Transaction:
         match step:
             case LiveUpdate(after=after, bridge=bridge):
                 dom.update_interface(after.to_xml(), live=True, persistent=False)
-                self._confirm(after, bridge)
+                self._took(after, bridge)
             case DefinitionUpdate(after=after):
                 dom.update_interface(after.to_xml(), live=False, persistent=True)
             case LiveAttach(iface=iface):
@@ -304,6 +305,18 @@ class Transaction:
 
     def _present(self, mac: str | None) -> bool:
         return self._read_live().interface(mac=mac) is not None
+
+    def _took(self, after: Interface, bridge: str | None) -> None:
+        """libvirt accepted ``after`` as a live update. It answers only once the device's
+        live definition is replaced (nothing is left half done without an error), so its
+        live XML is not read back: ``live`` becomes the one read before, with ``after``.
+        The kernel is read: the tap must be on ``bridge``."""
+        assert self.live is not None, "a live update is of a running VM"
+        self.live = self.live.with_interface(after)
+        if bridge is not None and after.tap is not None:
+            actual = self._where(after.tap)
+            if actual != bridge:
+                raise ConfirmError(f"tap {after.tap} is on {actual}, expected {bridge}")
 
     def _confirm(self, expected: Interface, bridge: str | None) -> None:
         now = self._read_live().interface(mac=expected.mac)
