@@ -137,3 +137,17 @@ def test_domain_uuid_and_rejections() -> None:
         Domain("<domain><name>x\ud800</name></domain>")
     hostile = '<!DOCTYPE d [<!ENTITY e SYSTEM "file:///etc/passwd">]><domain>&e;</domain>'
     assert "root:" not in Domain(hostile).to_xml(), "an external entity was expanded"
+
+
+def test_a_domain_with_an_accepted_interface_is_a_view() -> None:
+    """What a live update libvirt accepted leaves: the domain as read with that interface,
+    the read one untouched (a reader may still be answered from it)."""
+    other = LIVE.replace("AA:bb:01", "aa:bb:02").replace("vnet7", "vnet8")
+    read = Domain(f"<domain><name>vm</name><devices>{LIVE}{other}</devices></domain>")
+    after = edit(read.interfaces[0], NicChange(link_up=False), None)
+    view = read.with_interface(after)
+    assert [i.link_up for i in view.interfaces] == [False, True]
+    assert [i.link_up for i in read.interfaces] == [True, True]
+    assert [i.link_up for i in Domain(view.to_xml()).interfaces] == [False, True]
+    assert view.interface(mac="52:54:00:aa:bb:01") is after
+    assert "state" not in read.to_xml()

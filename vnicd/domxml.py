@@ -221,6 +221,7 @@ class Domain:
 
     def __init__(self, xml: str) -> None:
         self.element = parse(xml, "domain")
+        self._replaced: dict[str, Interface] = {}  # by MAC: see with_interface
 
     @property
     def uuid(self) -> str | None:
@@ -232,7 +233,10 @@ class Domain:
 
     @property
     def interfaces(self) -> list[Interface]:
-        return [Interface(el) for el in self.element.iterfind("devices/interface")]
+        found = [Interface(el) for el in self.element.iterfind("devices/interface")]
+        if not self._replaced:
+            return found
+        return [self._replaced.get(i.mac or "", i) for i in found]
 
     def interface(self, *, alias: str | None = None, mac: str | None = None) -> Interface | None:
         return next((i for i in self.interfaces if i.matches(alias=alias, mac=mac)), None)
@@ -257,6 +261,7 @@ class Domain:
         return {a for a in found if a is not None}
 
     def set_uuid(self, uuid: str) -> None:
+        assert not self._replaced, "a view of another domain is not edited"
         el = self.element.find("uuid")
         if el is None:
             el = etree.Element("uuid")
@@ -268,19 +273,24 @@ class Domain:
         el.text = uuid
 
     def to_xml(self) -> str:
-        return to_string(self.element)
-
-    def with_interface(self, iface: Interface) -> Domain:
-        """A copy whose ``<interface>`` of ``iface``'s MAC is a copy of ``iface``."""
-        copied = Domain.__new__(Domain)
-        copied.element = copy.deepcopy(self.element)
-        for el in copied.element.iterfind("devices/interface"):
-            if Interface(el).mac == iface.mac:
-                new = copy.deepcopy(iface.element)
+        if not self._replaced:
+            return to_string(self.element)
+        copied = copy.deepcopy(self.element)
+        for el in copied.iterfind("devices/interface"):
+            found = self._replaced.get(Interface(el).mac or "")
+            if found is not None:
+                new = copy.deepcopy(found.element)
                 new.tail = el.tail
                 el.getparent().replace(el, new)  # type: ignore[union-attr]
-                break
-        return copied
+        return to_string(copied)
+
+    def with_interface(self, iface: Interface) -> Domain:
+        """This domain with ``iface`` in place of the ``<interface>`` of its MAC. A view:
+        it shares the tree with this one, which neither changes (edit neither)."""
+        view = Domain.__new__(Domain)
+        view.element = self.element
+        view._replaced = {**self._replaced, iface.mac or "": iface}
+        return view
 
 
 def hotplug_interface(xml: str) -> Interface:
