@@ -35,8 +35,8 @@ def start() -> None:
 
 def _run() -> None:
     while True:
-        if libvirt.virEventRunDefaultImpl() < 0:
-            log.error(
-                "libvirt's event loop failed an iteration: %s", libvirt.virGetLastErrorMessage()
-            )
+        try:
+            libvirt.virEventRunDefaultImpl()
+        except libvirt.libvirtError as e:
+            log.error("libvirt's event loop failed an iteration: %s", e)
             time.sleep(0.1)  # not a busy loop if it keeps failing

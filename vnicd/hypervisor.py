@@ -304,6 +304,9 @@ class Hypervisor:
             raise HypervisorError(f"watching the connection to {self.uri}", e) from e
         self._conn = conn
         self._down = None
+        if self.remote and not conn.isAlive():  # lost before its close callback counted
+            self._down = "lost while connecting"
+            raise HypervisorDown(self.uri, self._down)
         log.info("connected to %s (libvirt %d)", self.uri, libvirt.getVersion())
 
     def reopen(self) -> None:
