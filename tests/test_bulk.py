@@ -6,9 +6,12 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+import pytest
+
 from tests.conftest import Nic, Vms
 from tests.evidence import interfaces, seen
-from tests.harness import DaemonThread, SchemaClient
+from tests.harness import DaemonThread, SchemaClient, injected
+from vnicd.hypervisor import Domain, HypervisorError
 
 
 def bulk(rpc: SchemaClient, **params: Any) -> list[dict[str, Any]]:
@@ -81,3 +84,26 @@ def test_one_hold_per_vm_chains_its_vnics(vnicd: DaemonThread, vms: Vms, rpc: Sc
         assert saved_nic.find("source").get("bridge") == "vt-c"  # type: ignore[union-attr]
         link = saved_nic.find("link")
         assert (link is not None and link.get("state") == "down") is (nic is unwired)
+
+
+def test_a_vnic_rolled_back_mid_chain(
+    vnicd: DaemonThread, vms: Vms, rpc: SchemaClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """libvirt carries out the middle vNIC's move, then reports a failure: that vNIC is
+    put back for real, the ones before and after it are moved."""
+    nics = Nic("vt-a"), Nic("vt-a"), Nic("vt-a")
+    vm_id = vms.create(*nics)
+    real, failed = Domain.update_interface, []
+
+    def failing(self: Domain, xml: str, *, live: bool, persistent: bool) -> None:
+        real(self, xml, live=live, persistent=persistent)
+        if nics[1].mac in xml and not failed:
+            failed.append(xml)
+            raise HypervisorError("updating interface", injected("injected failure"))
+
+    monkeypatch.setattr(Domain, "update_interface", failing)
+    results = bulk(rpc, match={"vmIDs": [vm_id]}, change={"network": "vt-c"})
+    assert [r["ok"] for r in results] == [True, False, True], results
+    assert results[1]["error"]["data"]["rolledBack"] is True
+    assert [seen(vnicd, vm_id, n.mac).kernel_bridge for n in nics] == ["vt-c", "vt-a", "vt-c"]
+    assert [seen(vnicd, vm_id, n.mac).source for n in nics] == ["vt-c", "vt-a", "vt-c"]
