@@ -1,14 +1,17 @@
-"""python -m bench.profile: what one vnicd change costs, counted (embedded driver).
+"""python -m bench.profile: what one vnicd change costs, counted and timed.
 
 Counts, per ``VM.updateDevice`` over the Unix socket, the libvirt calls vnicd makes
 (by name), the XML documents it parses and serializes with lxml, and its netlink
 round trips, for a link toggle and a bridge move on a transient and on a persistent
-VM. Run it under ``py-spy record`` for where the time goes.
+VM; then times a link toggle stage by stage (the median time between one stage's
+start or end and the next's). vnicd runs in this process, on the embedded driver or,
+with ``--uri system``, through libvirtd. Run it under ``py-spy record`` for more.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import collections
 import functools
 import os
@@ -22,12 +25,13 @@ from typing import Any
 import libvirt
 from lxml import etree
 
-from bench.host import BenchHost, log, sweep_stale
+from bench.host import BenchHost, Vm, log, sweep_stale
 from bench.methods import Change, Vnicd
 from bench.run import _interrupt
 from tests.harness import DaemonThread
-from vnicd import hostnet
+from vnicd import hostnet, hypervisor, planning, service, sitehooks, transaction
 from vnicd.config import Config
+from vnicd.dispatcher import Dispatcher
 
 counts: collections.Counter[str] = collections.Counter()
 
@@ -53,17 +57,92 @@ def _instrument() -> None:
         setattr(hostnet, name, _counted(f"hostnet.{name}", getattr(hostnet, name)))
 
 
+marks: list[tuple[int, str]] = []
+
+# (owner, attribute, stage): the stages of a change, in the order they happen
+_STAGES: list[tuple[Any, str, str]] = [
+    (Dispatcher, "handle", "dispatch"),
+    (service.Service, "_change", "change"),
+    (service.Service, "_read", "read"),
+    (hypervisor.Domain, "presence", "presence"),
+    (hypervisor.Domain, "xml", "XMLDesc"),
+    (planning, "plan_update", "plan"),
+    (sitehooks.PlanHooks, "before", "before-hooks"),
+    (transaction.Transaction, "_apply_all", "apply"),
+    (hypervisor.Domain, "update_interface", "updateDeviceFlags"),
+    (hostnet, "master", "kernel read"),
+    (service.Service, "_answer", "answer"),
+    (service.Service, "_notify", "listeners"),
+    (sitehooks.PlanHooks, "after", "after-hooks"),
+]
+
+
+def _marked(stage: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def mark(edge: str) -> None:
+        marks.append((time.perf_counter_ns(), f"{stage} {edge}"))
+
+    if asyncio.iscoroutinefunction(fn):
+
+        @functools.wraps(fn)
+        async def waited(*args: Any, **kwargs: Any) -> Any:
+            mark("starts")
+            try:
+                return await fn(*args, **kwargs)
+            finally:
+                mark("ends")
+
+        return waited
+
+    @functools.wraps(fn)
+    def called(*args: Any, **kwargs: Any) -> Any:
+        mark("starts")
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            mark("ends")
+
+    return called
+
+
+def _timeline(vnicd: Vnicd, vm: Vm, changes: int) -> None:
+    """A link toggle, stage by stage: the median gap between consecutive marks."""
+    real = [(owner, attr, getattr(owner, attr)) for owner, attr, _stage in _STAGES]
+    for owner, attr, stage in _STAGES:
+        setattr(owner, attr, _marked(stage, getattr(owner, attr)))
+    runs: list[list[tuple[int, str]]] = []
+    try:
+        for i in range(changes):
+            marks.clear()
+            marks.append((time.perf_counter_ns(), "client sends"))
+            vnicd.change(vm, vm.nics[0], Change(link_up=i % 2 == 1))
+            marks.append((time.perf_counter_ns(), "client has the answer"))
+            runs.append(list(marks))
+    finally:
+        for owner, attr, fn in real:
+            setattr(owner, attr, fn)
+    shape = collections.Counter(tuple(label for _t, label in run) for run in runs)
+    labels, _n = shape.most_common(1)[0]  # runs that took another path are left out
+    same = [run for run in runs if tuple(label for _t, label in run) == labels]
+    print(f"link toggle, transient VM, stage by stage (median of {len(same)} changes, us):")
+    for k in range(1, len(labels)):
+        gap = statistics.median((run[k][0] - run[k - 1][0]) / 1000 for run in same)
+        print(f"  {gap:8.1f}  {labels[k - 1]} -> {labels[k]}")
+    total = statistics.median((run[-1][0] - run[0][0]) / 1000 for run in same)
+    print(f"  {total:8.1f}  in all")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
     p.add_argument("--changes", type=int, default=200, help="changes per case (default 200)")
     p.add_argument("--vms", type=int, default=2, help="VMs on the host, at least 2 (default 2)")
+    p.add_argument("--uri", choices=["embedded", "system"], default="embedded")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         print("bench.profile: run as root", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _interrupt)
     sweep_stale()
-    host = BenchHost(system=False)
+    host = BenchHost(system=args.uri == "system")
     daemon: DaemonThread | None = None
     vnicd: Vnicd | None = None
 
@@ -78,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         host.enter()
         config = Config(
+            libvirt_uri="qemu:///system" if host.system else "",
             state_dir=host.state / "vnicd",
             unix_socket=host.state / "vnicd.sock",
             log_level="INFO",
@@ -89,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         host.boot(daemon.conn, [transient, *others], persistent=False)
         host.boot(daemon.conn, [persistent], persistent=True)
         vnicd = Vnicd(config.unix_socket)
+        _timeline(vnicd, transient, args.changes)
+        print()
         _instrument()
         a, b = host.bridges
         cases = {

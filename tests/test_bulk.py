@@ -93,7 +93,7 @@ def test_a_vnic_rolled_back_mid_chain(
     put back for real, the ones before and after it are moved."""
     nics = Nic("vt-a"), Nic("vt-a"), Nic("vt-a")
     vm_id = vms.create(*nics)
-    real, failed = Domain.update_interface, []
+    real, failed = Domain.update_interface, list[str]()
 
     def failing(self: Domain, xml: str, *, live: bool, persistent: bool) -> None:
         real(self, xml, live=live, persistent=persistent)
