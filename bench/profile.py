@@ -31,7 +31,6 @@ from bench.run import _interrupt
 from tests.harness import DaemonThread
 from vnicd import hostnet, hypervisor, planning, service, sitehooks, transaction
 from vnicd.config import Config
-from vnicd.dispatcher import Dispatcher
 
 counts: collections.Counter[str] = collections.Counter()
 
@@ -61,7 +60,6 @@ marks: list[tuple[int, str]] = []
 
 # (owner, attribute, stage): the stages of a change, in the order they happen
 _STAGES: list[tuple[Any, str, str]] = [
-    (Dispatcher, "handle", "dispatch"),
     (service.Service, "_change", "change"),
     (service.Service, "_read", "read"),
     (hypervisor.Domain, "presence", "presence"),
