@@ -241,15 +241,17 @@ def test_libvirt_network_moved_to_a_bridge_and_back(
     proc = launch(path, log, NOTIFY_SOCKET=str(notify.path))
     vm_id = f"5e1f0000-0000-4000-8003-{os.getpid():012x}"
     tap, mac = f"vn{os.getpid() % 100000}", "52:54:00:7f:03:01"
-    nic = (
-        f"<interface type='network'><mac address='{mac}'/><source network='{net}'/>"
-        f"<target dev='{tap}'/><model type='virtio'/></interface>"
+    tap2, mac2 = f"vm{os.getpid() % 100000}", "52:54:00:7f:03:02"
+    nics = "".join(
+        f"<interface type='network'><mac address='{m}'/><source network='{net}'/>"
+        f"<target dev='{t}'/><model type='virtio'/></interface>"
+        for t, m in ((tap, mac), (tap2, mac2))
     )
     try:
         notify.wait("READY=1")
-        vm = vm_xml(f"{MARKER}-net", vm_id, [], nic)
+        vm = vm_xml(f"{MARKER}-net", vm_id, [], nics)
         info: Any = call(sock, "VM.create", vmID=vm_id, vmParams={"xml": vm})
-        (first,) = info["nics"]
+        first, _second = info["nics"]
         assert (first["network"], first["sourceType"], first["bridge"]) == (
             "lab",
             "network",
@@ -261,7 +263,7 @@ def test_libvirt_network_moved_to_a_bridge_and_back(
 
         for network, kind, where in (("vt-b", "bridge", "vt-b"), ("lab", "network", bridge)):
             params = {"deviceType": "interface", "macAddr": mac, "network": network}
-            (now,) = cast(Any, call(sock, "VM.updateDevice", vmID=vm_id, params=params))["nics"]
+            now, _ = cast(Any, call(sock, "VM.updateDevice", vmID=vm_id, params=params))["nics"]
             assert (now["network"], now["sourceType"], now["bridge"]) == (network, kind, where)
             assert master(tap) == where, "the kernel agrees"
             assert (now["macAddr"], now["pciAddress"], now["tap"]) == (
@@ -271,6 +273,21 @@ def test_libvirt_network_moved_to_a_bridge_and_back(
             )
             live = libvirtd.virsh("dumpxml", vm_id).stdout
             assert f"<interface type='{kind}'>" in live
+            assert master(tap2) == bridge, "the other vNIC stays"
+
+        # both, one after the other in one hold: the second is planned on what libvirt
+        # made of the first (a network's port and bridge), and answered as the kernel has it
+        for network, kind, where in (("vt-b", "bridge", "vt-b"), ("lab", "network", bridge)):
+            done: Any = call(
+                sock,
+                "Host.bulkUpdateNics",
+                match={"vmIDs": [vm_id]},
+                change={"network": network},
+            )
+            assert [r["ok"] for r in done["results"]] == [True, True], done
+            for r, t in zip(done["results"], (tap, tap2), strict=True):
+                assert (r["nic"]["sourceType"], r["nic"]["bridge"]) == (kind, where), r
+                assert master(t) == where
         call(sock, "VM.destroy", vmID=vm_id)
     finally:
         stop(proc)

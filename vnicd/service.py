@@ -422,7 +422,7 @@ class Service:
             plan = make_plan(snap)
             if dry_run:
                 return DryRun(plan)
-            plan, state = await self._carry_out(dom, snap, plan)
+            plan, state, _live = await self._carry_out(dom, snap, plan)
         await self._done(plan, state)
         return state
 
@@ -457,7 +457,7 @@ class Service:
                     if dry_run:
                         outcomes.append((nic, DryRun(plan)))
                         continue
-                    plan, state = await self._carry_out(dom, snap, plan)
+                    plan, state, live = await self._carry_out(dom, snap, plan)
                 except Exception as e:  # one vNIC's failure must not end the others' changes
                     outcomes.append((nic, _failure(vm_id, nic.mac, e)))
                     if not rest:
@@ -474,45 +474,56 @@ class Service:
                 if not rest:
                     break
                 try:
-                    dom, snap = await self._blocking(self._next, vm_id, dom, snap, plan)
+                    dom, snap = await self._blocking(self._next, vm_id, dom, snap, plan, live)
                 except Exception as e:
                     outcomes += [(n, _failure(vm_id, n.mac, e)) for n in rest]
                     break
         return outcomes
 
-    def _next(self, vm_id: str, dom: Domain, snap: Snapshot, plan: Plan) -> tuple[Domain, Snapshot]:
-        """The VM after one change of several in one hold, read again: the saved XML only
-        if the change touched it, vnicd's store as the change left it; all of it if its
-        status or persistence moved meanwhile or the connection was renewed."""
+    def _next(
+        self, vm_id: str, dom: Domain, snap: Snapshot, plan: Plan, live: DomainXML | None
+    ) -> tuple[Domain, Snapshot]:
+        """The VM after one change of several in one hold: its status and persistence read
+        again (all of it read again if they moved, or if the connection was renewed); the
+        live XML as the change left it (``live``), read again when that is unknown or
+        libvirt adds to what was sent (a libvirt network's port and bridge); the saved XML
+        read again if the change touched it; vnicd's store as the change left it."""
         found = dom.presence() if self._hypervisor.holds(dom) else None
         if found != (snap.status, snap.persistent):
             return self._read(vm_id, saved=True)
-        live = DomainXML(dom.xml()) if snap.active else None
+        if snap.active and (live is None or _joins_a_network(plan)):
+            live = DomainXML(dom.xml())
         saved = snap.saved
         if snap.persistent and any(isinstance(s, _DEFINITION) for s in plan.steps):
             saved = DomainXML(dom.xml(inactive=True))
         return dom, replace(snap, live=live, saved=saved, store=plan.store, store_error=None)
 
-    async def _carry_out(self, dom: Domain, snap: Snapshot, plan: Plan) -> tuple[Plan, VmState]:
-        """Under the VM's lock: ``plan`` (as the hooks left it) carried out, and its answer."""
+    async def _carry_out(
+        self, dom: Domain, snap: Snapshot, plan: Plan
+    ) -> tuple[Plan, VmState, DomainXML | None]:
+        """Under the VM's lock: ``plan`` (as the hooks left it) carried out, its answer, and
+        the live XML the answer was built from (None when it had to be read afresh)."""
+        answered: list[DomainXML | None] = []
 
         def answer(live: DomainXML | None, seen: Mapping[str, str]) -> VmState:
+            answered.append(live)
             return self._answer(dom, snap, live, plan, seen)
 
         if not plan.steps:
-            return plan, await self._blocking(answer, snap.live, {})
+            return plan, await self._blocking(answer, snap.live, {}), snap.live
         plan = await self.hooks.before(plan)
         self._begin(plan.vm, snap)
         try:
             state = await self._execute(dom, snap, plan, answer)
         except _Unanswered as e:
             state = await self._answer_again(plan, e.cause)
+            answered.clear()
         except errors.VnicdError as e:
             await self._after(plan, e)
             raise
         finally:
             self._end(plan.vm)
-        return plan, state
+        return plan, state, answered[0] if answered else None
 
     async def _done(self, plan: Plan, state: VmState) -> None:
         """Listeners, then the success hooks (none for a change that had nothing to do)."""
@@ -752,6 +763,17 @@ class Service:
 
 
 _DEFINITION = (DefinitionUpdate, DefinitionAttach, DefinitionDetach)
+
+
+def _joins_a_network(plan: Plan) -> bool:
+    """Whether a live update of ``plan`` wires a vNIC to a libvirt network: libvirt's live
+    XML then names the port and bridge it allocated, which vnicd did not send."""
+    return any(
+        isinstance(s, LiveUpdate)
+        and s.after.kind == "network"
+        and s.after.source != s.before.source
+        for s in plan.steps
+    )
 
 
 def _failure(vm_id: str, mac: str, error: Exception) -> errors.VnicdError:
