@@ -10,12 +10,14 @@ lives here: what "unwiring" means is decided elsewhere.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 from lxml import etree
 
 SourceKind = Literal["bridge", "network"]
+T = TypeVar("T")
 
 # Untrusted XML (VM.create) must not expand entities or reach the network.
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
@@ -116,12 +118,16 @@ class Link:
 
 
 class Interface:
-    """One ``<interface>`` element: read accessors plus edits of the parts vnicd owns."""
+    """One ``<interface>`` element: read accessors plus edits of the parts vnicd owns.
+
+    What the accessors read is kept (a listing reads each vNIC's parts many times); every
+    edit goes through a method here, which forgets it."""
 
     def __init__(self, element: etree._Element) -> None:
         if element.tag != "interface":
             raise XMLError(f"expected <interface>, found <{element.tag}>")
         self.element = element
+        self._memo: dict[str | tuple[str, str], Any] = {}
 
     @classmethod
     def from_xml(cls, xml: str) -> Interface:
@@ -135,8 +141,20 @@ class Interface:
         return Interface(copy.deepcopy(self.element))
 
     def _attr(self, child: str, attr: str) -> str | None:
-        el = self.element.find(child)
-        return None if el is None else el.get(attr)
+        key = (child, attr)
+        try:
+            return self._memo[key]  # type: ignore[no-any-return]
+        except KeyError:
+            el = self.element.find(child)
+            value = self._memo[key] = None if el is None else el.get(attr)
+            return value
+
+    def _kept(self, key: str, read: Callable[[etree._Element], T]) -> T:
+        try:
+            return self._memo[key]  # type: ignore[no-any-return]
+        except KeyError:
+            value = self._memo[key] = read(self.element)
+            return value
 
     @property
     def kind(self) -> str:
@@ -162,7 +180,7 @@ class Interface:
 
     @property
     def address(self) -> PciAddress | None:
-        return PciAddress.parse(self.element)
+        return self._kept("address", PciAddress.parse)
 
     @property
     def bridge(self) -> str | None:
@@ -171,21 +189,24 @@ class Interface:
 
     @property
     def source(self) -> Source | None:
-        return Source.parse(self.element)
+        return self._kept("source", Source.parse)
 
     @source.setter
     def source(self, value: Source) -> None:
+        self._memo.clear()
         value.format(self.element)
 
     @property
     def link_up(self) -> bool:
-        return Link.parse(self.element).up
+        return self._kept("link", Link.parse).up
 
     @link_up.setter
     def link_up(self, up: bool) -> None:
+        self._memo.clear()
         Link(up).format(self.element)
 
     def set_mac(self, mac: str) -> None:
+        self._memo.clear()
         el = self.element.find("mac")
         if el is None:
             el = etree.Element("mac")
@@ -205,6 +226,7 @@ class Interface:
         kept = self.copy()
         alias = kept.element.find("alias")
         if alias is not None and not str(alias.get("name", "")).startswith("ua-"):
+            kept._memo.clear()
             kept.element.remove(alias)
         source = kept.source
         if source is not None:
@@ -222,6 +244,7 @@ class Domain:
     def __init__(self, xml: str) -> None:
         self.element = parse(xml, "domain")
         self._replaced: dict[str, Interface] = {}  # by MAC: see with_interface
+        self._tree_interfaces: list[Interface] | None = None  # the tree's, as first asked for
 
     @property
     def uuid(self) -> str | None:
@@ -233,10 +256,17 @@ class Domain:
 
     @property
     def interfaces(self) -> list[Interface]:
-        found = [Interface(el) for el in self.element.iterfind("devices/interface")]
+        found = self._in_tree()
         if not self._replaced:
-            return found
+            return list(found)
         return [self._replaced.get(i.mac or "", i) for i in found]
+
+    def _in_tree(self) -> list[Interface]:
+        if self._tree_interfaces is None:
+            self._tree_interfaces = [
+                Interface(el) for el in self.element.iterfind("devices/interface")
+            ]
+        return self._tree_interfaces
 
     def interface(self, *, alias: str | None = None, mac: str | None = None) -> Interface | None:
         return next((i for i in self.interfaces if i.matches(alias=alias, mac=mac)), None)
@@ -290,6 +320,7 @@ class Domain:
         view = Domain.__new__(Domain)
         view.element = self.element
         view._replaced = {**self._replaced, iface.mac or "": iface}
+        view._tree_interfaces = self._in_tree()
         return view
 
 

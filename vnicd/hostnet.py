@@ -22,6 +22,7 @@ import functools
 import itertools
 import os
 import queue
+import socket
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -214,10 +215,16 @@ def _dump() -> list[Link]:
 
 
 def _master_name(found: Link) -> str | None:
+    """The master's name, asked of the kernel by index (SIOCGIFNAME: a system call, not
+    another netlink round trip)."""
     if not found.master:
         return None
-    master_link = _get(index=found.master)
-    return None if master_link is None else master_link.name
+    try:
+        return socket.if_indextoname(found.master)
+    except OSError as e:
+        if e.errno == errno.ENXIO or e.errno == errno.ENODEV:
+            return None  # gone since
+        raise HostNetError(f"name of device {found.master}: {e}", e.errno) from e
 
 
 def link(name: str) -> dict[str, Any] | None:
