@@ -118,3 +118,19 @@ def test_bulk_pairs_each_vnics_hooks(site: Site, vms: Vms, vnicd: DaemonThread) 
     assert order.read_text().splitlines() == [
         f"{when} {mac}" for mac in (a.mac, b.mac) for when in ("before", "after")
     ]
+
+
+def test_hook_leaving_out_what_libvirt_fills_in(site: Site, vms: Vms, vnicd: DaemonThread) -> None:
+    """A before_ hook that drops the tap name and alias: libvirt keeps the device's own, and
+    the answer says so (it is read back), as the kernel does."""
+    site.hook(
+        "before_update_device", "sed -i 's#<target[^>]*/>##; s#<alias[^>]*/>##' \"$_hook_domxml\"\n"
+    )
+    nic = Nic("vt-a")
+    vm_id = vms.create(nic)
+    before = seen(vnicd, vm_id, nic.mac)
+    with vnicd.client() as rpc:
+        (got,) = update(rpc, vm_id, macAddr=nic.mac, network="vt-b")["nics"]
+    now = seen(vnicd, vm_id, nic.mac)
+    assert (now.tap, now.alias, now.kernel_bridge) == (before.tap, before.alias, "vt-b")
+    assert (got["tap"], got["alias"], got["bridge"]) == (before.tap, before.alias, "vt-b")

@@ -121,7 +121,8 @@ class Interface:
     """One ``<interface>`` element: read accessors plus edits of the parts vnicd owns.
 
     What the accessors read is kept (a listing reads each vNIC's parts many times); every
-    edit goes through a method here, which forgets it."""
+    edit goes through a method here, which forgets it. Edits are made on copies only: an
+    interface a snapshot holds, which other threads read, is never edited."""
 
     def __init__(self, element: etree._Element) -> None:
         if element.tag != "interface":
@@ -226,7 +227,6 @@ class Interface:
         kept = self.copy()
         alias = kept.element.find("alias")
         if alias is not None and not str(alias.get("name", "")).startswith("ua-"):
-            kept._memo.clear()
             kept.element.remove(alias)
         source = kept.source
         if source is not None:
@@ -303,20 +303,13 @@ class Domain:
         el.text = uuid
 
     def to_xml(self) -> str:
-        if not self._replaced:
-            return to_string(self.element)
-        copied = copy.deepcopy(self.element)
-        for el in copied.iterfind("devices/interface"):
-            found = self._replaced.get(Interface(el).mac or "")
-            if found is not None:
-                new = copy.deepcopy(found.element)
-                new.tail = el.tail
-                el.getparent().replace(el, new)  # type: ignore[union-attr]
-        return to_string(copied)
+        assert not self._replaced, "a view of another domain is not serialized"
+        return to_string(self.element)
 
     def with_interface(self, iface: Interface) -> Domain:
         """This domain with ``iface`` in place of the ``<interface>`` of its MAC. A view:
-        it shares the tree with this one, which neither changes (edit neither)."""
+        it shares the tree with this one, which neither changes; only its interfaces see
+        ``iface`` (neither is edited or serialized)."""
         view = Domain.__new__(Domain)
         view.element = self.element
         view._replaced = {**self._replaced, iface.mac or "": iface}

@@ -95,11 +95,8 @@ class Hooks:
         """``name``'s executables, in name order; none when its directory is missing."""
         if name not in NAMES:
             raise ValueError(f"unknown hook {name!r}")
-        folder = os.path.join(self.directory, name)
-        if not os.access(folder, os.F_OK):  # the usual case, asked without an exception
-            return []
         try:
-            with os.scandir(folder) as entries:
+            with os.scandir(os.path.join(self.directory, name)) as entries:
                 found = [
                     Path(e.path) for e in entries if e.is_file() and os.access(e.path, os.X_OK)
                 ]

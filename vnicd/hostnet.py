@@ -216,7 +216,8 @@ def _dump() -> list[Link]:
 
 def _master_name(found: Link) -> str | None:
     """The master's name, asked of the kernel by index (SIOCGIFNAME: a system call, not
-    another netlink round trip)."""
+    another netlink round trip) in the calling thread's network namespace, which is the
+    one the netlink sockets were opened in: vnicd's threads never change theirs."""
     if not found.master:
         return None
     try:

@@ -229,6 +229,13 @@ class Listed:
     persistent: bool
 
 
+def _alive(conn: libvirt.virConnect) -> bool:
+    try:
+        return bool(conn.isAlive())
+    except libvirt.libvirtError:
+        return False
+
+
 class Hypervisor:
     """A managed libvirt connection. Open it only after :func:`vnicd.eventloop.start` and
     :meth:`bind`.
@@ -266,12 +273,7 @@ class Hypervisor:
         """Whether the connection stands: a call that failed may have lost it, before the
         close callback says so."""
         conn = self._conn
-        if conn is None or self._down is not None:
-            return False
-        try:
-            return bool(conn.isAlive())
-        except libvirt.libvirtError:
-            return False
+        return conn is not None and self._down is None and _alive(conn)
 
     def holds(self, dom: Domain) -> bool:
         """Whether ``dom`` was looked up on the connection that stands now: calls made on a
@@ -304,7 +306,7 @@ class Hypervisor:
             raise HypervisorError(f"watching the connection to {self.uri}", e) from e
         self._conn = conn
         self._down = None
-        if self.remote and not conn.isAlive():  # lost before its close callback counted
+        if self.remote and not _alive(conn):  # lost before its close callback counted
             self._down = "lost while connecting"
             raise HypervisorDown(self.uri, self._down)
         log.info("connected to %s (libvirt %d)", self.uri, libvirt.getVersion())

@@ -446,7 +446,9 @@ class Service:
         async with self.locks.hold(vm_id):
             if not dry_run:
                 await self._settle(vm_id)
+            loop = asyncio.get_running_loop()
             dom, snap = await self._blocking(self._read, vm_id, saved=True)
+            read_at = loop.time()
             picked = [n for n in self._state(snap).nics if picks(n)]
             for i, nic in enumerate(picked):
                 rest = picked[i + 1 :]
@@ -465,6 +467,7 @@ class Service:
                     try:
                         await self._settle(vm_id)  # a cut change is undone before the next
                         dom, snap = await self._blocking(self._read, vm_id, saved=True)
+                        read_at = loop.time()
                     except Exception as e:
                         outcomes += [(n, _failure(vm_id, n.mac, e)) for n in rest]
                         break
@@ -473,8 +476,11 @@ class Service:
                 await self._done(plan, state)
                 if not rest:
                     break
+                if loop.time() - read_at > _FRESH:  # hooks or a bounce ran: the VM may not wait
+                    live = None
                 try:
                     dom, snap = await self._blocking(self._next, vm_id, dom, snap, plan, live)
+                    read_at = loop.time() if live is None else read_at
                 except Exception as e:
                     outcomes += [(n, _failure(vm_id, n.mac, e)) for n in rest]
                     break
@@ -763,17 +769,17 @@ class Service:
 
 
 _DEFINITION = (DefinitionUpdate, DefinitionAttach, DefinitionDetach)
+# Seconds a live XML read may stand for the next vNIC of a bulk change, with the updates
+# libvirt accepted since: two quick changes' worth; after hooks or a bounce, it is read again.
+_FRESH = 0.05
 
 
 def _joins_a_network(plan: Plan) -> bool:
-    """Whether a live update of ``plan`` wires a vNIC to a libvirt network: libvirt's live
-    XML then names the port and bridge it allocated, which vnicd did not send."""
-    return any(
-        isinstance(s, LiveUpdate)
-        and s.after.kind == "network"
-        and s.after.source != s.before.source
-        for s in plan.steps
-    )
+    """Whether a live update of ``plan`` sends a libvirt network source without its port
+    and bridge (a vNIC wired to it, again or anew): libvirt's live XML names the ones it
+    allocated, which vnicd did not send."""
+    updates = (s for s in plan.steps if isinstance(s, LiveUpdate))
+    return any(s.after.kind == "network" and s.after.bridge is None for s in updates)
 
 
 def _failure(vm_id: str, mac: str, error: Exception) -> errors.VnicdError:

@@ -204,9 +204,12 @@ class Transaction:
     def _apply(self, step: Step) -> None:
         dom = self._dom
         match step:
-            case LiveUpdate(after=after, bridge=bridge):
+            case LiveUpdate(before=before, after=after, bridge=bridge):
                 dom.update_interface(after.to_xml(), live=True, persistent=False)
-                self._took(after, bridge)
+                if (after.tap, after.alias) == (before.tap, before.alias):
+                    self._took(after, bridge)
+                else:  # a hook left out what libvirt fills in from the device: read it
+                    self._confirm(after, bridge)
             case DefinitionUpdate(after=after):
                 dom.update_interface(after.to_xml(), live=False, persistent=True)
             case LiveAttach(iface=iface):
