@@ -226,6 +226,19 @@ class Target:
         assert self.vnicd is not None, "the host is read through the session's vnicd"
         return fingerprint(self.vnicd.conn)
 
+    def settled(self, timeout: float = 5.0) -> Fingerprint:
+        """The host once it stops changing by itself: a bridge's operational state follows
+        a new VM's tap a moment later (the kernel's link watch), so a fingerprint taken
+        right after VMs started can differ from the next with nobody changing anything."""
+        last, deadline = self.fingerprint(), time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            time.sleep(0.25)
+            now = self.fingerprint()
+            if now == last:
+                return now
+            last = now
+        return last
+
 
 def aim(sock: Path, port: int, certs: pki.Pki, vm_ids: list[str]) -> Target:
     """A target: the vNICs of these VMs, as vnicd reports them."""

@@ -311,7 +311,7 @@ class Checker:
     def __init__(self, t: Target, tally: Tally) -> None:
         self.t = t
         self.tally = tally
-        self.before = t.fingerprint()
+        self.before = t.settled()
         self.since = 0
 
     def after(self, reached: bool, what: str) -> None:

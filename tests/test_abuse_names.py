@@ -115,7 +115,7 @@ def test_nasty_names_refused(
     aimed: Target, wire: Callable[..., Any], record_property: Callable[[str, object], None]
 ) -> None:
     tally = Tally("names: nasty network, bridge, alias and MAC values")
-    before = aimed.fingerprint()
+    before = aimed.settled()
     wrong: list[str] = []
     with abuse.spying() as spy, abuse.problems() as logged:
         for value in NASTY_NAMES:
