@@ -226,13 +226,14 @@ class Target:
         assert self.vnicd is not None, "the host is read through the session's vnicd"
         return fingerprint(self.vnicd.conn)
 
-    def settled(self, timeout: float = 5.0) -> Fingerprint:
+    def settled(self, timeout: float = 8.0) -> Fingerprint:
         """The host once it stops changing by itself: a bridge's operational state follows
-        a new VM's tap a moment later (the kernel's link watch), so a fingerprint taken
-        right after VMs started can differ from the next with nobody changing anything."""
+        a new VM's tap up to a second later (the kernel's link watch runs at most once a
+        second), so a fingerprint taken right after VMs started can differ from the next
+        with nobody changing anything. Two reads 1.25 s apart must agree."""
         last, deadline = self.fingerprint(), time.monotonic() + timeout
         while time.monotonic() < deadline:
-            time.sleep(0.25)
+            time.sleep(1.25)
             now = self.fingerprint()
             if now == last:
                 return now
