@@ -269,14 +269,18 @@ class Service:
         host's worth of round trips adds up."""
         epochs = dict(self._epochs)
         listed, masters = await self._blocking(self._listing)
-        size = -(-len(listed) // _LIST_READERS[self._hypervisor.remote])  # ceil
-        parts = [listed[i : i + size] for i in range(0, len(listed), size)] if listed else []
+        parts = self._reader_parts(listed)
         read = await asyncio.gather(*(self._blocking(self._states, p, masters) for p in parts))
         found = []
         for state in itertools.chain.from_iterable(read):
             consistent = self._consistent(state.uuid, epochs.get(state.uuid), state)
             found.append(consistent or await self._reread(state))
         return found
+
+    def _reader_parts(self, listed: list[Listed]) -> list[list[Listed]]:
+        """A listing cut into one part per reader (see ``_LIST_READERS``)."""
+        size = -(-len(listed) // _LIST_READERS[self._hypervisor.remote])  # ceil
+        return [listed[i : i + size] for i in range(0, len(listed), size)] if listed else []
 
     async def vm_ids(self) -> list[str]:
         """Every VM's id, in two calls whatever their number."""
@@ -367,8 +371,7 @@ class Service:
         wiring = None
         if req.change.network is not None:
             wiring = await self.resolve(req.change.network, req.vm_id, str(req.nic))
-        bounce = self._bounce_default if req.bounce is None else req.bounce
-        change = replace(req.change, bounce=self._bounce_seconds if bounce else None)
+        change = self._bounced(req.change, req.bounce)
         namer = self._networks.name_of
         persist = self._persist_running
 
@@ -378,6 +381,11 @@ class Service:
             )
 
         return await self._change(req.vm_id, plan, req.dry_run)
+
+    def _bounced(self, change: NicChange, bounce: bool | None) -> NicChange:
+        """``change`` with the link bounce asked for (None: the configured default)."""
+        bounce = self._bounce_default if bounce is None else bounce
+        return replace(change, bounce=self._bounce_seconds if bounce else None)
 
     async def resolve(self, network: str, vm: str = "", nic: str = "") -> Wiring:
         wiring = await self._blocking(self._networks.resolve, network)
@@ -439,8 +447,7 @@ class Service:
         of the VM (see :meth:`_next`). Each vNIC is all-or-nothing, with its hooks and its
         notification as a change of its own; after a failed one the VM is settled and read
         afresh."""
-        bounce = self._bounce_default if bounce is None else bounce
-        change = replace(change, bounce=self._bounce_seconds if bounce else None)
+        change = self._bounced(change, bounce)
         namer, persist = self._networks.name_of, self._persist_running
         outcomes: list[tuple[NicState, VmState | DryRun | errors.VnicdError]] = []
         async with self.locks.hold(vm_id):
@@ -697,8 +704,7 @@ class Service:
         for vm_id in set(self._unsettled) - {vm.domain.uuid for vm in listed}:
             self.forget(vm_id)  # gone while libvirt was away: nothing left to undo
         follow = starting and self._persist_running
-        size = -(-len(listed) // _LIST_READERS[self._hypervisor.remote])
-        parts = [listed[i : i + size] for i in range(0, len(listed), size)] if listed else []
+        parts = self._reader_parts(listed)
         found = await asyncio.gather(*(self._raw(self._unsettling, p, follow) for p in parts))
         due = set(itertools.chain.from_iterable(found)) | set(self._unsettled)
         await asyncio.gather(*(self.reconcile(vm_id, starting=starting) for vm_id in due))

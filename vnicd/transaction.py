@@ -316,10 +316,7 @@ class Transaction:
         The kernel is read: the tap must be on ``bridge``."""
         assert self.live is not None, "a live update is of a running VM"
         self.live = self.live.with_interface(after)
-        if bridge is not None and after.tap is not None:
-            actual = self._where(after.tap)
-            if actual != bridge:
-                raise ConfirmError(f"tap {after.tap} is on {actual}, expected {bridge}")
+        self._on_bridge(after.tap, bridge)
 
     def _confirm(self, expected: Interface, bridge: str | None) -> None:
         now = self._read_live().interface(mac=expected.mac)
@@ -330,10 +327,14 @@ class Transaction:
                 f"libvirt reports {now.source} link {'up' if now.link_up else 'down'}, "
                 f"expected {expected.source} link {'up' if expected.link_up else 'down'}"
             )
-        if bridge is not None and now.tap is not None:
-            actual = self._where(now.tap)
+        self._on_bridge(now.tap, bridge)
+
+    def _on_bridge(self, tap: str | None, bridge: str | None) -> None:
+        """The kernel's word that ``tap`` is on ``bridge`` (nothing to check without both)."""
+        if bridge is not None and tap is not None:
+            actual = self._where(tap)
             if actual != bridge:
-                raise ConfirmError(f"tap {now.tap} is on {actual}, expected {bridge}")
+                raise ConfirmError(f"tap {tap} is on {actual}, expected {bridge}")
 
     def _confirm_attached(self, iface: Interface) -> None:
         live = self._read_live().interface(mac=iface.mac)
