@@ -91,9 +91,11 @@ def test_generic_form(vnicd: DaemonThread, vms: Vms) -> None:
 
 
 def test_errors_exit_1_with_code(vnicd: DaemonThread, vms: Vms) -> None:
-    vm_id = vms.create(Nic("vt-a"))
+    nic = Nic("vt-a")
+    vm_id = vms.create(nic)
     out = cli(vnicd, "wire", vm_id, "net0", "nosuchbr")
     assert out.returncode == 1 and out.stderr.startswith("vnic-client: error 56:")
+    assert seen(vnicd, vm_id, nic.mac).kernel_bridge == "vt-a", "the tap did not move"
     out = cli(vnicd, "VM", "getInfo")
     assert out.returncode == 1 and "error 11" in out.stderr and "vmID" in out.stderr
     out = cli(vnicd, "nics", "no-such-vm")

@@ -121,14 +121,17 @@ def test_profile_features_vnicd_lacks_change_nothing(
     [("yes", "not a boolean"), (1, "expected boolean"), ("", "not a boolean")],
 )
 def test_engine_booleans_are_true_or_false_only(
-    vms: Vms, engine: EngineClient, value: Any, problem: str
+    vnicd: DaemonThread, vms: Vms, engine: EngineClient, value: Any, problem: str
 ) -> None:
-    vm_id = vms.create(Nic("vt-a"))
-    params = {**update_device("net0", True, "vt-a"), "linkActive": value}
+    nic = Nic("vt-a")
+    vm_id = vms.create(nic)
+    before = seen(vnicd, vm_id, nic.mac)
+    params = {**update_device("net0", True, "vt-b"), "linkActive": value}
     with pytest.raises(RpcError) as e:
         engine.call("VM.updateDevice", vmID=vm_id, params=params)
     assert e.value.code == -32602 and "params.linkActive" in e.value.message
     assert problem in e.value.message
+    assert seen(vnicd, vm_id, nic.mac) == before, "refused, and nothing moved"
 
 
 def test_hot_unplug_and_plug_as_older_engines_send_them(
@@ -225,3 +228,5 @@ def test_hot_unplug_as_todays_engine_sends_it(
     )
     info = engine.call("VM.hotunplugNic", vmID=vm_id, params={"vmId": vm_id, "xml": xml})
     assert {n["macAddr"]: n["plugged"] for n in info["nics"]} == {a.mac: True, b.mac: False}
+    saved = interfaces(str(vnicd.domain(vm_id).XMLDesc(2)))  # VIR_DOMAIN_XML_INACTIVE
+    assert a.mac in saved and b.mac not in saved, "the definition no longer has it"

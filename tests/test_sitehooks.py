@@ -115,6 +115,7 @@ def test_bulk_pairs_each_vnics_hooks(site: Site, vms: Vms, vnicd: DaemonThread) 
             "Host.bulkUpdateNics", match={"vmIDs": [vm_id]}, change={"linkActive": False}
         )["results"]
     assert [r["ok"] for r in results] == [True, True], results
+    assert not seen(vnicd, vm_id, a.mac).link_up and not seen(vnicd, vm_id, b.mac).link_up
     assert order.read_text().splitlines() == [
         f"{when} {mac}" for mac in (a.mac, b.mac) for when in ("before", "after")
     ]
