@@ -65,13 +65,13 @@ _STAGES: list[tuple[Any, str, str]] = [
     (hypervisor.Domain, "presence", "presence"),
     (hypervisor.Domain, "xml", "XMLDesc"),
     (planning, "plan_update", "plan"),
-    (sitehooks.PlanHooks, "before", "before-hooks"),
+    (sitehooks.RequestHooks, "before", "before-hooks"),
     (transaction.Transaction, "_apply_all", "apply"),
     (hypervisor.Domain, "update_interface", "updateDeviceFlags"),
     (hostnet, "master", "kernel read"),
     (service.Service, "_answer", "answer"),
     (service.Service, "_notify", "listeners"),
-    (sitehooks.PlanHooks, "after", "after-hooks"),
+    (sitehooks.RequestHooks, "after", "after-hooks"),
 ]
 
 

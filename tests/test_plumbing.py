@@ -9,6 +9,7 @@ import json
 from typing import Any
 
 import libvirt
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -213,7 +214,11 @@ def unplug_plan() -> tuple[Plan, Snapshot, Store, Store]:
     return Plan(Action.UNPLUG, VM, "net1", MAC, steps, None, None, done), snap, pending, done
 
 
-async def execute(answer: bool | None, *fail: str) -> tuple[RecordingDomain, Exception | None]:
+async def execute(
+    answer: bool | None, *fail: str, start: bool = False
+) -> tuple[RecordingDomain, Exception | None]:
+    """The unplug plan carried out; ``start``: begun as the worker that planned it begins
+    it (:meth:`Transaction.start`), then carried on."""
     removals = Removals()
     dom = RecordingDomain(removals, answer, set(fail))
     plan, snap, _pending, _done = unplug_plan()
@@ -222,15 +227,37 @@ async def execute(answer: bool | None, *fail: str) -> tuple[RecordingDomain, Exc
         return fn(*args, **kwargs)
 
     tx = Transaction(dom, snap, ports=None, run=run, removals=removals, unplug_timeout=0.05)  # type: ignore[arg-type]
+    finish = lambda live, _seen: live  # noqa: E731
     try:
-        await tx.execute(plan, lambda live, _seen: live)
+        await tx.execute(plan, finish, tx.start(plan, finish) if start else None)
     except (Failed, Pending) as e:
         return dom, e
     return dom, None
 
 
-def test_refused_unplug_restores_the_store() -> None:
-    dom, error = asyncio.run(execute(answer=False))
+def test_a_begun_plan_goes_on_from_its_first_wait() -> None:
+    """Begun in a worker, a plan stops before its first waiting step (the guest's release),
+    and the loop carries on from there: each step once."""
+    removals = Removals()
+
+    async def run() -> list[str]:
+        dom = RecordingDomain(removals, True, set())
+        plan, snap, _pending, _done = unplug_plan()
+        tx = Transaction(dom, snap, None, None, removals, 0.05)  # type: ignore[arg-type]
+        started = tx.start(plan, lambda live, _seen: live)
+        assert (started.count, [n for n, _ in dom.calls]) == (1, ["set_metadata"])
+        assert started.failed is None and started.raised is None
+        return [n for n, _ in dom.calls]
+
+    assert asyncio.run(run()) == ["set_metadata"]
+    dom, error = asyncio.run(execute(True, start=True))
+    assert error is None
+    assert [n for n, _ in dom.calls] == ["set_metadata", "detach_alias", "set_metadata"]
+
+
+@pytest.mark.parametrize("start", [False, True], ids=["on the loop", "begun in a worker"])
+def test_refused_unplug_restores_the_store(start: bool) -> None:
+    dom, error = asyncio.run(execute(False, start=start))
     assert isinstance(error, Failed) and isinstance(error.cause, Refused) and not error.problems
     writes = [arg for name, arg in dom.calls if name == "set_metadata"]
     assert len(writes) == 2 and writes[0] is not None and 'pending="yes"' in writes[0]
@@ -244,8 +271,9 @@ def test_unanswered_unplug_stays_pending() -> None:
     assert len(writes) == 1 and 'pending="yes"' in writes[0], "a late release must finish it"
 
 
-def test_failure_after_release_plugs_back() -> None:
-    dom, error = asyncio.run(execute(True, "set_metadata#2"))
+@pytest.mark.parametrize("start", [False, True], ids=["on the loop", "begun in a worker"])
+def test_failure_after_release_plugs_back(start: bool) -> None:
+    dom, error = asyncio.run(execute(True, "set_metadata#2", start=start))
     assert isinstance(error, Failed) and not error.problems
     names = [n for n, _ in dom.calls]
     assert names == [
@@ -260,8 +288,9 @@ def test_failure_after_release_plugs_back() -> None:
     assert dom.calls[4][1] is None
 
 
-def test_first_write_failing_touches_nothing_else() -> None:
-    dom, error = asyncio.run(execute(True, "set_metadata#1"))
+@pytest.mark.parametrize("start", [False, True], ids=["on the loop", "begun in a worker"])
+def test_first_write_failing_touches_nothing_else(start: bool) -> None:
+    dom, error = asyncio.run(execute(True, "set_metadata#1", start=start))
     assert isinstance(error, Failed) and [n for n, _ in dom.calls] == ["set_metadata"]
 
 

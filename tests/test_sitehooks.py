@@ -101,6 +101,28 @@ def test_failing_after_hook_keeps_the_change(
     ), audits
 
 
+def test_a_change_runs_the_hooks_found_when_it_started(
+    site: Site, vms: Vms, vnicd: DaemonThread
+) -> None:
+    """A change looks its hooks up once, when it starts: an after_ hook that its own
+    before_ hook puts in place runs from the next change on, not for this one."""
+    ran = site.root / "ran"
+    later = site.root / "later"
+    later.write_text(f"#!/bin/sh\necho after >> {ran}\n")
+    later.chmod(0o755)
+    after = site.root / "after_update_device"
+    site.hook("before_update_device", f"mkdir -p {after} && cp -p {later} {after}/50_test\n")
+    nic = Nic("vt-a")
+    vm_id = vms.create(nic)
+    with vnicd.client() as rpc:
+        update(rpc, vm_id, macAddr=nic.mac, linkActive=False)
+        assert not seen(vnicd, vm_id, nic.mac).link_up
+        assert not ran.exists(), "the after_ hook came after the change started"
+        update(rpc, vm_id, macAddr=nic.mac, linkActive=True)
+    assert seen(vnicd, vm_id, nic.mac).link_up
+    assert ran.read_text() == "after\n"
+
+
 def test_bulk_pairs_each_vnics_hooks(site: Site, vms: Vms, vnicd: DaemonThread) -> None:
     """A bulk change of a VM's vNICs runs each vNIC's hooks as a change of its own: its
     before_ hook, its change, its after_ hook, then the next vNIC's."""

@@ -104,14 +104,33 @@ class Hooks:
             return []
         return sorted(found, key=lambda p: p.name)
 
-    async def run(self, name: str, xml: str, env: Mapping[str, str] | None = None) -> str:
+    def present(self) -> dict[str, list[Path]]:
+        """Every hook that has scripts now, with its scripts. One look at the hooks
+        directory when no hook has a directory: a request takes this once, not once per
+        hook it could run (blocking: directory reads)."""
+        try:
+            with os.scandir(self.directory) as entries:
+                named = sorted(e.name for e in entries if e.name in NAMES and e.is_dir())
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+        found = {name: self.scripts(name) for name in named}
+        return {name: scripts for name, scripts in found.items() if scripts}
+
+    async def run(
+        self,
+        name: str,
+        xml: str,
+        env: Mapping[str, str] | None = None,
+        scripts: list[Path] | None = None,
+    ) -> str:
         """Run hook ``name`` on ``xml`` and return the XML as its scripts left it.
 
-        ``env`` holds the request's custom properties (see :func:`environment`). Raises
-        :class:`vnicd.errors.HookError` when a ``before_`` script fails; the caller checks
-        that a rewritten XML still names the same device.
+        ``env`` holds the request's custom properties (see :func:`environment`);
+        ``scripts``: the hook's scripts as looked up already (default: looked up now).
+        Raises :class:`vnicd.errors.HookError` when a ``before_`` script fails; the caller
+        checks that a rewritten XML still names the same device.
         """
-        scripts = self.scripts(name)
+        scripts = self.scripts(name) if scripts is None else scripts
         if not scripts:
             return xml
         script_env = {"PATH": os.environ.get("PATH", DEFAULT_PATH), **environment(env or {})}

@@ -2,9 +2,11 @@
 
 Every change goes: read the domain once -> plan (pure) -> hooks -> apply, confirm, commit
 or undo (:mod:`vnicd.transaction`) -> listeners -> the new state. Blocking libvirt and
-kernel work runs in a thread pool; changes of one VM are serialized by a per-VM lock,
-different VMs proceed in parallel. Reads take no lock: while a change of a VM is in
-flight they answer the state from before it, never a half-done one.
+kernel work runs in a thread pool: the read, the plan and the steps up to the first that
+waits take one worker call when no ``before_`` hook must see the plan first (each hop to
+a worker and back costs about what a libvirt call does). Changes of one VM are serialized
+by a per-VM lock, different VMs proceed in parallel. Reads take no lock: while a change
+of a VM is in flight they answer the state from before it, never a half-done one.
 """
 
 from __future__ import annotations
@@ -42,8 +44,10 @@ from vnicd.transaction import (
     Pending,
     Refused,
     Removals,
+    Started,
     Transaction,
     repeatable,
+    waits,
 )
 from vnicd.unplugged import mentions_store
 
@@ -105,7 +109,18 @@ class Capabilities:
 
 
 class Hooks(Protocol):
-    """The seam for site hooks: they may rewrite or veto a plan, and hear how it ended."""
+    """The seam for site hooks: looked up once per request (blocking: see :class:`HooksNow`)."""
+
+    def look(self) -> HooksNow: ...
+
+
+class HooksNow(Protocol):
+    """The site hooks a request found: they may rewrite or veto a plan, and hear how it
+    ended."""
+
+    def rewrites(self, plan: Plan) -> bool: ...
+
+    def touch(self, plan: Plan) -> bool: ...
 
     async def before(self, plan: Plan) -> Plan: ...
 
@@ -113,6 +128,15 @@ class Hooks(Protocol):
 
 
 class NoHooks:
+    def look(self) -> NoHooks:
+        return self
+
+    def rewrites(self, plan: Plan) -> bool:
+        return False
+
+    def touch(self, plan: Plan) -> bool:
+        return False
+
     async def before(self, plan: Plan) -> Plan:
         return plan
 
@@ -121,6 +145,20 @@ class NoHooks:
 
 
 Listener = Callable[[Plan, VmState], None]
+
+
+@dataclass
+class _Prepared:
+    """One worker hop's work on a change (see :meth:`Service._prepare`)."""
+
+    dom: Domain
+    snap: Snapshot
+    plan: Plan | None  # None: nothing to change (a bulk change that picked no vNIC)
+    refused: errors.VnicdError | None = None  # planning refused the change
+    hooks: HooksNow | None = None  # looked up for a plan with steps
+    answered: list[DomainXML | None] = field(default_factory=list)  # see _finish
+    state: VmState | None = None  # the answer of a plan with nothing to do
+    started: tuple[Transaction, Started] | None = None
 
 
 @dataclass
@@ -288,6 +326,8 @@ class Service:
         return [vm.domain.uuid for vm in listed]
 
     def _begin(self, vm_id: str, snap: Snapshot) -> None:
+        """A change of ``vm_id`` starts (on the loop, or in the worker that then applies
+        its first step: readers see the marker before any step is done)."""
         self._before[vm_id] = snap
         self._epochs[vm_id] = next(self._counter)
 
@@ -315,10 +355,7 @@ class Service:
             raise
         if not snap.active:  # stopped meanwhile: its live state went with it
             steps = tuple(s for s in steps if not isinstance(s, LiveUpdate))
-        tx = Transaction(
-            dom, snap, self._networks.ports, self._raw, self.removals, self._unplug_timeout
-        )
-        problems = await tx.undo(steps)
+        problems = await self._transaction(dom, snap).undo(steps)
         if problems and not await self._raw(self._hypervisor.alive):
             raise errors.GeneralError(
                 f"VM {vm_id}: a change that failed earlier is not undone yet: "
@@ -426,13 +463,63 @@ class Service:
         async with self.locks.hold(vm_id):
             if not dry_run:  # a dry run changes nothing, not even that
                 await self._settle(vm_id)
-            dom, snap = await self._blocking(self._read, vm_id, saved=True)
-            plan = make_plan(snap)
+            prep = await self._blocking(
+                self._prepare, self._reader(vm_id), make_plan, None, dry_run
+            )
+            if prep.refused is not None:
+                raise prep.refused
+            assert prep.plan is not None
             if dry_run:
-                return DryRun(plan)
-            plan, state, _live = await self._carry_out(dom, snap, plan)
-        await self._done(plan, state)
+                return DryRun(prep.plan)
+            plan, state, _live = await self._carry_out(prep)
+        await self._done(plan, state, prep.hooks)
         return state
+
+    def _reader(self, vm_id: str) -> Callable[[], tuple[Domain, Snapshot]]:
+        return functools.partial(self._read, vm_id, saved=True)
+
+    def _prepare(
+        self,
+        read: Callable[[], tuple[Domain, Snapshot]],
+        make_plan: Callable[[Snapshot], Plan | None],
+        hooks: HooksNow | None,
+        dry_run: bool,
+    ) -> _Prepared:
+        """In a worker, one hop for what needs no waiting: the VM read, the change
+        planned and, unless a ``before_`` hook must see the plan first, begun (see
+        :meth:`Transaction.start`); a plan with nothing to do is answered."""
+        dom, snap = read()
+        try:
+            plan = make_plan(snap)
+        except errors.VnicdError as e:
+            return _Prepared(dom, snap, None, refused=e)
+        prep = _Prepared(dom, snap, plan, hooks=hooks)
+        if plan is None or dry_run:
+            return prep
+        if not plan.steps:
+            prep.state = self._finish(prep, plan)(snap.live, {})
+            return prep
+        prep.hooks = hooks = hooks or self.hooks.look()
+        if not hooks.rewrites(plan):
+            self._begin(plan.vm, snap)
+            tx = self._transaction(dom, snap)
+            prep.started = tx, tx.start(plan, self._finish(prep, plan))
+        return prep
+
+    def _transaction(self, dom: Domain, snap: Snapshot) -> Transaction:
+        return Transaction(
+            dom, snap, self._networks.ports, self._raw, self.removals, self._unplug_timeout
+        )
+
+    def _finish(self, prep: _Prepared, plan: Plan) -> Finish[VmState]:
+        """The answer of ``plan``, noting the live XML it was built from in
+        ``prep.answered``."""
+
+        def answer(live: DomainXML | None, seen: Mapping[str, str]) -> VmState:
+            prep.answered.append(live)
+            return self._answer(prep.dom, prep.snap, live, plan, seen)
+
+        return answer
 
     async def update_each(
         self,
@@ -444,54 +531,79 @@ class Service:
         dry_run: bool,
     ) -> list[tuple[NicState, VmState | DryRun | errors.VnicdError]]:
         """Change each vNIC of one VM that ``picks`` chooses, one after the other in one hold
-        of the VM (see :meth:`_next`). Each vNIC is all-or-nothing, with its hooks and its
-        notification as a change of its own; after a failed one the VM is settled and read
-        afresh."""
+        of the VM, one worker hop each (see :meth:`_next`). Each vNIC is all-or-nothing,
+        with its hooks and its notification as a change of its own; after a failed one the
+        VM is settled and read afresh."""
         change = self._bounced(change, bounce)
         namer, persist = self._networks.name_of, self._persist_running
+        picked: list[NicState] = []
+
+        def plan_for(nic: NicState) -> Callable[[Snapshot], Plan]:
+            ref = NicRef(mac=nic.mac)
+            return lambda snap: planning.plan_update(
+                snap, ref, change, wiring, namer, persist_running=persist
+            )
+
+        def first(snap: Snapshot) -> Plan | None:
+            picked.extend(n for n in self._state(snap).nics if picks(n))
+            return plan_for(picked[0])(snap) if picked else None
+
         outcomes: list[tuple[NicState, VmState | DryRun | errors.VnicdError]] = []
         async with self.locks.hold(vm_id):
             if not dry_run:
                 await self._settle(vm_id)
-            loop = asyncio.get_running_loop()
-            dom, snap = await self._blocking(self._read, vm_id, saved=True)
-            read_at = loop.time()
-            picked = [n for n in self._state(snap).nics if picks(n)]
+            prep = await self._blocking(self._prepare, self._reader(vm_id), first, None, dry_run)
             for i, nic in enumerate(picked):
                 rest = picked[i + 1 :]
+                if dry_run:  # every vNIC planned on the one read: nothing changes between
+                    try:
+                        outcomes.append((nic, DryRun(self._dry(prep, i, plan_for(nic)))))
+                    except errors.VnicdError as e:
+                        outcomes.append((nic, e))
+                    continue
                 try:
-                    plan = planning.plan_update(
-                        snap, NicRef(mac=nic.mac), change, wiring, namer, persist_running=persist
-                    )
-                    if dry_run:
-                        outcomes.append((nic, DryRun(plan)))
-                        continue
-                    plan, state, live = await self._carry_out(dom, snap, plan)
+                    if prep.refused is not None:
+                        raise prep.refused
+                    plan, state, live = await self._carry_out(prep)
                 except Exception as e:  # one vNIC's failure must not end the others' changes
                     outcomes.append((nic, _failure(vm_id, nic.mac, e)))
                     if not rest:
                         break
                     try:
                         await self._settle(vm_id)  # a cut change is undone before the next
-                        dom, snap = await self._blocking(self._read, vm_id, saved=True)
-                        read_at = loop.time()
+                        read = self._reader(vm_id)  # and the VM read afresh
+                        prep = await self._blocking(
+                            self._prepare, read, plan_for(rest[0]), prep.hooks, False
+                        )
                     except Exception as e:
                         outcomes += [(n, _failure(vm_id, n.mac, e)) for n in rest]
                         break
                     continue
                 outcomes.append((nic, state))
-                await self._done(plan, state)
+                await self._done(plan, state, prep.hooks)
                 if not rest:
                     break
-                if loop.time() - read_at > _FRESH:  # hooks or a bounce ran: the VM may not wait
-                    live = None
+                if waits(plan.steps) or (prep.hooks is not None and prep.hooks.touch(plan)):
+                    live = None  # the VM did not wait for a pause or a hook script
+                read = functools.partial(self._next, vm_id, prep.dom, prep.snap, plan, live)
                 try:
-                    dom, snap = await self._blocking(self._next, vm_id, dom, snap, plan, live)
-                    read_at = loop.time() if live is None else read_at
+                    prep = await self._blocking(
+                        self._prepare, read, plan_for(rest[0]), prep.hooks, False
+                    )
                 except Exception as e:
                     outcomes += [(n, _failure(vm_id, n.mac, e)) for n in rest]
                     break
         return outcomes
+
+    @staticmethod
+    def _dry(prep: _Prepared, i: int, make_plan: Callable[[Snapshot], Plan]) -> Plan:
+        """The plan of a bulk dry run's ``i``-th vNIC: the first planned by ``prep``."""
+        if i > 0:
+            return make_plan(prep.snap)
+        if prep.refused is not None:
+            raise prep.refused
+        assert prep.plan is not None
+        return prep.plan
 
     def _next(
         self, vm_id: str, dom: Domain, snap: Snapshot, plan: Plan, live: DomainXML | None
@@ -511,41 +623,38 @@ class Service:
             saved = DomainXML(dom.xml(inactive=True))
         return dom, replace(snap, live=live, saved=saved, store=plan.store, store_error=None)
 
-    async def _carry_out(
-        self, dom: Domain, snap: Snapshot, plan: Plan
-    ) -> tuple[Plan, VmState, DomainXML | None]:
-        """Under the VM's lock: ``plan`` (as the hooks left it) carried out, its answer, and
-        the live XML the answer was built from (None when it had to be read afresh)."""
-        answered: list[DomainXML | None] = []
-
-        def answer(live: DomainXML | None, seen: Mapping[str, str]) -> VmState:
-            answered.append(live)
-            return self._answer(dom, snap, live, plan, seen)
-
-        if not plan.steps:
-            return plan, await self._blocking(answer, snap.live, {}), snap.live
-        plan = await self.hooks.before(plan)
-        self._begin(plan.vm, snap)
+    async def _carry_out(self, prep: _Prepared) -> tuple[Plan, VmState, DomainXML | None]:
+        """Under the VM's lock: the prepared plan (as the hooks left it) carried out, its
+        answer, and the live XML the answer was built from (None when it had to be read
+        afresh)."""
+        dom, snap, plan = prep.dom, prep.snap, prep.plan
+        assert plan is not None
+        if prep.state is not None:
+            return plan, prep.state, snap.live
+        assert prep.hooks is not None
+        if prep.started is None:
+            plan = await prep.hooks.before(plan)
+            self._begin(plan.vm, snap)
         try:
-            state = await self._execute(dom, snap, plan, answer)
+            state = await self._execute(dom, snap, plan, self._finish(prep, plan), prep.started)
         except _Unanswered as e:
-            state = await self._answer_again(plan, e.cause)
-            answered.clear()
+            state = await self._answer_again(plan, e.cause, prep.hooks)
+            prep.answered.clear()
         except errors.VnicdError as e:
-            await self._after(plan, e)
+            await self._after(plan, e, prep.hooks)
             raise
         finally:
             self._end(plan.vm)
-        return plan, state, answered[0] if answered else None
+        return plan, state, prep.answered[0] if prep.answered else None
 
-    async def _done(self, plan: Plan, state: VmState) -> None:
+    async def _done(self, plan: Plan, state: VmState, hooks: HooksNow | None) -> None:
         """Listeners, then the success hooks (none for a change that had nothing to do)."""
         if not plan.steps:
             return
         self._notify(plan, state)
-        await self._after(plan, None)
+        await self._after(plan, None, hooks)
 
-    async def _answer_again(self, plan: Plan, cause: Exception) -> VmState:
+    async def _answer_again(self, plan: Plan, cause: Exception, hooks: HooksNow) -> VmState:
         """The state after a done change whose answer could not be read: read once more,
         else an error that says the change is done (its success hooks run either way)."""
         try:
@@ -559,7 +668,7 @@ class Service:
                 cause,
                 e,
             )
-            await self._after(plan, None)
+            await self._after(plan, None, hooks)
             raise errors.GeneralError(
                 f"the {plan.action.value} of vNIC {plan.nic} of VM {plan.vm} is done, but "
                 f"reading its state to answer failed: {cause}",
@@ -568,21 +677,28 @@ class Service:
                 done=True,
             ) from e
 
-    async def _after(self, plan: Plan, error: Exception | None) -> None:
+    async def _after(self, plan: Plan, error: Exception | None, hooks: HooksNow | None) -> None:
         """The after_ hooks: how the change ended is decided already, whatever they do."""
+        if hooks is None:
+            return
         try:
-            await self.hooks.after(plan, error)
+            await hooks.after(plan, error)
         except Exception:
             log.exception("VM %s: after-change hooks failed", plan.vm)
 
-    async def _execute(self, dom: Domain, snap: Snapshot, plan: Plan, answer: Finish[T]) -> T:
-        """Carry out ``plan``; ``answer`` (run in a worker) builds the result from what
-        the confirmation read."""
-        tx = Transaction(
-            dom, snap, self._networks.ports, self._raw, self.removals, self._unplug_timeout
-        )
+    async def _execute(
+        self,
+        dom: Domain,
+        snap: Snapshot,
+        plan: Plan,
+        answer: Finish[T],
+        started: tuple[Transaction, Started] | None = None,
+    ) -> T:
+        """Carry out ``plan`` (``started``: begun by :meth:`_prepare`); ``answer`` (run in
+        a worker) builds the result from what the confirmation read."""
+        tx, begun = started or (self._transaction(dom, snap), None)
         try:
-            result = await tx.execute(plan, answer)
+            result = await tx.execute(plan, answer, begun)
         except Pending as e:
             raise _error(plan, "timeout", str(e), rolled_back=False) from e
         except Failed as e:
@@ -775,9 +891,6 @@ class Service:
 
 
 _DEFINITION = (DefinitionUpdate, DefinitionAttach, DefinitionDetach)
-# Seconds a live XML read may stand for the next vNIC of a bulk change, with the updates
-# libvirt accepted since: two quick changes' worth; after hooks or a bounce, it is read again.
-_FRESH = 0.05
 
 
 def _joins_a_network(plan: Plan) -> bool:

@@ -1,12 +1,15 @@
 """Site hooks and the audit on the transaction's seams.
 
 :class:`PlanHooks` runs VDSM-named hooks around a planned change (:mod:`vnicd.hooks` runs
-the scripts): a ``before_`` hook sees the device XML the change will send, may rewrite it
-(not the vNIC's identity: MAC, model, PCI address) or veto it; ``after_`` and
-``after_*_fail`` hear how it ended. :func:`audit` writes one audit line per committed change.
+the scripts), as a request found them when it started (:class:`RequestHooks`): a
+``before_`` hook sees the device XML the change will send, may rewrite it (not the vNIC's
+identity: MAC, model, PCI address) or veto it; ``after_`` and ``after_*_fail`` hear how it
+ended. :func:`audit` writes one audit line per committed change.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from vnicd import errors, logs
 from vnicd.domxml import Interface, XMLError
@@ -25,14 +28,43 @@ class PlanHooks:
     def __init__(self, hooks: Hooks) -> None:
         self._hooks = hooks
 
-    async def before(self, plan: Plan) -> Plan:
+    def look(self) -> RequestHooks:
+        """The hooks as they are now, for one request (blocking: reads their directories).
+        A change's ``before_`` and ``after_`` hooks are those of one moment."""
+        return RequestHooks(self._hooks, self._hooks.present())
+
+
+class RequestHooks:
+    """The site's hooks as one request found them."""
+
+    def __init__(self, hooks: Hooks, present: dict[str, list[Path]]) -> None:
+        self._hooks = hooks
+        self._present = present
+
+    def _scripts(self, plan: Plan, when: str) -> tuple[str, list[Path]]:
+        """The hook that runs ``when`` ("before", "after", "after_fail") ``plan``, and its
+        scripts (none for a change no hook is named for)."""
         name = _NAMES.get(plan.action)
-        hook = f"before_{name}"
+        if name is None:
+            return "", []
+        hook = f"{when}_{name}" if when != "after_fail" else f"after_{name}_fail"
+        return hook, self._present.get(hook, [])
+
+    def rewrites(self, plan: Plan) -> bool:
+        """Whether a ``before_`` hook sees (and may rewrite or veto) ``plan``."""
+        return bool(self._scripts(plan, "before")[1])
+
+    def touch(self, plan: Plan) -> bool:
+        """Whether any script runs around ``plan``: a script may have changed the VM."""
+        return any(self._scripts(plan, kind)[1] for kind in ("before", "after", "after_fail"))
+
+    async def before(self, plan: Plan) -> Plan:
+        hook, scripts = self._scripts(plan, "before")
         # the device XML is only built for a hook that has scripts
-        xml = plan.device_xml if name is not None and self._hooks.scripts(hook) else None
+        xml = plan.device_xml if scripts else None
         if xml is None:
             return plan
-        new = await self._hooks.run(hook, xml, {"vmId": plan.vm})
+        new = await self._hooks.run(hook, xml, {"vmId": plan.vm}, scripts)
         if new == xml:
             return plan
         try:
@@ -55,11 +87,10 @@ class PlanHooks:
         return plan.rewritten(iface)
 
     async def after(self, plan: Plan, error: Exception | None) -> None:
-        name = _NAMES.get(plan.action)
-        hook = f"after_{name}{'_fail' if error else ''}"
-        xml = plan.device_xml if name is not None and self._hooks.scripts(hook) else None
+        hook, scripts = self._scripts(plan, "after_fail" if error else "after")
+        xml = plan.device_xml if scripts else None
         if xml is not None:
-            await self._hooks.run(hook, xml, {"vmId": plan.vm})
+            await self._hooks.run(hook, xml, {"vmId": plan.vm}, scripts)
 
 
 def _text(nic: NicState | None) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 from vnicd import hostnet
@@ -117,6 +118,24 @@ def _fail(future: asyncio.Future[bool], reason: str) -> None:
 Finish = Callable[[DomainXML | None, Mapping[str, str]], T]
 
 
+def waits(steps: tuple[Step, ...]) -> bool:
+    """Whether any of ``steps`` waits (a pause, the guest's release) rather than calls."""
+    return any(isinstance(s, _WAITING) for s in steps)
+
+
+@dataclass
+class Started:
+    """What a worker did of a plan before the loop takes it on (see
+    :meth:`Transaction.start`): the steps tried, those done, the one that failed, the
+    answer when they were the whole plan, or what was raised."""
+
+    count: int
+    done: list[Step]
+    failed: tuple[Step, Exception] | None = None
+    answer: Any = None
+    raised: Exception | None = None
+
+
 class Transaction:
     """One plan on one domain. ``live`` is the live XML as last read, with the live
     updates libvirt accepted since; ``seen`` each tap's bridge as the kernel last
@@ -140,16 +159,40 @@ class Transaction:
         self.live: DomainXML | None = snap.live
         self.seen: dict[str, str] = {}
 
-    async def execute(self, plan: Plan, finish: Finish[T]) -> T:
+    def start(self, plan: Plan, finish: Finish[T]) -> Started:
+        """In a worker that has just read and planned: apply the plan's steps up to the
+        first that waits, and ``finish`` when they are all of it; never raises. The loop
+        carries on with :meth:`execute`, one hop to a worker fewer."""
+        steps = plan.steps
+        n = next((i for i, s in enumerate(steps) if isinstance(s, _WAITING)), len(steps))
+        done: list[Step] = []
+        try:
+            failed, answer = self._apply_all(
+                plan.vm, list(steps[:n]), done, finish if n == len(steps) else None
+            )
+        except Exception as e:
+            return Started(n, done, raised=e)
+        return Started(n, done, failed, answer)
+
+    async def execute(self, plan: Plan, finish: Finish[T], started: Started | None = None) -> T:
         """Apply every step, or undo the completed ones and raise :class:`Failed`; then
         ``finish(live, seen)`` builds the answer from what the confirmation read.
         :class:`Pending` leaves what was done: the guest's late answer finishes it.
+        ``started``: what :meth:`start` did already.
 
         Consecutive blocking steps, and ``finish`` after the last of them, run in one
         worker call: each hop to a worker and back costs more than a libvirt call.
         """
-        done: list[Step] = []
-        steps = list(plan.steps)
+        done: list[Step] = [] if started is None else started.done
+        steps = list(plan.steps[0 if started is None else started.count :])
+        if started is not None:
+            if started.raised is not None:
+                raise started.raised
+            if started.failed is not None:
+                step, error = started.failed
+                raise await self._failed(error, step, done) from error
+            if not steps:
+                return cast(T, started.answer)
         while steps:
             if isinstance(steps[0], _WAITING):
                 step = steps.pop(0)
