@@ -49,6 +49,29 @@ def test_no_hooks_leaves_xml(tmp_path: Path) -> None:
     assert run(tmp_path, "before_update_device") == XML
 
 
+def test_present_names_the_hooks_with_scripts(tmp_path: Path) -> None:
+    """One request's look: the hooks asked about that have executables, nothing else."""
+    hooks = Hooks(tmp_path, 10)
+    assert Hooks(tmp_path / "none", 10).present(HOOK_NAMES) == {}
+    first = script(tmp_path, "before_update_device", "10-first", "exit 0\n")
+    script(tmp_path, "after_update_device", "10-not-executable", "exit 0\n", mode=0o644)
+    other = script(tmp_path, "before_nic_hotplug", "10-other", "exit 0\n")
+    asked = ("before_update_device", "after_update_device", "after_update_device_fail")
+    assert hooks.present(asked) == {"before_update_device": [first]}
+    assert hooks.present(["before_nic_hotplug"]) == {"before_nic_hotplug": [other]}
+
+
+def test_script_gone_since_it_was_looked_up_vetoes(tmp_path: Path) -> None:
+    """A script removed between a request's look and its run fails as a script does: a
+    before_ hook vetoes the change, naming it."""
+    gone = script(tmp_path, "before_update_device", "10-gone", "exit 0\n")
+    scripts = Hooks(tmp_path, 10).present(["before_update_device"])["before_update_device"]
+    gone.unlink()
+    with pytest.raises(errors.HookError) as e:
+        asyncio.run(Hooks(tmp_path, 10).run("before_update_device", XML, None, scripts))
+    assert "10-gone" in e.value.message and "could not be started" in e.value.message
+
+
 def test_rewrite_in_name_order_with_env_and_no_arguments(tmp_path: Path) -> None:
     seen = tmp_path / "seen"
     # Written out of order on purpose: the runner sorts by name.

@@ -22,7 +22,7 @@ import re
 import signal
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,13 +104,14 @@ class Hooks:
             return []
         return sorted(found, key=lambda p: p.name)
 
-    def present(self) -> dict[str, list[Path]]:
-        """Every hook that has scripts now, with its scripts. One look at the hooks
-        directory when no hook has a directory: a request takes this once, not once per
-        hook it could run (blocking: directory reads)."""
+    def present(self, names: Iterable[str]) -> dict[str, list[Path]]:
+        """Those of hooks ``names`` that have scripts now, with their scripts. One look at
+        the hooks directory when none has a directory of its own: a request takes this
+        once, not once per hook it could run (blocking: directory reads)."""
+        wanted = set(names)
         try:
             with os.scandir(self.directory) as entries:
-                named = sorted(e.name for e in entries if e.name in NAMES and e.is_dir())
+                named = sorted(e.name for e in entries if e.name in wanted and e.is_dir())
         except (FileNotFoundError, NotADirectoryError):
             return {}
         found = {name: self.scripts(name) for name in named}
@@ -164,15 +165,19 @@ class Hooks:
 
     async def _run_one(self, name: str, script: Path, env: dict[str, str]) -> _Outcome:
         started = time.monotonic()
-        proc = await asyncio.create_subprocess_exec(
-            str(script),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=env,
-            cwd="/",
-            start_new_session=True,  # its own process group: a timeout kills its children too
-        )
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                str(script),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+                cwd="/",
+                start_new_session=True,  # its own process group: a timeout kills its children
+            )
+        except OSError as e:  # removed, or no longer executable, since it was looked up
+            log.warning("hook %s/%s could not be started: %s", name, script.name, e)
+            return _Outcome(1, "", f"could not be started: {e.strerror or e}")
         try:
             _out, err = await asyncio.wait_for(proc.communicate(), self.timeout)
         except TimeoutError:

@@ -109,9 +109,10 @@ class Capabilities:
 
 
 class Hooks(Protocol):
-    """The seam for site hooks: looked up once per request (blocking: see :class:`HooksNow`)."""
+    """The seam for site hooks: those of a kind of change (``plan``'s) looked up once per
+    request, blocking (see :class:`HooksNow`)."""
 
-    def look(self) -> HooksNow: ...
+    def look(self, plan: Plan) -> HooksNow: ...
 
 
 class HooksNow(Protocol):
@@ -128,7 +129,7 @@ class HooksNow(Protocol):
 
 
 class NoHooks:
-    def look(self) -> NoHooks:
+    def look(self, plan: Plan) -> NoHooks:
         return self
 
     def rewrites(self, plan: Plan) -> bool:
@@ -153,8 +154,8 @@ class _Prepared:
 
     dom: Domain
     snap: Snapshot
-    plan: Plan | None  # None: nothing to change (a bulk change that picked no vNIC)
-    refused: errors.VnicdError | None = None  # planning refused the change
+    plan: Plan | None  # None: failed, or nothing to change (a bulk change that picked no vNIC)
+    failed: Exception | None = None  # planning (a refusal), the hooks' lookup or the answer
     hooks: HooksNow | None = None  # looked up for a plan with steps
     answered: list[DomainXML | None] = field(default_factory=list)  # see _finish
     state: VmState | None = None  # the answer of a plan with nothing to do
@@ -239,7 +240,7 @@ class Service:
         try:
             return await self._raw(fn, *args, **kwargs)
         except (HypervisorError, hostnet.HostNetError) as e:
-            raise errors.GeneralError(str(e), cause=str(e)) from e
+            raise _general(e) from e
 
     # Reading.
 
@@ -327,7 +328,8 @@ class Service:
 
     def _begin(self, vm_id: str, snap: Snapshot) -> None:
         """A change of ``vm_id`` starts (on the loop, or in the worker that then applies
-        its first step: readers see the marker before any step is done)."""
+        its first step: readers see the marker before any step is done; a dict item and a
+        counter step are atomic under the GIL)."""
         self._before[vm_id] = snap
         self._epochs[vm_id] = next(self._counter)
 
@@ -463,11 +465,9 @@ class Service:
         async with self.locks.hold(vm_id):
             if not dry_run:  # a dry run changes nothing, not even that
                 await self._settle(vm_id)
-            prep = await self._blocking(
-                self._prepare, self._reader(vm_id), make_plan, None, dry_run
-            )
-            if prep.refused is not None:
-                raise prep.refused
+            prep = await self._prepared(self._reader(vm_id), make_plan, None, dry_run)
+            if prep.failed is not None:
+                raise prep.failed
             assert prep.plan is not None
             if dry_run:
                 return DryRun(prep.plan)
@@ -478,6 +478,26 @@ class Service:
     def _reader(self, vm_id: str) -> Callable[[], tuple[Domain, Snapshot]]:
         return functools.partial(self._read, vm_id, saved=True)
 
+    async def _prepared(
+        self,
+        read: Callable[[], tuple[Domain, Snapshot]],
+        make_plan: Callable[[Snapshot], Plan | None],
+        hooks: HooksNow | None,
+        dry_run: bool,
+    ) -> _Prepared:
+        """:meth:`_prepare` in a worker. Cancelled meanwhile (vnicd stopping), the task
+        still lets the worker finish and carries a change it began to its end, committed
+        or undone, before it stops: nothing is left half done or marked in flight."""
+        work = asyncio.ensure_future(self._blocking(self._prepare, read, make_plan, hooks, dry_run))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                prep = await work
+                if prep.started is not None:
+                    await self._carry_out(prep)
+            raise
+
     def _prepare(
         self,
         read: Callable[[], tuple[Domain, Snapshot]],
@@ -487,19 +507,21 @@ class Service:
     ) -> _Prepared:
         """In a worker, one hop for what needs no waiting: the VM read, the change
         planned and, unless a ``before_`` hook must see the plan first, begun (see
-        :meth:`Transaction.start`); a plan with nothing to do is answered."""
+        :meth:`Transaction.start`); a plan with nothing to do is answered. Only the read
+        raises: what fails after it is the change's own outcome (``failed``)."""
         dom, snap = read()
+        prep = _Prepared(dom, snap, None, hooks=hooks)
         try:
-            plan = make_plan(snap)
-        except errors.VnicdError as e:
-            return _Prepared(dom, snap, None, refused=e)
-        prep = _Prepared(dom, snap, plan, hooks=hooks)
-        if plan is None or dry_run:
+            prep.plan = plan = make_plan(snap)
+            if plan is None or dry_run:
+                return prep
+            if not plan.steps:
+                prep.state = self._finish(prep, plan)(snap.live, {})
+                return prep
+            prep.hooks = hooks = hooks or self.hooks.look(plan)
+        except Exception as e:
+            prep.plan, prep.failed = None, _general(e)
             return prep
-        if not plan.steps:
-            prep.state = self._finish(prep, plan)(snap.live, {})
-            return prep
-        prep.hooks = hooks = hooks or self.hooks.look()
         if not hooks.rewrites(plan):
             self._begin(plan.vm, snap)
             tx = self._transaction(dom, snap)
@@ -531,9 +553,9 @@ class Service:
         dry_run: bool,
     ) -> list[tuple[NicState, VmState | DryRun | errors.VnicdError]]:
         """Change each vNIC of one VM that ``picks`` chooses, one after the other in one hold
-        of the VM, one worker hop each (see :meth:`_next`). Each vNIC is all-or-nothing,
-        with its hooks and its notification as a change of its own; after a failed one the
-        VM is settled and read afresh."""
+        of the VM, the read for the next one in the hop that begins it (see :meth:`_next`).
+        Each vNIC is all-or-nothing, with its hooks and its notification as a change of its
+        own; after a failed one the VM is settled and read afresh."""
         change = self._bounced(change, bounce)
         namer, persist = self._networks.name_of, self._persist_running
         picked: list[NicState] = []
@@ -552,7 +574,9 @@ class Service:
         async with self.locks.hold(vm_id):
             if not dry_run:
                 await self._settle(vm_id)
-            prep = await self._blocking(self._prepare, self._reader(vm_id), first, None, dry_run)
+            prep = await self._prepared(self._reader(vm_id), first, None, dry_run)
+            if prep.failed is not None and not picked:
+                raise prep.failed  # the VM's vNICs could not be told apart
             for i, nic in enumerate(picked):
                 rest = picked[i + 1 :]
                 if dry_run:  # every vNIC planned on the one read: nothing changes between
@@ -562,8 +586,8 @@ class Service:
                         outcomes.append((nic, e))
                     continue
                 try:
-                    if prep.refused is not None:
-                        raise prep.refused
+                    if prep.failed is not None:
+                        raise prep.failed
                     plan, state, live = await self._carry_out(prep)
                 except Exception as e:  # one vNIC's failure must not end the others' changes
                     outcomes.append((nic, _failure(vm_id, nic.mac, e)))
@@ -572,9 +596,7 @@ class Service:
                     try:
                         await self._settle(vm_id)  # a cut change is undone before the next
                         read = self._reader(vm_id)  # and the VM read afresh
-                        prep = await self._blocking(
-                            self._prepare, read, plan_for(rest[0]), prep.hooks, False
-                        )
+                        prep = await self._prepared(read, plan_for(rest[0]), prep.hooks, False)
                     except Exception as e:
                         outcomes += [(n, _failure(vm_id, n.mac, e)) for n in rest]
                         break
@@ -587,10 +609,8 @@ class Service:
                     live = None  # the VM did not wait for a pause or a hook script
                 read = functools.partial(self._next, vm_id, prep.dom, prep.snap, plan, live)
                 try:
-                    prep = await self._blocking(
-                        self._prepare, read, plan_for(rest[0]), prep.hooks, False
-                    )
-                except Exception as e:
+                    prep = await self._prepared(read, plan_for(rest[0]), prep.hooks, False)
+                except Exception as e:  # the VM could not be read: none of the rest is tried
                     outcomes += [(n, _failure(vm_id, n.mac, e)) for n in rest]
                     break
         return outcomes
@@ -600,8 +620,8 @@ class Service:
         """The plan of a bulk dry run's ``i``-th vNIC: the first planned by ``prep``."""
         if i > 0:
             return make_plan(prep.snap)
-        if prep.refused is not None:
-            raise prep.refused
+        if prep.failed is not None:
+            raise prep.failed
         assert prep.plan is not None
         return prep.plan
 
@@ -899,6 +919,13 @@ def _joins_a_network(plan: Plan) -> bool:
     allocated, which vnicd did not send."""
     updates = (s for s in plan.steps if isinstance(s, LiveUpdate))
     return any(s.after.kind == "network" and s.after.bridge is None for s in updates)
+
+
+def _general(e: Exception) -> Exception:
+    """A host failure as the caller's 'general' error; anything else as it is."""
+    if isinstance(e, HypervisorError | hostnet.HostNetError):
+        return errors.GeneralError(str(e), cause=str(e))
+    return e
 
 
 def _failure(vm_id: str, mac: str, error: Exception) -> errors.VnicdError:

@@ -28,10 +28,13 @@ class PlanHooks:
     def __init__(self, hooks: Hooks) -> None:
         self._hooks = hooks
 
-    def look(self) -> RequestHooks:
-        """The hooks as they are now, for one request (blocking: reads their directories).
-        A change's ``before_`` and ``after_`` hooks are those of one moment."""
-        return RequestHooks(self._hooks, self._hooks.present())
+    def look(self, plan: Plan) -> RequestHooks:
+        """The hooks of ``plan``'s kind of change as they are now, for one request
+        (blocking: reads their directories). A change's ``before_`` and ``after_`` hooks
+        are those of one moment."""
+        name = _NAMES.get(plan.action)
+        hooks = (f"before_{name}", f"after_{name}", f"after_{name}_fail") if name else ()
+        return RequestHooks(self._hooks, self._hooks.present(hooks))
 
 
 class RequestHooks:
@@ -55,8 +58,8 @@ class RequestHooks:
         return bool(self._scripts(plan, "before")[1])
 
     def touch(self, plan: Plan) -> bool:
-        """Whether any script runs around ``plan``: a script may have changed the VM."""
-        return any(self._scripts(plan, kind)[1] for kind in ("before", "after", "after_fail"))
+        """Whether a script runs around ``plan`` done: it may have changed the VM."""
+        return any(self._scripts(plan, when)[1] for when in ("before", "after"))
 
     async def before(self, plan: Plan) -> Plan:
         hook, scripts = self._scripts(plan, "before")
