@@ -3,6 +3,8 @@ or drifted from the host, and proves it where it happens (live XML, kernel, defi
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import socket
 import threading
@@ -232,3 +234,33 @@ def test_dry_run_changes_nothing(vnicd: DaemonThread, vms: Vms, rpc: SchemaClien
     assert err.value.data["cause"] == "alreadyPlugged", "a dry run refuses what the real one would"
     assert seen(vnicd, vm_id, nic.mac) == before
     assert dom.XMLDesc(INACTIVE) == saved
+
+
+def test_change_cut_by_cancelling_its_task_ends_whole(vnicd: DaemonThread, vms: Vms) -> None:
+    """A change's task cancelled once its worker has begun it (vnicd stopping): the change
+    is still carried to its end, and the VM is no longer answered as it was before it."""
+    from vnicd.model import NicChange, NicRef
+    from vnicd.service import UpdateNic
+
+    nic = Nic("vt-a")
+    vm_id = vms.create(nic)
+    service = vnicd.service
+    request = UpdateNic(vm_id, NicRef(mac=nic.mac), NicChange(link_up=False, network="vt-b"))
+
+    async def cut() -> bool:
+        task = asyncio.ensure_future(service.update_device(request))
+        while vm_id not in service._before and not task.done():
+            await asyncio.sleep(0)  # the worker marks the change begun before its first step
+        begun = not task.done()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return begun
+
+    assert vnicd._run(cut()), "the change ended before it could be cut"
+    assert vm_id not in service._before, "the change is still marked in flight"
+    got = seen(vnicd, vm_id, nic.mac)
+    assert (got.link_up, got.kernel_bridge) == (False, "vt-b"), "carried to its end"
+    with vnicd.client() as rpc:
+        (info,) = rpc.call("VM.getInfo", vmID=vm_id)["nics"]
+    assert (info["linkActive"], info["bridge"]) == (False, "vt-b")

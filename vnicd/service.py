@@ -465,7 +465,7 @@ class Service:
         async with self.locks.hold(vm_id):
             if not dry_run:  # a dry run changes nothing, not even that
                 await self._settle(vm_id)
-            prep = await self._prepared(self._reader(vm_id), make_plan, None, dry_run)
+            prep = await self._prepare(self._reader(vm_id), make_plan, None, dry_run)
             if prep.failed is not None:
                 raise prep.failed
             assert prep.plan is not None
@@ -478,27 +478,7 @@ class Service:
     def _reader(self, vm_id: str) -> Callable[[], tuple[Domain, Snapshot]]:
         return functools.partial(self._read, vm_id, saved=True)
 
-    async def _prepared(
-        self,
-        read: Callable[[], tuple[Domain, Snapshot]],
-        make_plan: Callable[[Snapshot], Plan | None],
-        hooks: HooksNow | None,
-        dry_run: bool,
-    ) -> _Prepared:
-        """:meth:`_prepare` in a worker. Cancelled meanwhile (vnicd stopping), the task
-        still lets the worker finish and carries a change it began to its end, committed
-        or undone, before it stops: nothing is left half done or marked in flight."""
-        work = asyncio.ensure_future(self._blocking(self._prepare, read, make_plan, hooks, dry_run))
-        try:
-            return await asyncio.shield(work)
-        except asyncio.CancelledError:
-            with contextlib.suppress(Exception):
-                prep = await work
-                if prep.started is not None:
-                    await self._carry_out(prep)
-            raise
-
-    def _prepare(
+    async def _prepare(
         self,
         read: Callable[[], tuple[Domain, Snapshot]],
         make_plan: Callable[[Snapshot], Plan | None],
@@ -508,25 +488,42 @@ class Service:
         """In a worker, one hop for what needs no waiting: the VM read, the change
         planned and, unless a ``before_`` hook must see the plan first, begun (see
         :meth:`Transaction.start`); a plan with nothing to do is answered. Only the read
-        raises: what fails after it is the change's own outcome (``failed``)."""
-        dom, snap = read()
-        prep = _Prepared(dom, snap, None, hooks=hooks)
-        try:
-            prep.plan = plan = make_plan(snap)
-            if plan is None or dry_run:
+        raises: what fails after it is the change's own outcome (``failed``).
+
+        Cancelled meanwhile (vnicd stopping), the task still lets the worker finish and
+        carries a change it began to its end, committed (with its listeners and hooks) or
+        undone, before it stops: nothing is left half done or marked in flight."""
+
+        def work() -> _Prepared:
+            dom, snap = read()
+            prep = _Prepared(dom, snap, None, hooks=hooks)
+            try:
+                prep.plan = plan = make_plan(snap)
+                if plan is None or dry_run:
+                    return prep
+                if not plan.steps:
+                    prep.state = self._finish(prep, plan)(snap.live, {})
+                    return prep
+                prep.hooks = found = hooks or self.hooks.look(plan)
+            except Exception as e:
+                prep.plan, prep.failed = None, _general(e)
                 return prep
-            if not plan.steps:
-                prep.state = self._finish(prep, plan)(snap.live, {})
-                return prep
-            prep.hooks = hooks = hooks or self.hooks.look(plan)
-        except Exception as e:
-            prep.plan, prep.failed = None, _general(e)
+            if not found.rewrites(plan):
+                self._begin(plan.vm, snap)
+                tx = self._transaction(dom, snap)
+                prep.started = tx, tx.start(plan, self._finish(prep, plan))
             return prep
-        if not hooks.rewrites(plan):
-            self._begin(plan.vm, snap)
-            tx = self._transaction(dom, snap)
-            prep.started = tx, tx.start(plan, self._finish(prep, plan))
-        return prep
+
+        job = asyncio.ensure_future(self._blocking(work))
+        try:
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                prep = await job
+                if prep.started is not None:
+                    plan, state, _live = await self._carry_out(prep)
+                    await self._done(plan, state, prep.hooks)  # heard of, and audited
+            raise
 
     def _transaction(self, dom: Domain, snap: Snapshot) -> Transaction:
         return Transaction(
@@ -574,7 +571,7 @@ class Service:
         async with self.locks.hold(vm_id):
             if not dry_run:
                 await self._settle(vm_id)
-            prep = await self._prepared(self._reader(vm_id), first, None, dry_run)
+            prep = await self._prepare(self._reader(vm_id), first, None, dry_run)
             if prep.failed is not None and not picked:
                 raise prep.failed  # the VM's vNICs could not be told apart
             for i, nic in enumerate(picked):
@@ -596,7 +593,7 @@ class Service:
                     try:
                         await self._settle(vm_id)  # a cut change is undone before the next
                         read = self._reader(vm_id)  # and the VM read afresh
-                        prep = await self._prepared(read, plan_for(rest[0]), prep.hooks, False)
+                        prep = await self._prepare(read, plan_for(rest[0]), prep.hooks, False)
                     except Exception as e:
                         outcomes += [(n, _failure(vm_id, n.mac, e)) for n in rest]
                         break
@@ -609,7 +606,7 @@ class Service:
                     live = None  # the VM did not wait for a pause or a hook script
                 read = functools.partial(self._next, vm_id, prep.dom, prep.snap, plan, live)
                 try:
-                    prep = await self._prepared(read, plan_for(rest[0]), prep.hooks, False)
+                    prep = await self._prepare(read, plan_for(rest[0]), prep.hooks, False)
                 except Exception as e:  # the VM could not be read: none of the rest is tried
                     outcomes += [(n, _failure(vm_id, n.mac, e)) for n in rest]
                     break
