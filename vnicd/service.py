@@ -495,7 +495,10 @@ class Service:
         undone, before it stops: nothing is left half done or marked in flight."""
 
         def work() -> _Prepared:
-            dom, snap = read()
+            try:
+                dom, snap = read()
+            except (HypervisorError, hostnet.HostNetError) as e:
+                raise _general(e) from e
             prep = _Prepared(dom, snap, None, hooks=hooks)
             try:
                 prep.plan = plan = make_plan(snap)
@@ -514,7 +517,7 @@ class Service:
                 prep.started = tx, tx.start(plan, self._finish(prep, plan))
             return prep
 
-        job = asyncio.ensure_future(self._blocking(work))
+        job = asyncio.get_running_loop().run_in_executor(self._executor, work)
         try:
             return await asyncio.shield(job)
         except asyncio.CancelledError:
