@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import socket
 import threading
 import time
@@ -236,31 +237,43 @@ def test_dry_run_changes_nothing(vnicd: DaemonThread, vms: Vms, rpc: SchemaClien
     assert dom.XMLDesc(INACTIVE) == saved
 
 
-def test_change_cut_by_cancelling_its_task_ends_whole(vnicd: DaemonThread, vms: Vms) -> None:
-    """A change's task cancelled once its worker has begun it (vnicd stopping): the change
-    is still carried to its end, and the VM is no longer answered as it was before it."""
+@pytest.mark.parametrize("bounce", [False, True], ids=["move", "bounced move"])
+def test_change_cut_by_cancelling_its_task_ends_whole(
+    vnicd: DaemonThread, vms: Vms, bounce: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A change's task cancelled, and cancelled again, once its worker has begun it: the
+    change is still carried to its end (a bounced move through its pause, link up again on
+    the new bridge), audited, and the VM is no longer answered as it was before it."""
     from vnicd.model import NicChange, NicRef
     from vnicd.service import UpdateNic
 
     nic = Nic("vt-a")
     vm_id = vms.create(nic)
     service = vnicd.service
-    request = UpdateNic(vm_id, NicRef(mac=nic.mac), NicChange(link_up=False, network="vt-b"))
+    change = NicChange(link_up=None if bounce else False, network="vt-b")
+    request = UpdateNic(vm_id, NicRef(mac=nic.mac), change, bounce=bounce)
 
-    async def cut() -> bool:
+    async def cut() -> tuple[bool, bool]:
         task = asyncio.ensure_future(service.update_device(request))
         while vm_id not in service._before and not task.done():
             await asyncio.sleep(0)  # the worker marks the change begun before its first step
         begun = not task.done()
         task.cancel()
+        await asyncio.sleep(0.2)  # a bounce is in its pause by now
+        task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        return begun
+        return begun, task.cancelled()
 
-    assert vnicd._run(cut()), "the change ended before it could be cut"
+    with caplog.at_level(logging.INFO, logger="vnicd.audit"):
+        begun, cancelled = vnicd._run(cut())
+    assert begun, "the change ended before it could be cut"
+    assert cancelled, "the task ends cancelled"
     assert vm_id not in service._before, "the change is still marked in flight"
     got = seen(vnicd, vm_id, nic.mac)
-    assert (got.link_up, got.kernel_bridge) == (False, "vt-b"), "carried to its end"
+    assert (got.link_up, got.kernel_bridge) == (bounce, "vt-b"), "carried to its end"
     with vnicd.client() as rpc:
         (info,) = rpc.call("VM.getInfo", vmID=vm_id)["nics"]
-    assert (info["linkActive"], info["bridge"]) == (False, "vt-b")
+    assert (info["linkActive"], info["bridge"]) == (bounce, "vt-b")
+    audits = [r.getMessage() for r in caplog.records if r.name == "vnicd.audit"]
+    assert any(vm_id in line and "network=vt-b" in line for line in audits), audits

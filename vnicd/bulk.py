@@ -1,9 +1,9 @@
 """One change for many vNICs: every vNIC that matches a filter, each all-or-nothing.
 
-Each VM is read once under its lock, its matching vNICs found in that read and changed
-one after the other through the one transaction path (so per-VM serialization holds),
-different VMs in parallel. The call as a whole is not all-or-nothing: every vNIC gets its
-own outcome.
+Each VM is read once under its lock (afresh after a failed vNIC), its matching vNICs found
+in that read and changed one after the other through the one transaction path (so per-VM
+serialization holds), different VMs in parallel. The call as a whole is not all-or-nothing:
+every vNIC gets its own outcome.
 """
 
 from __future__ import annotations

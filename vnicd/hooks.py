@@ -92,7 +92,8 @@ class Hooks:
         self.timeout = timeout
 
     def scripts(self, name: str) -> list[Path]:
-        """``name``'s executables, in name order; none when its directory is missing."""
+        """``name``'s executables, in name order; none when its directory is missing. A
+        directory that cannot be read is the hook's failure, not an absent hook."""
         if name not in NAMES:
             raise ValueError(f"unknown hook {name!r}")
         try:
@@ -102,6 +103,8 @@ class Hooks:
                 ]
         except (FileNotFoundError, NotADirectoryError):
             return []
+        except OSError as e:
+            raise errors.HookError(name, "*", f"cannot be read: {e.strerror or e}") from e
         return sorted(found, key=lambda p: p.name)
 
     def present(self, names: Iterable[str]) -> dict[str, list[Path]]:

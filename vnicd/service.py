@@ -490,9 +490,9 @@ class Service:
         :meth:`Transaction.start`); a plan with nothing to do is answered. Only the read
         raises: what fails after it is the change's own outcome (``failed``).
 
-        Cancelled meanwhile (vnicd stopping), the task still lets the worker finish and
-        carries a change it began to its end, committed (with its listeners and hooks) or
-        undone, before it stops: nothing is left half done or marked in flight."""
+        If the caller's task is cancelled meanwhile, it still lets the worker finish and
+        carries a change the worker began to its end (see :meth:`_finish_cut`) before it
+        stops, however often it is cancelled again."""
 
         def work() -> _Prepared:
             try:
@@ -509,7 +509,10 @@ class Service:
                     return prep
                 prep.hooks = found = hooks or self.hooks.look(plan)
             except Exception as e:
-                prep.plan, prep.failed = None, _general(e)
+                failed = _general(e)
+                if failed is not e:
+                    failed.__cause__ = e
+                prep.plan, prep.failed = None, failed
                 return prep
             if not found.rewrites(plan):
                 self._begin(plan.vm, snap)
@@ -521,12 +524,27 @@ class Service:
         try:
             return await asyncio.shield(job)
         except asyncio.CancelledError:
-            with contextlib.suppress(Exception):
-                prep = await job
-                if prep.started is not None:
-                    plan, state, _live = await self._carry_out(prep)
-                    await self._done(plan, state, prep.hooks)  # heard of, and audited
+            ending = asyncio.ensure_future(self._finish_cut(job))
+            while not ending.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(ending)
             raise
+
+    async def _finish_cut(self, job: asyncio.Future[_Prepared]) -> None:
+        """What a cancelled change's worker began, carried to its end, with its listeners
+        and hooks: committed, undone, or left to the guest's late answer like any change
+        (nothing half done, nothing marked in flight)."""
+        try:
+            prep = await job
+        except Exception:
+            return  # nothing was begun
+        if prep.started is None or prep.plan is None:
+            return
+        try:
+            plan, state, _live = await self._carry_out(prep)
+            await self._done(plan, state, prep.hooks)
+        except Exception:
+            log.exception("VM %s: a change whose request was cancelled failed", prep.plan.vm)
 
     def _transaction(self, dom: Domain, snap: Snapshot) -> Transaction:
         return Transaction(
@@ -582,8 +600,8 @@ class Service:
                 if dry_run:  # every vNIC planned on the one read: nothing changes between
                     try:
                         outcomes.append((nic, DryRun(self._dry(prep, i, plan_for(nic)))))
-                    except errors.VnicdError as e:
-                        outcomes.append((nic, e))
+                    except Exception as e:
+                        outcomes.append((nic, _failure(vm_id, nic.mac, e)))
                     continue
                 try:
                     if prep.failed is not None:

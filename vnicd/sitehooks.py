@@ -33,7 +33,9 @@ class PlanHooks:
         (blocking: reads their directories). A change's ``before_`` and ``after_`` hooks
         are those of one moment."""
         name = _NAMES.get(plan.action)
-        hooks = (f"before_{name}", f"after_{name}", f"after_{name}_fail") if name else ()
+        if name is None:
+            return RequestHooks(self._hooks, {})
+        hooks = (f"before_{name}", f"after_{name}", f"after_{name}_fail")
         return RequestHooks(self._hooks, self._hooks.present(hooks))
 
 
