@@ -146,8 +146,7 @@ class Interface:
         try:
             return self._memo[key]  # type: ignore[no-any-return]
         except KeyError:
-            el = self.element.find(child)
-            value = self._memo[key] = None if el is None else el.get(attr)
+            value = self._memo[key] = _attr(self.element, child, attr)
             return value
 
     def _kept(self, key: str, read: Callable[[etree._Element], T]) -> T:

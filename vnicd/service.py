@@ -509,10 +509,7 @@ class Service:
                     return prep
                 prep.hooks = found = hooks or self.hooks.look(plan)
             except Exception as e:
-                failed = _general(e)
-                if failed is not e:
-                    failed.__cause__ = e
-                prep.plan, prep.failed = None, failed
+                prep.plan, prep.failed = None, _general(e)
                 return prep
             if not found.rewrites(plan):
                 self._begin(plan.vm, snap)
@@ -603,30 +600,25 @@ class Service:
                     except Exception as e:
                         outcomes.append((nic, _failure(vm_id, nic.mac, e)))
                     continue
+                read: Callable[[], tuple[Domain, Snapshot]] | None = None  # None: afresh
                 try:
                     if prep.failed is not None:
                         raise prep.failed
                     plan, state, live = await self._carry_out(prep)
                 except Exception as e:  # one vNIC's failure must not end the others' changes
                     outcomes.append((nic, _failure(vm_id, nic.mac, e)))
-                    if not rest:
-                        break
-                    try:
-                        await self._settle(vm_id)  # a cut change is undone before the next
-                        read = self._reader(vm_id)  # and the VM read afresh
-                        prep = await self._prepare(read, plan_for(rest[0]), prep.hooks, False)
-                    except Exception as e:
-                        outcomes += [(n, _failure(vm_id, n.mac, e)) for n in rest]
-                        break
-                    continue
-                outcomes.append((nic, state))
-                await self._done(plan, state, prep.hooks)
+                else:
+                    outcomes.append((nic, state))
+                    await self._done(plan, state, prep.hooks)
+                    if waits(plan.steps) or (prep.hooks is not None and prep.hooks.touch(plan)):
+                        live = None  # the VM did not wait for a pause or a hook script
+                    read = functools.partial(self._next, vm_id, prep.dom, prep.snap, plan, live)
                 if not rest:
                     break
-                if waits(plan.steps) or (prep.hooks is not None and prep.hooks.touch(plan)):
-                    live = None  # the VM did not wait for a pause or a hook script
-                read = functools.partial(self._next, vm_id, prep.dom, prep.snap, plan, live)
                 try:
+                    if read is None:
+                        await self._settle(vm_id)  # a cut change is undone before the next
+                        read = self._reader(vm_id)
                     prep = await self._prepare(read, plan_for(rest[0]), prep.hooks, False)
                 except Exception as e:  # the VM could not be read: none of the rest is tried
                     outcomes += [(n, _failure(vm_id, n.mac, e)) for n in rest]
@@ -940,10 +932,13 @@ def _joins_a_network(plan: Plan) -> bool:
 
 
 def _general(e: Exception) -> Exception:
-    """A host failure as the caller's 'general' error; anything else as it is."""
-    if isinstance(e, HypervisorError | hostnet.HostNetError):
-        return errors.GeneralError(str(e), cause=str(e))
-    return e
+    """A host failure as the caller's 'general' error (caused by it); anything else as it
+    is."""
+    if not isinstance(e, HypervisorError | hostnet.HostNetError):
+        return e
+    general = errors.GeneralError(str(e), cause=str(e))
+    general.__cause__ = e
+    return general
 
 
 def _failure(vm_id: str, mac: str, error: Exception) -> errors.VnicdError:

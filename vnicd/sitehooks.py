@@ -35,7 +35,7 @@ class PlanHooks:
         name = _NAMES.get(plan.action)
         if name is None:
             return RequestHooks(self._hooks, {})
-        hooks = (f"before_{name}", f"after_{name}", f"after_{name}_fail")
+        hooks = [_hook(when, name) for when in ("before", "after", "after_fail")]
         return RequestHooks(self._hooks, self._hooks.present(hooks))
 
 
@@ -52,7 +52,7 @@ class RequestHooks:
         name = _NAMES.get(plan.action)
         if name is None:
             return "", []
-        hook = f"{when}_{name}" if when != "after_fail" else f"after_{name}_fail"
+        hook = _hook(when, name)
         return hook, self._present.get(hook, [])
 
     def rewrites(self, plan: Plan) -> bool:
@@ -96,6 +96,12 @@ class RequestHooks:
         xml = plan.device_xml if scripts else None
         if xml is not None:
             await self._hooks.run(hook, xml, {"vmId": plan.vm}, scripts)
+
+
+def _hook(when: str, name: str) -> str:
+    """VDSM's name of the hook that runs ``when`` ("before", "after", "after_fail") a
+    change named ``name``."""
+    return f"after_{name}_fail" if when == "after_fail" else f"{when}_{name}"
 
 
 def _text(nic: NicState | None) -> str:

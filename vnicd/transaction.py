@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -118,9 +118,15 @@ def _fail(future: asyncio.Future[bool], reason: str) -> None:
 Finish = Callable[[DomainXML | None, Mapping[str, str]], T]
 
 
+def _first_wait(steps: Sequence[Step]) -> int:
+    """The index of the first of ``steps`` that waits (a pause, the guest's release)
+    rather than calls; ``len(steps)`` when none does."""
+    return next((i for i, s in enumerate(steps) if isinstance(s, _WAITING)), len(steps))
+
+
 def waits(steps: tuple[Step, ...]) -> bool:
-    """Whether any of ``steps`` waits (a pause, the guest's release) rather than calls."""
-    return any(isinstance(s, _WAITING) for s in steps)
+    """Whether any of ``steps`` waits rather than calls."""
+    return _first_wait(steps) < len(steps)
 
 
 @dataclass
@@ -164,7 +170,7 @@ class Transaction:
         first that waits, and ``finish`` when they are all of it; never raises. The loop
         carries on with :meth:`execute`, one hop to a worker fewer."""
         steps = plan.steps
-        n = next((i for i, s in enumerate(steps) if isinstance(s, _WAITING)), len(steps))
+        n = _first_wait(steps)
         done: list[Step] = []
         try:
             failed, answer = self._apply_all(
@@ -204,7 +210,7 @@ class Transaction:
                     raise await self._failed(e, step, done) from e
                 done.append(step)
                 continue
-            n = next((i for i, s in enumerate(steps) if isinstance(s, _WAITING)), len(steps))
+            n = _first_wait(steps)
             batch, steps = steps[:n], steps[n:]
             failed, answer = await self._run(
                 self._apply_all, plan.vm, batch, done, None if steps else finish
