@@ -69,9 +69,13 @@ def test_reads_match_iproute2(devices: list[str]) -> None:
     }
     assert hostnet.is_bridge("vt-b") and not hostnet.is_bridge(t)
     kernel = json.loads(ip("-j", "link", "show"))
-    assert hostnet.masters() == {d["ifname"]: d["master"] for d in kernel if "master" in d}
     bridges = json.loads(ip("-j", "link", "show", "type", "bridge"))
-    assert hostnet.bridges() == sorted(d["ifname"] for d in bridges)
+    names = {d["ifname"] for d in bridges}
+    assert t in hostnet.masters()
+    assert hostnet.masters() == {
+        d["ifname"]: d["master"] for d in kernel if d.get("master") in names
+    }
+    assert hostnet.bridges() == sorted(names)
 
 
 def test_missing_devices() -> None:

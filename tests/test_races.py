@@ -21,6 +21,7 @@ from tests.faults import LONG, NicTruth
 from tests.harness import DaemonThread
 from tests.hostenv import ip, master
 from vnicd.client import Client, RpcError
+from vnicd.hypervisor import Domain
 
 Outcome = tuple[str, Any]  # ("ok", result) or ("error", RpcError)
 
@@ -192,3 +193,36 @@ def test_unplug_and_plug_at_once(vnicd: DaemonThread, vms: Vms) -> None:
             seen["plugged" if truth[mac].plugged else "unplugged"] += 1
     assert agreed(vnicd, running)[keep.mac] == NicTruth(True, "vt-b", True)
     print(f"unplug and plug at once: {dict(seen)}")
+
+
+def test_listing_leaves_out_only_a_vm_gone_while_read(
+    vnicd: DaemonThread, vms: Vms, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A VM destroyed between the listing and the read of its XML is left out, the others
+    are listed; a read that libvirt refuses otherwise fails the listing, naming the VM,
+    rather than answering without it."""
+    kept, gone = vms.create(Nic("vt-a")), vms.create(Nic("vt-a"))
+    read, destroyed = Domain.xml, threading.Event()
+
+    def destroyed_first(self: Domain, *, inactive: bool = False) -> str:
+        if self.uuid == gone and not destroyed.is_set():
+            destroyed.set()
+            vnicd.domain(gone).destroy()
+        return read(self, inactive=inactive)
+
+    monkeypatch.setattr(Domain, "xml", destroyed_first)
+    with vnicd.client() as c:
+        assert [vm["vmID"] for vm in c.call("Host.getVMList")] == [kept]
+
+    def refused(self: Domain, *, inactive: bool = False) -> str:
+        if self.uuid == kept:  # flags libvirt does not know: it refuses, the VM is there
+            return str(self._call("reading XML", self._dom.XMLDesc, 1 << 30))
+        return read(self, inactive=inactive)
+
+    monkeypatch.setattr(Domain, "xml", refused)
+    with pytest.raises(RpcError) as e, vnicd.client() as c:
+        c.call("Host.getVMList")
+    assert e.value.code == 100 and kept in e.value.message, e.value
+    monkeypatch.undo()
+    with vnicd.client() as c:
+        assert [vm["vmID"] for vm in c.call("Host.getVMList")] == [kept]

@@ -18,6 +18,7 @@ from lxml import etree
 
 SourceKind = Literal["bridge", "network"]
 T = TypeVar("T")
+_UNREAD = object()  # a kept value not read yet (None can be one read)
 
 # Untrusted XML (VM.create) must not expand entities or reach the network.
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
@@ -52,8 +53,12 @@ class PciAddress:
     function: int
 
     @classmethod
-    def parse(cls, iface: etree._Element) -> PciAddress | None:
-        el = iface.find("address")
+    def parse(cls, device: etree._Element) -> PciAddress | None:
+        return cls.read(device.find("address"))
+
+    @classmethod
+    def read(cls, el: etree._Element | None) -> PciAddress | None:
+        """From an ``<address>`` element (None: the device has none)."""
         if el is None or el.get("type") != "pci":
             return None
         try:
@@ -74,8 +79,11 @@ class Source:
 
     @classmethod
     def parse(cls, iface: etree._Element) -> Source | None:
-        kind = iface.get("type")
-        el = iface.find("source")
+        return cls.read(iface.get("type"), iface.find("source"))
+
+    @classmethod
+    def read(cls, kind: str | None, el: etree._Element | None) -> Source | None:
+        """From an interface's type and its ``<source>`` element, if any."""
         if el is None or kind not in ("bridge", "network"):
             return None
         name = el.get(kind)
@@ -107,7 +115,11 @@ class Link:
 
     @classmethod
     def parse(cls, iface: etree._Element) -> Link:
-        el = iface.find("link")
+        return cls.read(iface.find("link"))
+
+    @classmethod
+    def read(cls, el: etree._Element | None) -> Link:
+        """From a ``<link>`` element (None: the interface has none)."""
         return cls(el is None or el.get("state", "up") == "up")
 
     def format(self, iface: etree._Element) -> None:
@@ -120,15 +132,17 @@ class Link:
 class Interface:
     """One ``<interface>`` element: read accessors plus edits of the parts vnicd owns.
 
-    What the accessors read is kept (a listing reads each vNIC's parts many times); every
-    edit goes through a method here, which forgets it. Edits are made on copies only: an
-    interface a snapshot holds, which other threads read, is never edited."""
+    What the accessors read is kept (a listing reads each vNIC's parts many times), and
+    the children are indexed by tag in one pass instead of searched for one by one; every
+    edit goes through a method here, which forgets both. Edits are made on copies only:
+    an interface a snapshot holds, which other threads read, is never edited."""
 
     def __init__(self, element: etree._Element) -> None:
         if element.tag != "interface":
             raise XMLError(f"expected <interface>, found <{element.tag}>")
         self.element = element
-        self._memo: dict[str | tuple[str, str], Any] = {}
+        self._memo: dict[str, Any] = {}
+        self._children: dict[Any, etree._Element] | None = None
 
     @classmethod
     def from_xml(cls, xml: str) -> Interface:
@@ -141,20 +155,29 @@ class Interface:
         """A detached deep copy: edit it, keep the original for a real rollback."""
         return Interface(copy.deepcopy(self.element))
 
-    def _attr(self, child: str, attr: str) -> str | None:
-        key = (child, attr)
-        try:
-            return self._memo[key]  # type: ignore[no-any-return]
-        except KeyError:
-            value = self._memo[key] = _attr(self.element, child, attr)
-            return value
+    def _child(self, tag: str) -> etree._Element | None:
+        """The first child ``tag``, as ``find`` would give it."""
+        children = self._children
+        if children is None:
+            children = self._children = {}
+            for el in self.element:
+                children.setdefault(el.tag, el)
+        return children.get(tag)
 
-    def _kept(self, key: str, read: Callable[[etree._Element], T]) -> T:
-        try:
-            return self._memo[key]  # type: ignore[no-any-return]
-        except KeyError:
-            value = self._memo[key] = read(self.element)
-            return value
+    def _attr(self, child: str, attr: str) -> str | None:
+        el = self._child(child)
+        return None if el is None else el.get(attr)
+
+    def _kept(self, key: str, read: Callable[[], T]) -> T:
+        found = self._memo.get(key, _UNREAD)
+        if found is _UNREAD:
+            found = self._memo[key] = read()
+        return found  # type: ignore[no-any-return]
+
+    def _forget(self) -> None:
+        """An edit follows: what was read may change."""
+        self._memo.clear()
+        self._children = None
 
     @property
     def kind(self) -> str:
@@ -180,7 +203,7 @@ class Interface:
 
     @property
     def address(self) -> PciAddress | None:
-        return self._kept("address", PciAddress.parse)
+        return self._kept("address", lambda: PciAddress.read(self._child("address")))
 
     @property
     def bridge(self) -> str | None:
@@ -189,24 +212,24 @@ class Interface:
 
     @property
     def source(self) -> Source | None:
-        return self._kept("source", Source.parse)
+        return self._kept("source", lambda: Source.read(self.kind, self._child("source")))
 
     @source.setter
     def source(self, value: Source) -> None:
-        self._memo.clear()
+        self._forget()
         value.format(self.element)
 
     @property
     def link_up(self) -> bool:
-        return self._kept("link", Link.parse).up
+        return self._kept("link", lambda: Link.read(self._child("link"))).up
 
     @link_up.setter
     def link_up(self, up: bool) -> None:
-        self._memo.clear()
+        self._forget()
         Link(up).format(self.element)
 
     def set_mac(self, mac: str) -> None:
-        self._memo.clear()
+        self._forget()
         el = self.element.find("mac")
         if el is None:
             el = etree.Element("mac")

@@ -79,12 +79,18 @@ _NESTED = 0x8000 | 0x4000  # NLA_F_NESTED | NLA_F_NET_BYTEORDER
 
 
 def _request(
-    what: str, attrs: Attrs, msg_type: int, flags: int = 0, index: int = 0, change: int = 0
+    what: str,
+    attrs: Attrs,
+    msg_type: int,
+    flags: int = 0,
+    index: int = 0,
+    change: int = 0,
+    family: int = socket.AF_UNSPEC,
 ) -> list[Link]:
     """One request and its replies, on a socket no other thread uses meanwhile."""
     get = msg_type == RTM_GETLINK
     flags |= NLM_F_REQUEST if get else NLM_F_REQUEST | NLM_F_ACK
-    data = _encoded(msg_type, flags, index, change, attrs)
+    data = _encoded(msg_type, flags, index, change, attrs, family)
     try:
         sock = _idle.get_nowait()
     except queue.Empty:
@@ -107,9 +113,12 @@ def _request(
 
 
 @functools.lru_cache(maxsize=1024)
-def _encoded(msg_type: int, flags: int, index: int, change: int, attrs: Attrs) -> bytes:
+def _encoded(
+    msg_type: int, flags: int, index: int, change: int, attrs: Attrs, family: int
+) -> bytes:
     """The request as pyroute2 encodes it, with sequence number 0."""
     msg = ifinfmsg()
+    msg["family"] = family
     msg["index"] = index
     msg["change"] = change
     msg["attrs"] = _attr_list(attrs)
@@ -290,7 +299,15 @@ def ensure_isolated_bridge(name: str) -> None:
 
 
 def masters() -> dict[str, str]:
-    """Every enslaved device and its master, in one call."""
-    links = _dump()
-    names = {d.index: d.name for d in links}
-    return {d.name: names[d.master] for d in links if d.master in names}
+    """Every bridge port and its bridge, in one call: the kernel's bridge dump (PF_BRIDGE,
+    as ``bridge link`` asks) holds the ports alone, each message a fraction of a device's."""
+    ports = _request("list bridge ports", (), RTM_GETLINK, NLM_F_DUMP, family=socket.AF_BRIDGE)
+    bridges: dict[int, str | None] = {}
+    found = {}
+    for port in ports:
+        if port.master not in bridges:
+            bridges[port.master] = _master_name(port)
+        bridge = bridges[port.master]
+        if bridge:
+            found[port.name] = bridge
+    return found

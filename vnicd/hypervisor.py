@@ -71,6 +71,11 @@ class HypervisorError(Exception):
         self.code: int | None = error.get_error_code()
         super().__init__(f"{action}: {self.cause}")
 
+    @property
+    def gone(self) -> bool:
+        """libvirt has no such VM (any more)."""
+        return bool(self.code == libvirt.VIR_ERR_NO_DOMAIN)
+
 
 class HypervisorDown(HypervisorError):
     """The libvirt connection is down and vnicd is reconnecting: nothing was attempted."""
@@ -148,7 +153,7 @@ class Domain:
         try:  # neither: gone, or undefined between the two calls
             return self.status(), self.is_persistent()
         except HypervisorError as e:
-            if e.code == libvirt.VIR_ERR_NO_DOMAIN:
+            if e.gone:
                 return None
             raise
 

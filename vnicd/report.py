@@ -55,18 +55,20 @@ def vm_state(
     plugged = domain.interfaces
     kernel = bridges if snap.active and bridges is not None else None
     nics = [
-        nic_state(
-            i,
-            namer,
-            plugged=True,
-            bridge=(kernel.get(i.tap, "") if kernel is not None and i.tap else None),
-        )
+        nic_state(i, namer, plugged=True, bridge=None if kernel is None else _kernel(i, kernel))
         for i in plugged
     ]
-    present = {i.mac for i in plugged}
-    nics += [
-        nic_state(e.iface, namer, plugged=False, alias=e.alias)
-        for e in store
-        if e.iface.mac not in present
-    ]
+    if store:
+        present = {n.mac for n in nics}
+        nics += [
+            nic_state(e.iface, namer, plugged=False, alias=e.alias)
+            for e in store
+            if e.iface.mac not in present
+        ]
     return VmState(snap.uuid, snap.name, snap.status, snap.persistent, tuple(nics))
+
+
+def _kernel(iface: Interface, bridges: Mapping[str, str]) -> str | None:
+    """The bridge the kernel has the vNIC's tap on ("": none); None without a tap."""
+    tap = iface.tap
+    return bridges.get(tap, "") if tap else None

@@ -16,6 +16,7 @@ import contextlib
 import functools
 import itertools
 import logging
+import queue
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -53,10 +54,12 @@ from vnicd.unplugged import mentions_store
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-# Workers reading the VMs of a listing: through libvirtd, whose round trips they overlap
-# (it serves 5 requests of one client at once, max_client_requests); in-process, the
-# embedded driver's reads are work for this process, and one worker does them fastest.
-_LIST_READERS = {True: 4, False: 1}
+# Workers fetching the VMs' XML for a listing, beside the one parsing it: through
+# libvirtd, two overlap its round trips (more only add thread hand-offs in libvirt's
+# client); in-process, the embedded driver's reads are this process's work, one will do.
+_LIST_FETCHERS = {True: 2, False: 1}
+# A VM's place in a listing, and its live and saved XML or why they could not be read.
+_Fetched = tuple[int, tuple[str | None, str | None] | Exception]
 
 
 @dataclass(frozen=True)
@@ -251,12 +254,20 @@ class Service:
         return dom
 
     @staticmethod
-    def _snapshot(dom: Domain, *, saved: bool, status: VmStatus, persistent: bool) -> Snapshot:
-        """One read: the live XML when running, the saved one when asked or not running."""
+    def _xmls(
+        dom: Domain, *, saved: bool, status: VmStatus, persistent: bool
+    ) -> tuple[str | None, str | None]:
+        """The live XML when running, the saved one when asked or not running."""
         active = status is not VmStatus.STOPPED
         live = dom.xml() if active else None
         inactive = dom.xml(inactive=True) if persistent and (saved or not active) else None
-        return Snapshot.parse(dom.uuid, status, persistent, live, inactive)
+        return live, inactive
+
+    @classmethod
+    def _snapshot(cls, dom: Domain, *, saved: bool, status: VmStatus, persistent: bool) -> Snapshot:
+        """One read (see :meth:`_xmls`)."""
+        xmls = cls._xmls(dom, saved=saved, status=status, persistent=persistent)
+        return Snapshot.parse(dom.uuid, status, persistent, *xmls)
 
     def _present(self, vm_id: str) -> tuple[Domain, VmStatus, bool]:
         dom = self._domain(vm_id)
@@ -304,22 +315,57 @@ class Service:
                 return found
 
     async def vm_list(self) -> list[VmState]:
-        """Every VM, its XML read in a few workers at once through libvirtd: one by one, a
-        host's worth of round trips adds up."""
+        """Every VM: its XML fetched by a few workers (one by one, a host's worth of round
+        trips to libvirtd adds up) while one more parses what they fetched."""
         epochs = dict(self._epochs)
-        listed, masters = await self._blocking(self._listing)
-        parts = self._reader_parts(listed)
-        read = await asyncio.gather(*(self._blocking(self._states, p, masters) for p in parts))
+        listed = await self._blocking(self._hypervisor.listing)
+        if not listed:
+            return []
+        loop, fetched = asyncio.get_running_loop(), queue.SimpleQueue[_Fetched]()
+        for part in self._reader_parts(list(enumerate(listed))):
+            loop.run_in_executor(self._executor, self._fetch, part, fetched)
+        # Submitted after its fetchers: the pool starts jobs in order, so the parse, which
+        # waits for them, never holds a worker that one of them is queued for.
+        read = await self._blocking(self._parse_fetched, listed, fetched)
         found = []
-        for state in itertools.chain.from_iterable(read):
+        for state in read:
             consistent = self._consistent(state.uuid, epochs.get(state.uuid), state)
             found.append(consistent or await self._reread(state))
         return found
 
-    def _reader_parts(self, listed: list[Listed]) -> list[list[Listed]]:
-        """A listing cut into one part per reader (see ``_LIST_READERS``)."""
-        size = -(-len(listed) // _LIST_READERS[self._hypervisor.remote])  # ceil
-        return [listed[i : i + size] for i in range(0, len(listed), size)] if listed else []
+    def _reader_parts(self, items: list[T]) -> list[list[T]]:
+        """VMs cut into one part per worker reading them (see ``_LIST_FETCHERS``)."""
+        size = -(-len(items) // _LIST_FETCHERS[self._hypervisor.remote])  # ceil
+        return [items[i : i + size] for i in range(0, len(items), size)] if items else []
+
+    def _fetch(self, part: list[tuple[int, Listed]], fetched: queue.SimpleQueue[_Fetched]) -> None:
+        """Each VM's XML, or why not, to ``fetched``: whatever happens, one item a VM."""
+        for i, vm in part:
+            got: tuple[str | None, str | None] | Exception
+            try:
+                got = self._xmls(vm.domain, saved=False, status=vm.status, persistent=vm.persistent)
+            except Exception as e:  # the parse raises it
+                got = e
+            fetched.put((i, got))
+
+    def _parse_fetched(
+        self, listed: list[Listed], fetched: queue.SimpleQueue[_Fetched]
+    ) -> list[VmState]:
+        """The VMs' states as their XML arrives, in the listing's order; a VM gone since
+        the listing is left out."""
+        masters = self._networks.ports.masters()
+        found: list[VmState | None] = [None] * len(listed)
+        for _ in listed:
+            i, got = fetched.get()
+            vm = listed[i]
+            if isinstance(got, HypervisorError) and got.gone:
+                log.debug("VM %s vanished while listing: %s", vm.domain.uuid, got)
+                continue
+            if isinstance(got, Exception):
+                raise got
+            snap = Snapshot.parse(vm.domain.uuid, vm.status, vm.persistent, *got)
+            found[i] = self._state(snap, masters)
+        return [state for state in found if state is not None]
 
     async def vm_ids(self) -> list[str]:
         """Every VM's id, in two calls whatever their number."""
@@ -381,22 +427,6 @@ class Service:
             return await self.get_info(state.uuid)
         except errors.NoSuchVM:
             return state
-
-    def _listing(self) -> tuple[list[Listed], dict[str, str]]:
-        return self._hypervisor.listing(), self._networks.ports.masters()
-
-    def _states(self, listed: list[Listed], masters: dict[str, str]) -> list[VmState]:
-        found = []
-        for vm in listed:
-            try:
-                snap = self._snapshot(
-                    vm.domain, saved=False, status=vm.status, persistent=vm.persistent
-                )
-            except HypervisorError as e:
-                log.debug("VM %s vanished while listing: %s", vm.domain.uuid, e)
-                continue
-            found.append(self._state(snap, masters))
-        return found
 
     async def capabilities(self) -> Capabilities:
         networks = await self._blocking(self._networks.available)
