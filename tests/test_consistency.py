@@ -87,7 +87,7 @@ def _unplug_in_background(
 
 def _wait_pending(vnicd: DaemonThread, count: int) -> None:
     deadline = time.monotonic() + 30
-    while len(vnicd.service.removals._waiting) < count:
+    while len(vnicd.service.waiting._waiting) < count:
         assert time.monotonic() < deadline, "the unplugs never reached the guest"
         time.sleep(0.01)
 

@@ -9,16 +9,20 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests import faults
 from tests.conftest import TMP, Nic, Vms, vm_xml
+from tests.evidence import seen
 from tests.harness import DaemonThread, SchemaClient
 from tests.hostenv import PREFIX, kill_qemus, master
-from vnicd.client import RpcError
+from vnicd.client import Client, RpcError
 from vnicd.errors import Recovering
 
 VNICD = Path(sys.executable).with_name("vnicd")
@@ -165,3 +169,62 @@ def test_one_vnicd_per_state_dir(vnicd: DaemonThread, state: Path) -> None:
     assert not sock.exists()
     with vnicd.client() as c:
         c.call("Host.ping2")
+
+
+@pytest.mark.parametrize("change", ["bounced move", "unplug"])
+def test_stop_ends_the_waits_of_calls_still_running(
+    vnicd: DaemonThread, vms: Vms, monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    """A stop whose wait for the calls in flight runs out ends what they wait for, a
+    bounce's pause or a guest's answer (this guest never gives one): each change ends as
+    it would once its wait is over, before the workers go, and its caller is answered."""
+    nic = Nic("vt-a")
+    vm_id = vms.create(nic)
+    assert vnicd.daemon is not None and vnicd.service is not None
+    monkeypatch.setattr(vnicd.daemon, "STOP_TIMEOUT", 0.3)
+    monkeypatch.setattr(vnicd.service, "_bounce_seconds", 30.0)
+    monkeypatch.setattr(vnicd.service, "_unplug_timeout", 30.0)
+    waiting = vnicd.service.waiting
+    move = {"deviceType": "interface", "macAddr": nic.mac, "network": "vt-b", "linkBounce": True}
+    method, params = (
+        ("VM.updateDevice", {"vmID": vm_id, "params": move})
+        if change == "bounced move"
+        else ("VM.hotunplugNic", {"vmID": vm_id, "params": {"macAddr": nic.mac}})
+    )
+    found: list[tuple[str, Any]] = []
+
+    def call() -> None:
+        try:
+            with Client(vnicd.config.unix_socket, timeout=60) as c:
+                found.append(("ok", c.call(method, **params)))
+        except RpcError as e:
+            found.append(("error", e))
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    if change == "bounced move":
+        faults.until("the move in its pause", lambda: master(nic.tap) == "vt-b", 10)
+    else:
+        faults.until("the guest asked", lambda: bool(waiting._waiting), 10)
+    started = time.monotonic()
+    try:
+        vnicd.stop()
+        took = time.monotonic() - started
+        caller.join(10)
+    finally:
+        vnicd.start()
+    assert took < 5, f"the stop took {took:.1f} s"
+    ((outcome, answer),) = found
+    got = seen(vnicd, vm_id, nic.mac)
+    with vnicd.client() as rpc:
+        (info,) = rpc.call("VM.getInfo", vmID=vm_id)["nics"]
+    if change == "bounced move":  # carried to its end: link up again, on the new bridge
+        assert outcome == "ok", answer
+        assert (got.link_up, got.kernel_bridge) == (True, "vt-b")
+        assert (info["linkActive"], info["bridge"], info["plugged"]) == (True, "vt-b", True)
+    else:  # asked already: it stays plugged, kept pending for the guest's late answer
+        assert outcome == "error" and answer.code == 50, answer
+        assert "vnicd is stopping" in answer.message and "stays plugged" in answer.message
+        assert (got.link_up, got.kernel_bridge) == (True, "vt-a")
+        assert (info["plugged"], info["bridge"]) == (True, "vt-a")
+        assert 'pending="yes"' in vnicd.live_xml(vm_id)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import libvirt
@@ -22,7 +23,7 @@ from vnicd.planning import Action, LiveDetach, Plan, StoreWrite
 from vnicd.rpc_unix import Lines
 from vnicd.schema import Schema
 from vnicd.service import VmLocks
-from vnicd.transaction import Failed, Pending, Refused, Removals, Transaction
+from vnicd.transaction import Failed, Pending, Refused, Transaction, Waiting
 from vnicd.unplugged import Store
 from vnicd.verbs import HANDLERS
 
@@ -168,9 +169,9 @@ class RecordingDomain:
 
     uuid = VM
 
-    def __init__(self, removals: Removals, answer: bool | None, fail: set[str]) -> None:
+    def __init__(self, waiting: Waiting, answer: bool | None, fail: set[str]) -> None:
         self.calls: list[tuple[str, Any]] = []
-        self._removals = removals
+        self._waiting = waiting
         self._answer = answer
         self._fail = fail
         self.loop = asyncio.get_running_loop()
@@ -189,7 +190,7 @@ class RecordingDomain:
         self._record("detach_alias", alias)
         if self._answer is not None:
             self.plugged = not self._answer
-            self.loop.call_soon_threadsafe(self._removals.answered, VM, alias, self._answer)
+            self.loop.call_soon_threadsafe(self._waiting.answered, VM, alias, self._answer)
 
     def attach_interface(self, xml: str, **_k: Any) -> None:
         self._record("attach_interface", xml)
@@ -215,18 +216,20 @@ def unplug_plan() -> tuple[Plan, Snapshot, Store, Store]:
 
 
 async def execute(
-    answer: bool | None, *fail: str, start: bool = False
+    answer: bool | None, *fail: str, start: bool = False, stopping: bool = False
 ) -> tuple[RecordingDomain, Exception | None]:
     """The unplug plan carried out; ``start``: begun as the worker that planned it begins
-    it (:meth:`Transaction.start`), then carried on."""
-    removals = Removals()
-    dom = RecordingDomain(removals, answer, set(fail))
+    it (:meth:`Transaction.start`), then carried on; ``stopping``: once vnicd stops."""
+    waiting = Waiting()
+    if stopping:
+        waiting.close("vnicd is stopping")
+    dom = RecordingDomain(waiting, answer, set(fail))
     plan, snap, _pending, _done = unplug_plan()
 
     async def run(fn: Any, *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
 
-    tx = Transaction(dom, snap, ports=None, run=run, removals=removals, unplug_timeout=0.05)  # type: ignore[arg-type]
+    tx = Transaction(dom, snap, ports=None, run=run, waiting=waiting, unplug_timeout=0.05)  # type: ignore[arg-type]
     finish = lambda live, _seen: live  # noqa: E731
     try:
         await tx.execute(plan, finish, tx.start(plan, finish) if start else None)
@@ -238,12 +241,12 @@ async def execute(
 def test_a_begun_plan_goes_on_from_its_first_wait() -> None:
     """Begun in a worker, a plan stops before its first waiting step (the guest's release),
     and the loop carries on from there: each step once."""
-    removals = Removals()
+    waiting = Waiting()
 
     async def run() -> list[str]:
-        dom = RecordingDomain(removals, True, set())
+        dom = RecordingDomain(waiting, True, set())
         plan, snap, _pending, _done = unplug_plan()
-        tx = Transaction(dom, snap, None, None, removals, 0.05)  # type: ignore[arg-type]
+        tx = Transaction(dom, snap, None, None, waiting, 0.05)  # type: ignore[arg-type]
         started = tx.start(plan, lambda live, _seen: live)
         assert (started.count, [n for n, _ in dom.calls]) == (1, ["set_metadata"])
         assert started.failed is None and started.raised is None
@@ -262,6 +265,36 @@ def test_refused_unplug_restores_the_store(start: bool) -> None:
     writes = [arg for name, arg in dom.calls if name == "set_metadata"]
     assert len(writes) == 2 and writes[0] is not None and 'pending="yes"' in writes[0]
     assert writes[1] is None, "the stored entry was removed again"
+
+
+def test_unplug_once_vnicd_stops_is_undone_without_asking_the_guest() -> None:
+    """A release that could not be awaited is not asked for: the unplug is undone, and no
+    late answer is left to finish it."""
+    dom, error = asyncio.run(execute(True, stopping=True))
+    assert isinstance(error, Failed) and isinstance(error.cause, Refused) and not error.problems
+    assert "vnicd is stopping" in str(error.cause)
+    assert "detach_alias" not in [n for n, _ in dom.calls]
+    writes = [arg for name, arg in dom.calls if name == "set_metadata"]
+    assert len(writes) == 2 and writes[1] is None, "the stored entry was removed again"
+
+
+def test_waits_end_when_vnicd_stops() -> None:
+    """A bounce's pause and a wait for a guest end at once when vnicd stops."""
+
+    async def run() -> tuple[float, BaseException | None]:
+        waiting = Waiting()
+        answer = waiting.expect(VM, "net1")
+        pause = asyncio.ensure_future(waiting.pause(30))
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        waiting.close("vnicd is stopping")
+        await pause
+        await asyncio.wait([answer])
+        return time.monotonic() - started, answer.exception()
+
+    took, error = asyncio.run(run())
+    assert took < 1, "the pause ended at once"
+    assert isinstance(error, ConnectionError) and "vnicd is stopping" in str(error)
 
 
 def test_unanswered_unplug_stays_pending() -> None:
@@ -367,7 +400,7 @@ def test_bounce_undo_skips_its_intermediate_state() -> None:
         return fn(*args, **kwargs)
 
     async def go() -> Exception | None:
-        tx = Transaction(dom, snap, ports=dom, run=run, removals=Removals(), unplug_timeout=1)  # type: ignore[arg-type]
+        tx = Transaction(dom, snap, ports=dom, run=run, waiting=Waiting(), unplug_timeout=1)  # type: ignore[arg-type]
         try:
             await tx.execute(plan, lambda live, _seen: live)
         except Failed as e:

@@ -51,6 +51,7 @@ class Daemon:
     # socket costs a failed connect, and vnicd must serve within 2 s of libvirtd's return.
     BACKOFF = (0.25, 1.0)
     STOP_TIMEOUT = 60.0  # how long a stop waits for calls in flight
+    HURRY_TIMEOUT = 10.0  # then, with their waits ended (TimeoutStopSec=90 covers both)
 
     def __init__(self, config: Config, config_path: Path | None = None) -> None:
         self.config = config
@@ -179,7 +180,7 @@ class Daemon:
     def _reconnect_soon(self, reason: str) -> None:
         sdnotify.status(f"libvirt connection lost ({reason}): reconnecting")
         if self.service is not None:
-            self.service.removals.cancel_all(f"the libvirt connection was lost: {reason}")
+            self.service.waiting.cancel_all(f"the libvirt connection was lost: {reason}")
         if self._reconnecting is None or self._reconnecting.done():
             assert self._loop is not None
             self._reconnecting = self._loop.create_task(self._reconnect(), name="vnicd-reconnect")
@@ -241,8 +242,8 @@ class Daemon:
             await asyncio.gather(self._reconnecting, return_exceptions=True)
         if self._server is not None:
             self._server.stop_listening()
-        if self._dispatcher is not None:
-            await self._dispatcher.drain(self.STOP_TIMEOUT)
+        if self._dispatcher is not None and not await self._dispatcher.drain(self.STOP_TIMEOUT):
+            await self._hurry(self._dispatcher)
         if self._server is not None:
             await self._server.stop()
         await self._stop_engine()
@@ -253,6 +254,15 @@ class Daemon:
             self._lock.close()
             self._lock = None
         log.info("vnicd stopped")
+
+    async def _hurry(self, dispatcher: Dispatcher) -> None:
+        """Calls still running wait for a guest's answer or a bounce's pause: end those
+        waits, so that each change ends whole (a guest's answer to come finishes its
+        unplug later) and is answered before the connections close."""
+        if self.service is not None:
+            self.service.waiting.close("vnicd is stopping")
+        if not await dispatcher.drain(self.HURRY_TIMEOUT):
+            log.error("calls still running when vnicd stops: they are cut where they are")
 
     def _lifecycle(self, dom: Domain, event: int, detail: int) -> None:
         name = _EVENTS[event] if 0 <= event < len(_EVENTS) else str(event)

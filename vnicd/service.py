@@ -44,9 +44,9 @@ from vnicd.transaction import (
     Finish,
     Pending,
     Refused,
-    Removals,
     Started,
     Transaction,
+    Waiting,
     repeatable,
     waits,
 )
@@ -222,7 +222,7 @@ class Service:
         # done again before the VM's next change and at every recovery. Until then reads
         # answer the state from before the change, which is the state being restored.
         self._unsettled: dict[str, tuple[Step, ...]] = {}
-        self.removals = Removals()
+        self.waiting = Waiting()
         self.hooks: Hooks = NoHooks()
         self.listeners: list[Listener] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -231,7 +231,7 @@ class Service:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self.removals.cancel_all("vnicd is stopping")
+        self.waiting.close("vnicd is stopping")
         await asyncio.to_thread(self._executor.shutdown, wait=True)
 
     async def _raw(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -575,7 +575,7 @@ class Service:
 
     def _transaction(self, dom: Domain, snap: Snapshot) -> Transaction:
         return Transaction(
-            dom, snap, self._networks.ports, self._raw, self.removals, self._unplug_timeout
+            dom, snap, self._networks.ports, self._raw, self.waiting, self._unplug_timeout
         )
 
     def _finish(self, prep: _Prepared, plan: Plan) -> Finish[VmState]:
@@ -828,7 +828,7 @@ class Service:
     def device_removed(self, vm_id: str, alias: str, removed: bool) -> None:
         """libvirt's answer to a device removal; one nobody waits for settles the store."""
         log.info("VM %s device %s: %s", vm_id, alias, "removed" if removed else "refused")
-        if not self.removals.answered(vm_id, alias, removed):
+        if not self.waiting.answered(vm_id, alias, removed):
             self.spawn(self.reconcile(vm_id, refused=None if removed else alias))
 
     def spawn(self, coro: Any) -> None:

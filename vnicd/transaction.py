@@ -11,6 +11,7 @@ on the new one), then confirms the original state.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -76,13 +77,19 @@ def repeatable(steps: tuple[Step, ...]) -> bool:
     return all(isinstance(s, _REPEATABLE) for s in steps)
 
 
-class Removals:
-    """Guests' answers to device removals, awaited on the event loop."""
+class Waiting:
+    """What changes wait for on the event loop, a guest's answer to a device removal and
+    a link bounce's pause, and the end of those waits when vnicd stops."""
 
     def __init__(self) -> None:
         self._waiting: dict[tuple[str, str], asyncio.Future[bool]] = {}
+        self._closed: str | None = None  # why nothing is waited for any more
+        self._stopping = asyncio.Event()
 
     def expect(self, vm: str, alias: str) -> asyncio.Future[bool]:
+        """The guest's answer to come; ConnectionError once vnicd stops."""
+        if self._closed is not None:
+            raise ConnectionError(self._closed)
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._waiting[(vm, alias)] = future
         return future
@@ -99,10 +106,23 @@ class Removals:
         return True
 
     def cancel_all(self, reason: str) -> None:
+        """End the waits for guests' answers with ``reason``."""
         for future in self._waiting.values():
             if not future.done():
                 future.get_loop().call_soon_threadsafe(_fail, future, reason)
         self._waiting.clear()
+
+    async def pause(self, seconds: float) -> None:
+        """``seconds``, or less once vnicd stops: the change then goes on to its end."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    def close(self, reason: str) -> None:
+        """vnicd stops: end every wait, and those asked for from now on, at once (a guest
+        not answered yet answers late; a pause ends)."""
+        self._closed = reason
+        self._stopping.set()
+        self.cancel_all(reason)
 
 
 def _settle(future: asyncio.Future[bool], removed: bool) -> None:
@@ -153,14 +173,14 @@ class Transaction:
         snap: Snapshot,
         ports: PortBackend,
         run: Runner,
-        removals: Removals,
+        waiting: Waiting,
         unplug_timeout: float,
     ) -> None:
         self._dom = dom
         self._snap = snap
         self._ports = ports
         self._run = run
-        self._removals = removals
+        self._waiting = waiting
         self._timeout = unplug_timeout
         self.live: DomainXML | None = snap.live
         self.seen: dict[str, str] = {}
@@ -275,7 +295,7 @@ class Transaction:
     async def _wait(self, step: Step) -> None:
         match step:
             case Pause(seconds=seconds):
-                await asyncio.sleep(seconds)
+                await self._waiting.pause(seconds)
             case LiveDetach(iface=iface):
                 await self._release(iface)
 
@@ -325,7 +345,10 @@ class Transaction:
     async def _release(self, iface: Interface) -> None:
         """Ask the guest to release a vNIC and wait for its answer on the loop."""
         alias, vm = iface.alias or "", self._snap.uuid
-        answer = self._removals.expect(vm, alias)
+        try:
+            answer = self._waiting.expect(vm, alias)
+        except ConnectionError as e:  # nothing asked of the guest: the change is undone
+            raise Refused(f"{e}: the guest is not asked to release it") from e
         try:
             await self._run(self._dom.detach_alias, alias)
             removed = await asyncio.wait_for(answer, self._timeout)
@@ -343,7 +366,7 @@ class Transaction:
                 f"the guest did not release it within {self._timeout:g} s; it stays plugged"
             ) from None
         finally:
-            self._removals.forget(vm, alias)
+            self._waiting.forget(vm, alias)
         if not removed:
             raise Refused("the guest refused to release it")
         if await self._run(self._present, iface.mac):
