@@ -278,6 +278,28 @@ def test_unplug_once_vnicd_stops_is_undone_without_asking_the_guest() -> None:
     assert len(writes) == 2 and writes[1] is None, "the stored entry was removed again"
 
 
+def test_undoing_a_plug_once_vnicd_stops_still_asks_the_guest() -> None:
+    """The undo of a plug asks the guest to release the vNIC even once vnicd stops: its
+    answer then comes with nobody waiting, and the undo says so."""
+    from vnicd.planning import LiveAttach
+
+    async def run() -> tuple[RecordingDomain, list[str]]:
+        waiting = Waiting()
+        waiting.close("vnicd is stopping")
+        dom = RecordingDomain(waiting, None, set())
+        _plan, snap, _pending, _done = unplug_plan()
+
+        async def work(fn: Any, *args: Any, **kwargs: Any) -> Any:
+            return fn(*args, **kwargs)
+
+        tx = Transaction(dom, snap, None, work, waiting, 0.05)  # type: ignore[arg-type]
+        return dom, await tx.undo((LiveAttach(Interface.from_xml(NIC)),))
+
+    dom, problems = asyncio.run(run())
+    assert [n for n, _ in dom.calls] == ["detach_alias"]
+    assert len(problems) == 1 and "vnicd is stopping" in problems[0], problems
+
+
 def test_waits_end_when_vnicd_stops() -> None:
     """A bounce's pause and a wait for a guest end at once when vnicd stops."""
 

@@ -159,9 +159,10 @@ class Interface:
         """The first child ``tag``, as ``find`` would give it."""
         children = self._children
         if children is None:
-            children = self._children = {}
+            children = {}
             for el in self.element:
                 children.setdefault(el.tag, el)
+            self._children = children  # whole before another thread can see it
         return children.get(tag)
 
     def _attr(self, child: str, attr: str) -> str | None:
@@ -249,6 +250,7 @@ class Interface:
         kept = self.copy()
         alias = kept.element.find("alias")
         if alias is not None and not str(alias.get("name", "")).startswith("ua-"):
+            kept._forget()
             kept.element.remove(alias)
         source = kept.source
         if source is not None:

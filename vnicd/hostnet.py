@@ -55,12 +55,14 @@ class HostNetError(Exception):
 
 @dataclass(frozen=True)
 class Link:
-    """What vnicd reads of a device: its index, name, master's index and kind."""
+    """What vnicd reads of a device: its index, name, master's index and kind, and the
+    kind of device its master is (``bridge`` for a bridge port)."""
 
     index: int
     name: str
     master: int
     kind: str | None
+    master_kind: str | None = None
 
 
 _idle: queue.SimpleQueue[IPRSocket] = queue.SimpleQueue()
@@ -74,7 +76,8 @@ _IFINFO = struct.Struct("=BxHiII")
 _ATTR = struct.Struct("=HH")
 _ERRNO = struct.Struct("=i")
 _U32 = struct.Struct("=I")
-IFLA_IFNAME, IFLA_MASTER, IFLA_LINKINFO, IFLA_INFO_KIND = 3, 10, 18, 1
+IFLA_IFNAME, IFLA_MASTER, IFLA_LINKINFO = 3, 10, 18
+IFLA_INFO_KIND, IFLA_INFO_SLAVE_KIND = 1, 4
 _NESTED = 0x8000 | 0x4000  # NLA_F_NESTED | NLA_F_NET_BYTEORDER
 
 
@@ -186,7 +189,7 @@ def _attr(data: bytes, offset: int, end: int, wanted: int) -> tuple[int, int] | 
 def _link(data: bytes, begin: int, end: int) -> Link:
     """Index, name, master and kind; every other attribute is stepped over, not decoded."""
     _family, _type, index, _flags, _change = _IFINFO.unpack_from(data, begin)
-    name, master, kind = "", 0, None
+    name, master, kind, master_kind = "", 0, None, None
     offset = begin + _IFINFO.size
     while offset + 4 <= end:
         length, attr = _ATTR.unpack_from(data, offset)
@@ -198,11 +201,16 @@ def _link(data: bytes, begin: int, end: int) -> Link:
         elif attr == IFLA_MASTER:
             (master,) = _U32.unpack_from(data, offset + 4)
         elif attr == IFLA_LINKINFO:
-            found = _attr(data, offset + 4, offset + length, IFLA_INFO_KIND)
-            if found is not None:
-                kind = data[found[0] : found[1]].split(b"\0", 1)[0].decode()
+            kind = _string(data, offset + 4, offset + length, IFLA_INFO_KIND)
+            master_kind = _string(data, offset + 4, offset + length, IFLA_INFO_SLAVE_KIND)
         offset += (length + 3) & ~3
-    return Link(index, name, master, kind)
+    return Link(index, name, master, kind, master_kind)
+
+
+def _string(data: bytes, offset: int, end: int, wanted: int) -> str | None:
+    """The string value of attribute ``wanted`` among those in [offset, end), if any."""
+    found = _attr(data, offset, end, wanted)
+    return None if found is None else data[found[0] : found[1]].split(b"\0", 1)[0].decode()
 
 
 def _get(name: str | None = None, index: int = 0) -> Link | None:
@@ -252,9 +260,10 @@ def link(name: str) -> dict[str, Any] | None:
 
 
 def master(dev: str) -> str | None:
-    """The bridge a device is enslaved to, as the kernel reports it."""
+    """The bridge a device is enslaved to, as the kernel reports it (None: no master, or
+    one that is not a bridge)."""
     found = _get(dev)
-    return None if found is None else _master_name(found)
+    return None if found is None or found.master_kind != "bridge" else _master_name(found)
 
 
 def bridges() -> list[str]:
@@ -299,14 +308,17 @@ def ensure_isolated_bridge(name: str) -> None:
 
 
 def masters() -> dict[str, str]:
-    """Every bridge port and its bridge, in one call: the kernel's bridge dump (PF_BRIDGE,
-    as ``bridge link`` asks) holds the ports alone, each message a fraction of a device's."""
+    """Every bridge port and its bridge, in one dump: the kernel's bridge dump (PF_BRIDGE,
+    as ``bridge link`` asks) holds the ports, each message a fraction of a device's (and
+    devices whose driver reports a hardware bridge: their masters are checked to be
+    bridges)."""
     ports = _request("list bridge ports", (), RTM_GETLINK, NLM_F_DUMP, family=socket.AF_BRIDGE)
     bridges: dict[int, str | None] = {}
     found = {}
     for port in ports:
         if port.master not in bridges:
-            bridges[port.master] = _master_name(port)
+            master = _get(index=port.master) if port.master else None
+            bridges[port.master] = master.name if master and master.kind == "bridge" else None
         bridge = bridges[port.master]
         if bridge:
             found[port.name] = bridge

@@ -17,6 +17,7 @@ import functools
 import itertools
 import logging
 import queue
+import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -322,11 +323,12 @@ class Service:
         if not listed:
             return []
         loop, fetched = asyncio.get_running_loop(), queue.SimpleQueue[_Fetched]()
+        ended = threading.Event()  # the parse is over: nothing more to fetch
         for part in self._reader_parts(list(enumerate(listed))):
-            loop.run_in_executor(self._executor, self._fetch, part, fetched)
+            loop.run_in_executor(self._executor, self._fetch, part, fetched, ended)
         # Submitted after its fetchers: the pool starts jobs in order, so the parse, which
         # waits for them, never holds a worker that one of them is queued for.
-        read = await self._blocking(self._parse_fetched, listed, fetched)
+        read = await self._blocking(self._parse_fetched, listed, fetched, ended)
         found = []
         for state in read:
             consistent = self._consistent(state.uuid, epochs.get(state.uuid), state)
@@ -338,9 +340,17 @@ class Service:
         size = -(-len(items) // _LIST_FETCHERS[self._hypervisor.remote])  # ceil
         return [items[i : i + size] for i in range(0, len(items), size)] if items else []
 
-    def _fetch(self, part: list[tuple[int, Listed]], fetched: queue.SimpleQueue[_Fetched]) -> None:
-        """Each VM's XML, or why not, to ``fetched``: whatever happens, one item a VM."""
+    def _fetch(
+        self,
+        part: list[tuple[int, Listed]],
+        fetched: queue.SimpleQueue[_Fetched],
+        ended: threading.Event,
+    ) -> None:
+        """Each VM's XML, or why not, to ``fetched``: one item a VM, whatever happens, until
+        the parse has ``ended`` (it failed)."""
         for i, vm in part:
+            if ended.is_set():
+                return
             got: tuple[str | None, str | None] | Exception
             try:
                 got = self._xmls(vm.domain, saved=False, status=vm.status, persistent=vm.persistent)
@@ -349,23 +359,26 @@ class Service:
             fetched.put((i, got))
 
     def _parse_fetched(
-        self, listed: list[Listed], fetched: queue.SimpleQueue[_Fetched]
+        self, listed: list[Listed], fetched: queue.SimpleQueue[_Fetched], ended: threading.Event
     ) -> list[VmState]:
         """The VMs' states as their XML arrives, in the listing's order; a VM gone since
         the listing is left out."""
-        masters = self._networks.ports.masters()
-        found: list[VmState | None] = [None] * len(listed)
-        for _ in listed:
-            i, got = fetched.get()
-            vm = listed[i]
-            if isinstance(got, HypervisorError) and got.gone:
-                log.debug("VM %s vanished while listing: %s", vm.domain.uuid, got)
-                continue
-            if isinstance(got, Exception):
-                raise got
-            snap = Snapshot.parse(vm.domain.uuid, vm.status, vm.persistent, *got)
-            found[i] = self._state(snap, masters)
-        return [state for state in found if state is not None]
+        try:
+            masters = self._networks.ports.masters()
+            found: list[VmState | None] = [None] * len(listed)
+            for _ in listed:
+                i, got = fetched.get()
+                vm = listed[i]
+                if isinstance(got, HypervisorError) and got.gone:
+                    log.debug("VM %s vanished while listing: %s", vm.domain.uuid, got)
+                    continue
+                if isinstance(got, Exception):
+                    raise got
+                snap = Snapshot.parse(vm.domain.uuid, vm.status, vm.persistent, *got)
+                found[i] = self._state(snap, masters)
+            return [state for state in found if state is not None]
+        finally:
+            ended.set()
 
     async def vm_ids(self) -> list[str]:
         """Every VM's id, in two calls whatever their number."""

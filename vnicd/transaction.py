@@ -320,7 +320,7 @@ class Transaction:
                     case LiveAttach(iface=iface):
                         live = (await self._run(self._read_live)).interface(mac=iface.mac)
                         if live is not None:
-                            await self._release(live)
+                            await self._release(live, undoing=True)
                     case LiveDetach(iface=iface):
                         xml = iface.definition().to_xml()
                         await self._run(dom.attach_interface, xml, live=True, persistent=False)
@@ -342,13 +342,18 @@ class Transaction:
             log.error("VM %s: undo incomplete: %s", self._snap.uuid, "; ".join(problems))
         return problems
 
-    async def _release(self, iface: Interface) -> None:
-        """Ask the guest to release a vNIC and wait for its answer on the loop."""
+    async def _release(self, iface: Interface, *, undoing: bool = False) -> None:
+        """Ask the guest to release a vNIC and wait for its answer on the loop. Once vnicd
+        stops, an unplug asks nothing (it is undone), but the undo of a plug still asks:
+        the guest's answer then comes with no one waiting for it."""
         alias, vm = iface.alias or "", self._snap.uuid
         try:
             answer = self._waiting.expect(vm, alias)
-        except ConnectionError as e:  # nothing asked of the guest: the change is undone
-            raise Refused(f"{e}: the guest is not asked to release it") from e
+        except ConnectionError as e:
+            if not undoing:
+                raise Refused(f"{e}: the guest is not asked to release it") from e
+            await self._run(self._dom.detach_alias, alias)
+            raise Pending(f"its release could not be awaited ({e}); it stays plugged") from e
         try:
             await self._run(self._dom.detach_alias, alias)
             removed = await asyncio.wait_for(answer, self._timeout)
