@@ -171,26 +171,31 @@ def test_one_vnicd_per_state_dir(vnicd: DaemonThread, state: Path) -> None:
         c.call("Host.ping2")
 
 
-@pytest.mark.parametrize("change", ["bounced move", "unplug"])
+@pytest.mark.parametrize("change", ["bounced move", "unplug", "bulk"])
 def test_stop_ends_the_waits_of_calls_still_running(
     vnicd: DaemonThread, vms: Vms, monkeypatch: pytest.MonkeyPatch, change: str
 ) -> None:
     """A stop whose wait for the calls in flight runs out ends what they wait for, a
     bounce's pause or a guest's answer (this guest never gives one): each change ends as
-    it would once its wait is over, before the workers go, and its caller is answered."""
-    nic = Nic("vt-a")
-    vm_id = vms.create(nic)
+    it would once its wait is over, before the workers go, and its caller is answered. A
+    bulk change begins no more vNICs."""
+    nic, other = Nic("vt-a"), Nic("vt-a")
+    vm_id = vms.create(nic, other)
     assert vnicd.daemon is not None and vnicd.service is not None
     monkeypatch.setattr(vnicd.daemon, "STOP_TIMEOUT", 0.3)
     monkeypatch.setattr(vnicd.service, "_bounce_seconds", 30.0)
     monkeypatch.setattr(vnicd.service, "_unplug_timeout", 30.0)
     waiting = vnicd.service.waiting
     move = {"deviceType": "interface", "macAddr": nic.mac, "network": "vt-b", "linkBounce": True}
-    method, params = (
-        ("VM.updateDevice", {"vmID": vm_id, "params": move})
-        if change == "bounced move"
-        else ("VM.hotunplugNic", {"vmID": vm_id, "params": {"macAddr": nic.mac}})
-    )
+    calls: dict[str, tuple[str, dict[str, Any]]] = {
+        "bounced move": ("VM.updateDevice", {"vmID": vm_id, "params": move}),
+        "unplug": ("VM.hotunplugNic", {"vmID": vm_id, "params": {"macAddr": nic.mac}}),
+        "bulk": (
+            "Host.bulkUpdateNics",
+            {"match": {"vmIDs": [vm_id]}, "change": {"network": "vt-b", "linkBounce": True}},
+        ),
+    }
+    method, params = calls[change]
     found: list[tuple[str, Any]] = []
 
     def call() -> None:
@@ -202,10 +207,10 @@ def test_stop_ends_the_waits_of_calls_still_running(
 
     caller = threading.Thread(target=call)
     caller.start()
-    if change == "bounced move":
-        faults.until("the move in its pause", lambda: master(nic.tap) == "vt-b", 10)
-    else:
+    if change == "unplug":
         faults.until("the guest asked", lambda: bool(waiting._waiting), 10)
+    else:
+        faults.until("the move in its pause", lambda: master(nic.tap) == "vt-b", 10)
     started = time.monotonic()
     try:
         vnicd.stop()
@@ -217,14 +222,21 @@ def test_stop_ends_the_waits_of_calls_still_running(
     ((outcome, answer),) = found
     got = seen(vnicd, vm_id, nic.mac)
     with vnicd.client() as rpc:
-        (info,) = rpc.call("VM.getInfo", vmID=vm_id)["nics"]
-    if change == "bounced move":  # carried to its end: link up again, on the new bridge
-        assert outcome == "ok", answer
-        assert (got.link_up, got.kernel_bridge) == (True, "vt-b")
-        assert (info["linkActive"], info["bridge"], info["plugged"]) == (True, "vt-b", True)
-    else:  # asked already: it stays plugged, kept pending for the guest's late answer
+        infos = {i["macAddr"]: i for i in rpc.call("VM.getInfo", vmID=vm_id)["nics"]}
+    info = infos[nic.mac]
+    if change == "unplug":  # asked already: it stays plugged, pending the guest's late answer
         assert outcome == "error" and answer.code == 50, answer
         assert "vnicd is stopping" in answer.message and "stays plugged" in answer.message
         assert (got.link_up, got.kernel_bridge) == (True, "vt-a")
         assert (info["plugged"], info["bridge"]) == (True, "vt-a")
         assert 'pending="yes"' in vnicd.live_xml(vm_id)
+        return
+    assert outcome == "ok", answer  # the move carried to its end: link up, on the new bridge
+    assert (got.link_up, got.kernel_bridge) == (True, "vt-b")
+    assert (info["linkActive"], info["bridge"], info["plugged"]) == (True, "vt-b", True)
+    if change == "bulk":  # the second vNIC not begun
+        first, second = sorted(answer["results"], key=lambda r: r["macAddr"] != nic.mac)
+        assert first["ok"] and first["nic"]["bridge"] == "vt-b", first
+        assert not second["ok"] and "vnicd is stopping" in second["error"]["message"], second
+        assert seen(vnicd, vm_id, other.mac).kernel_bridge == "vt-a"
+        assert (infos[other.mac]["linkActive"], infos[other.mac]["bridge"]) == (True, "vt-a")

@@ -630,6 +630,7 @@ class Service:
 
         outcomes: list[tuple[NicState, VmState | DryRun | errors.VnicdError]] = []
         async with self.locks.hold(vm_id):
+            self._not_stopping()
             if not dry_run:
                 await self._settle(vm_id)
             prep = await self._prepare(self._reader(vm_id), first, None, dry_run)
@@ -659,14 +660,20 @@ class Service:
                 if not rest:
                     break
                 try:
+                    self._not_stopping()
                     if read is None:
                         await self._settle(vm_id)  # a cut change is undone before the next
                         read = self._reader(vm_id)
                     prep = await self._prepare(read, plan_for(rest[0]), prep.hooks, False)
-                except Exception as e:  # the VM could not be read: none of the rest is tried
+                except Exception as e:  # VM unreadable, or vnicd stops: none of the rest is tried
                     outcomes += [(n, _failure(vm_id, n.mac, e)) for n in rest]
                     break
         return outcomes
+
+    def _not_stopping(self) -> None:
+        """A bulk change begins no more vNICs once vnicd stops (each is answered so)."""
+        if self.waiting.closed is not None:
+            raise errors.GeneralError(f"{self.waiting.closed}: not changed; retry when it is back")
 
     @staticmethod
     def _dry(prep: _Prepared, i: int, make_plan: Callable[[Snapshot], Plan]) -> Plan:

@@ -94,6 +94,11 @@ class Waiting:
         self._waiting[(vm, alias)] = future
         return future
 
+    @property
+    def closed(self) -> str | None:
+        """Why nothing is waited for any more (vnicd stops), or None."""
+        return self._closed
+
     def forget(self, vm: str, alias: str) -> None:
         self._waiting.pop((vm, alias), None)
 
