@@ -465,43 +465,51 @@ def _cut_nic(bridge: str, link: str = "up") -> str:
     )
 
 
+class _OneVmHost:
+    """A host of one VM for a Service: its domain, and the kernel's view of its tap."""
+
+    uri, unwired_bridge = "test", "void"
+
+    def __init__(self, dom: Any, bridge: str) -> None:
+        self.dom, self.bridge, self.ports = dom, bridge, self
+
+    def domain(self, _uuid: str) -> Any:
+        return self.dom
+
+    def alive(self) -> bool:
+        return True
+
+    def holds(self, _dom: object) -> bool:
+        return True
+
+    def where(self, _tap: str) -> str:
+        return self.bridge
+
+    def move(self, _tap: str, bridge: str) -> None:
+        from vnicd import hostnet
+
+        raise hostnet.HostNetError(f"no device {bridge}")
+
+    def name_of(self, source: Source | None) -> str:
+        return source.name if source else ""
+
+    def service(self) -> Any:
+        from vnicd.service import Service
+
+        return Service(self, self, workers=2, unplug_timeout=1)  # type: ignore[arg-type]
+
+
 def test_an_undo_libvirt_refuses_does_not_lock_the_vm_out() -> None:
     """A change cut by a lost connection is undone before the VM's next change; if libvirt,
     back, refuses the undo, vnicd takes the vNIC as it is rather than refuse every change."""
-    from vnicd import hostnet
     from vnicd.model import NicChange, NicRef
     from vnicd.planning import LiveUpdate
-    from vnicd.service import Service, UpdateNic
+    from vnicd.service import UpdateNic
 
-    dom = _CutDomain()
-
-    class Hypervisor:
-        uri = "test"
-
-        def domain(self, _uuid: str) -> _CutDomain:
-            return dom
-
-        def alive(self) -> bool:
-            return True
-
-        def holds(self, _dom: object) -> bool:
-            return True
-
-    class Ports:
-        def where(self, _tap: str) -> str:
-            return "br-new"
-
-        def move(self, _tap: str, bridge: str) -> None:
-            raise hostnet.HostNetError(f"no device {bridge}")
-
-    class Networks:
-        ports, unwired_bridge = Ports(), "void"
-
-        def name_of(self, source: Source | None) -> str:
-            return source.name if source else ""
+    host = _OneVmHost(_CutDomain(), "br-new")
 
     async def scenario() -> tuple[Any, Any]:
-        svc = Service(Hypervisor(), Networks(), workers=2, unplug_timeout=1)  # type: ignore[arg-type]
+        svc = host.service()
         old, new = Interface.from_xml(_cut_nic("br-old")), Interface.from_xml(_cut_nic("br-new"))
         svc._unsettled[VM] = (LiveUpdate(old, new, "br-new", "br-old"),)
         svc._before[VM] = Snapshot.parse(
@@ -517,3 +525,50 @@ def test_an_undo_libvirt_refuses_does_not_lock_the_vm_out() -> None:
     answer, info = asyncio.run(scenario())
     assert [(n.network, n.link_up) for n in answer.nics] == [("br-new", False)]
     assert [(n.network, n.link_up) for n in info.nics] == [("br-new", False)]
+
+
+class _UndefinedDomain:
+    """A running VM whose last change (link down, live and in its definition) was cut by
+    a lost connection, and which was undefined since: it runs on, transient."""
+
+    uuid, name = VM, "vm"
+
+    def __init__(self) -> None:
+        self.link, self.sent = "down", list[tuple[str, bool]]()
+
+    def presence(self) -> tuple[VmStatus, bool]:
+        return VmStatus.RUNNING, False
+
+    def xml(self, inactive: bool = False) -> str:
+        assert not inactive, "a transient VM has no definition to read"
+        return f"<domain><name>vm</name><devices>{_cut_nic('br-a', self.link)}</devices></domain>"
+
+    def update_interface(self, xml: str, *, live: bool, persistent: bool) -> None:
+        self.sent.append((xml, persistent))
+        if persistent:
+            error = libvirt.libvirtError("cannot change persistent config of a transient domain")
+            raise HypervisorError("updating", error)
+        self.link = "up" if Interface.from_xml(xml).link_up else "down"
+
+
+def test_an_undo_left_for_a_vm_undefined_since_skips_its_definition() -> None:
+    """The undo of a cut change, once the VM has been undefined: its live part is undone,
+    its definition's part is not tried (the definition went with the VM's persistence)."""
+    from vnicd.planning import DefinitionUpdate, LiveUpdate
+
+    dom = _UndefinedDomain()
+
+    async def scenario() -> Any:
+        svc = _OneVmHost(dom, "br-a").service()
+        up, down = (
+            Interface.from_xml(_cut_nic("br-a")),
+            Interface.from_xml(_cut_nic("br-a", "down")),
+        )
+        svc._unsettled[VM] = (LiveUpdate(up, down, "br-a", "br-a"), DefinitionUpdate(up, down))
+        await svc.reconcile(VM)
+        return svc
+
+    svc = asyncio.run(scenario())
+    assert dom.link == "up", "the live part is undone"
+    assert [persistent for _xml, persistent in dom.sent] == [False], dom.sent
+    assert VM not in svc._unsettled

@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 
 _EVENTS = ["defined", "undefined", "started", "suspended", "resumed", "stopped", "shutdown"]
 # After these, a VM's stored vNICs are settled with its domain (a definition may have
-# been replaced, a guest may have released a vNIC while vnicd was away).
-_SETTLE = {"defined", "started", "stopped"}
+# been replaced, a guest may have released a vNIC while vnicd was away), and a change to
+# undo is undone; what is kept of a VM gone since is dropped.
+_SETTLE = {"defined", "undefined", "started", "stopped"}
 
 
 class Daemon:
@@ -278,8 +279,6 @@ class Daemon:
             return
         if name in _SETTLE:
             self.service.spawn(self.service.reconcile(dom.uuid))
-        elif name == "undefined":
-            self.service.forget(dom.uuid)
         self._event_task(self._observe_vm(dom.uuid))
 
     def _engine_tls(self) -> ssl.SSLContext | None:

@@ -59,6 +59,7 @@ T = TypeVar("T")
 # libvirtd, two overlap its round trips (more only add thread hand-offs in libvirt's
 # client); in-process, the embedded driver's reads are this process's work, one will do.
 _LIST_FETCHERS = {True: 2, False: 1}
+_DEFINITION = (DefinitionUpdate, DefinitionAttach, DefinitionDetach)
 # A VM's place in a listing, and its live and saved XML or why they could not be read.
 _Fetched = tuple[int, tuple[str | None, str | None] | Exception]
 
@@ -416,6 +417,8 @@ class Service:
             raise
         if not snap.active:  # stopped meanwhile: its live state went with it
             steps = tuple(s for s in steps if not isinstance(s, LiveUpdate))
+        if not snap.persistent:  # undefined meanwhile: its definition went with it
+            steps = tuple(s for s in steps if not isinstance(s, _DEFINITION))
         problems = await self._transaction(dom, snap).undo(steps)
         if problems and not await self._raw(self._hypervisor.alive):
             raise errors.GeneralError(
