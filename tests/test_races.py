@@ -226,3 +226,36 @@ def test_listing_leaves_out_only_a_vm_gone_while_read(
     monkeypatch.undo()
     with vnicd.client() as c:
         assert [vm["vmID"] for vm in c.call("Host.getVMList")] == [kept]
+
+
+def test_listing_answers_what_changed_beside_the_xml(vnicd: DaemonThread, vms: Vms) -> None:
+    """Listings in a row, the VM's XML the same: what libvirt's status and the kernel say
+    now is answered (a VM paused, its tap moved to another bridge outside vnicd), and a
+    change of the XML is seen at once."""
+    nic = Nic("vt-a")
+    vm_id = vms.create(nic)
+
+    def listed() -> dict[str, Any]:
+        with vnicd.client() as c:
+            found: list[dict[str, Any]] = c.call("Host.getVMList")
+        (vm,) = [vm for vm in found if vm["vmID"] == vm_id]
+        return vm
+
+    first = listed()
+    assert (first["status"], first["nics"][0]["bridge"]) == ("Up", "vt-a")
+    xml = vnicd.live_xml(vm_id)
+    vnicd.domain(vm_id).suspend()
+    ip("link", "set", "dev", nic.tap, "master", "vt-b")
+    try:
+        assert vnicd.live_xml(vm_id) == xml, "libvirt's XML did not change"
+        second = listed()
+        assert (second["status"], second["nics"][0]["bridge"]) == ("Paused", "vt-b")
+    finally:
+        ip("link", "set", "dev", nic.tap, "master", "vt-a")
+        vnicd.domain(vm_id).resume()
+    link = {"deviceType": "interface", "macAddr": nic.mac, "linkActive": False}
+    with vnicd.client() as c:
+        c.call("VM.updateDevice", vmID=vm_id, params=link)
+    third = listed()
+    assert (third["status"], third["nics"][0]["bridge"]) == ("Up", "vt-a")
+    assert third["nics"][0]["linkActive"] is False

@@ -6,10 +6,11 @@ Pure: the kernel's view of each tap (``bridges``) is read by the caller and pass
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 
 from vnicd.domxml import Domain as DomainXML
 from vnicd.domxml import Interface, Source
-from vnicd.model import NicState, Snapshot, VmState
+from vnicd.model import NicState, Snapshot, VmState, VmStatus
 from vnicd.unplugged import Store
 
 WIRABLE = ("bridge", "network")
@@ -53,11 +54,9 @@ def vm_state(
     domain = domain or snap.current
     store = snap.store if store is None else store
     plugged = domain.interfaces
-    kernel = bridges if snap.active and bridges is not None else None
-    nics = [
-        nic_state(i, namer, plugged=True, bridge=None if kernel is None else _kernel(i, kernel))
-        for i in plugged
-    ]
+    nics = [nic_state(i, namer, plugged=True) for i in plugged]
+    if snap.active and bridges is not None:
+        nics = [_on_kernel(n, bridges) for n in nics]
     if store:
         present = {n.mac for n in nics}
         nics += [
@@ -68,7 +67,19 @@ def vm_state(
     return VmState(snap.uuid, snap.name, snap.status, snap.persistent, tuple(nics))
 
 
-def _kernel(iface: Interface, bridges: Mapping[str, str]) -> str | None:
-    """The bridge the kernel has the vNIC's tap on ("": none); None without a tap."""
-    tap = iface.tap
-    return bridges.get(tap, "") if tap else None
+def listed(
+    state: VmState, status: VmStatus, persistent: bool, bridges: Mapping[str, str] | None
+) -> VmState:
+    """A state read from the XML alone (:func:`vm_state` without ``bridges``) as a listing
+    reports it: with the listing's status and persistence and, for a running VM, the
+    kernel's view of each tap (``bridges``)."""
+    nics = state.nics if bridges is None else tuple(_on_kernel(n, bridges) for n in state.nics)
+    return VmState(state.uuid, state.name, status, persistent, nics)
+
+
+def _on_kernel(nic: NicState, bridges: Mapping[str, str]) -> NicState:
+    """A plugged vNIC with the bridge the kernel has its tap on ("": none)."""
+    if not (nic.plugged and nic.tap):
+        return nic
+    bridge = bridges.get(nic.tap, "")
+    return nic if bridge == nic.bridge else replace(nic, bridge=bridge)

@@ -38,6 +38,7 @@ from vnicd.planning import (
     Plan,
     Step,
 )
+from vnicd.report import listed as listed_state
 from vnicd.report import vm_state
 from vnicd.transaction import (
     ConfirmError,
@@ -60,8 +61,10 @@ T = TypeVar("T")
 # client); in-process, the embedded driver's reads are this process's work, one will do.
 _LIST_FETCHERS = {True: 2, False: 1}
 _DEFINITION = (DefinitionUpdate, DefinitionAttach, DefinitionDetach)
-# A VM's place in a listing, and its live and saved XML or why they could not be read.
-_Fetched = tuple[int, tuple[str | None, str | None] | Exception]
+# A VM's live and saved XML (as read, None when not); with its place in a listing, or why
+# they could not be read.
+_Xmls = tuple[str | None, str | None]
+_Fetched = tuple[int, _Xmls | Exception]
 
 
 @dataclass(frozen=True)
@@ -224,6 +227,10 @@ class Service:
         # done again before the VM's next change and at every recovery. Until then reads
         # answer the state from before the change, which is the state being restored.
         self._unsettled: dict[str, tuple[Step, ...]] = {}
+        # The last listing's VMs: the XML libvirt gave and the state it alone says (before
+        # the listing's status and the kernel's view): an XML the same as last time is not
+        # parsed again. Only the VMs of the last listing are kept.
+        self._listed: dict[str, tuple[_Xmls, VmState]] = {}
         self.waiting = Waiting()
         self.hooks: Hooks = NoHooks()
         self.listeners: list[Listener] = []
@@ -256,9 +263,7 @@ class Service:
         return dom
 
     @staticmethod
-    def _xmls(
-        dom: Domain, *, saved: bool, status: VmStatus, persistent: bool
-    ) -> tuple[str | None, str | None]:
+    def _xmls(dom: Domain, *, saved: bool, status: VmStatus, persistent: bool) -> _Xmls:
         """The live XML when running, the saved one when asked or not running."""
         active = status is not VmStatus.STOPPED
         live = dom.xml() if active else None
@@ -352,7 +357,7 @@ class Service:
         for i, vm in part:
             if ended.is_set():
                 return
-            got: tuple[str | None, str | None] | Exception
+            got: _Xmls | Exception
             try:
                 got = self._xmls(vm.domain, saved=False, status=vm.status, persistent=vm.persistent)
             except Exception as e:  # the parse raises it
@@ -367,6 +372,7 @@ class Service:
         try:
             masters = self._networks.ports.masters()
             found: list[VmState | None] = [None] * len(listed)
+            seen, kept = self._listed, dict[str, tuple[_Xmls, VmState]]()
             for _ in listed:
                 i, got = fetched.get()
                 vm = listed[i]
@@ -375,8 +381,15 @@ class Service:
                     continue
                 if isinstance(got, Exception):
                     raise got
-                snap = Snapshot.parse(vm.domain.uuid, vm.status, vm.persistent, *got)
-                found[i] = self._state(snap, masters)
+                uuid, last = vm.domain.uuid, seen.get(vm.domain.uuid)
+                if last is not None and last[0] == got:
+                    state = last[1]
+                else:
+                    state = self._state(Snapshot.parse(uuid, vm.status, vm.persistent, *got))
+                kept[uuid] = (got, state)
+                kernel = masters if vm.status is not VmStatus.STOPPED else None
+                found[i] = listed_state(state, vm.status, vm.persistent, kernel)
+            self._listed = kept
             return [state for state in found if state is not None]
         finally:
             ended.set()
