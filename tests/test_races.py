@@ -243,6 +243,7 @@ def test_listing_answers_what_changed_beside_the_xml(vnicd: DaemonThread, vms: V
 
     first = listed()
     assert (first["status"], first["nics"][0]["bridge"]) == ("Up", "vt-a")
+    kept = vnicd.service._listed[vm_id][1]  # what its XML alone says, kept for the next
     xml = vnicd.live_xml(vm_id)
     vnicd.domain(vm_id).suspend()
     ip("link", "set", "dev", nic.tap, "master", "vt-b")
@@ -250,6 +251,7 @@ def test_listing_answers_what_changed_beside_the_xml(vnicd: DaemonThread, vms: V
         assert vnicd.live_xml(vm_id) == xml, "libvirt's XML did not change"
         second = listed()
         assert (second["status"], second["nics"][0]["bridge"]) == ("Paused", "vt-b")
+        assert vnicd.service._listed[vm_id][1] is kept, "the same XML is not parsed again"
     finally:
         ip("link", "set", "dev", nic.tap, "master", "vt-a")
         vnicd.domain(vm_id).resume()
@@ -257,5 +259,6 @@ def test_listing_answers_what_changed_beside_the_xml(vnicd: DaemonThread, vms: V
     with vnicd.client() as c:
         c.call("VM.updateDevice", vmID=vm_id, params=link)
     third = listed()
+    assert vnicd.service._listed[vm_id][1] is not kept, "a new XML is parsed"
     assert (third["status"], third["nics"][0]["bridge"]) == ("Up", "vt-a")
     assert third["nics"][0]["linkActive"] is False

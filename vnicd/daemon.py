@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
-import ctypes.util
 import fcntl
 import logging
 import os
@@ -368,15 +367,19 @@ async def serve(config: Config, config_path: Path | None = None) -> None:
 
 
 def _few_malloc_arenas() -> None:
-    """Two malloc arenas for the process, before its threads start. glibc gives each thread
-    that allocates an arena of its own, up to eight per core, and memory freed in one is
-    kept by it: with sixteen workers and libvirt's threads the footprint creeps up as
-    each touches its own. Python's allocations are serialized by the GIL anyway."""
+    """Two malloc arenas for the process, before its threads start, unless the operator
+    chose (``MALLOC_ARENA_MAX``). glibc gives each thread that allocates an arena of its
+    own, up to eight per core, and memory freed in one is kept by it: with sixteen workers
+    and libvirt's threads the footprint creeps up as each touches its own (measured:
+    bench/README.md, no slower)."""
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(_M_ARENA_MAX, 2)
-    except (OSError, AttributeError) as e:  # not glibc: its own allocator's policy stands
-        log.debug("malloc arenas left as they are: %s", e)
+        done = ctypes.CDLL(None).mallopt(_M_ARENA_MAX, 2)
+    except AttributeError:  # not glibc: its own allocator's policy stands
+        return
+    if not done:
+        log.debug("glibc kept its malloc arenas as they are")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,7 +60,6 @@ T = TypeVar("T")
 # libvirtd, two overlap its round trips (more only add thread hand-offs in libvirt's
 # client); in-process, the embedded driver's reads are this process's work, one will do.
 _LIST_FETCHERS = {True: 2, False: 1}
-_DEFINITION = (DefinitionUpdate, DefinitionAttach, DefinitionDetach)
 # A VM's live and saved XML (as read, None when not); with its place in a listing, or why
 # they could not be read.
 _Xmls = tuple[str | None, str | None]
@@ -646,8 +645,8 @@ class Service:
 
         outcomes: list[tuple[NicState, VmState | DryRun | errors.VnicdError]] = []
         async with self.locks.hold(vm_id):
-            self._not_stopping()
             if not dry_run:
+                self._not_stopping()
                 await self._settle(vm_id)
             prep = await self._prepare(self._reader(vm_id), first, None, dry_run)
             if prep.failed is not None and not picked:
@@ -676,10 +675,10 @@ class Service:
                 if not rest:
                     break
                 try:
-                    self._not_stopping()
                     if read is None:
                         await self._settle(vm_id)  # a cut change is undone before the next
                         read = self._reader(vm_id)
+                    self._not_stopping()
                     prep = await self._prepare(read, plan_for(rest[0]), prep.hooks, False)
                 except Exception as e:  # VM unreadable, or vnicd stops: none of the rest is tried
                     outcomes += [(n, _failure(vm_id, n.mac, e)) for n in rest]
