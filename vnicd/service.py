@@ -228,7 +228,8 @@ class Service:
         self._unsettled: dict[str, tuple[Step, ...]] = {}
         # The last listing's VMs: the XML libvirt gave and the state it alone says (before
         # the listing's status and the kernel's view): an XML the same as last time is not
-        # parsed again. Only the VMs of the last listing are kept.
+        # parsed again. Only the VMs of the last listing are kept: about the size of their
+        # XML, compared whole (cheaper than hashing it, and no digest to trust).
         self._listed: dict[str, tuple[_Xmls, VmState]] = {}
         self.waiting = Waiting()
         self.hooks: Hooks = NoHooks()
