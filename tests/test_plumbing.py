@@ -19,7 +19,15 @@ from vnicd.dispatcher import Dispatcher
 from vnicd.domxml import Interface, Source
 from vnicd.hypervisor import HypervisorError
 from vnicd.model import Snapshot, VmStatus
-from vnicd.planning import Action, LiveDetach, Plan, StoreWrite
+from vnicd.planning import (
+    Action,
+    DefinitionUpdate,
+    LiveAttach,
+    LiveDetach,
+    LiveUpdate,
+    Plan,
+    StoreWrite,
+)
 from vnicd.rpc_unix import Lines
 from vnicd.schema import Schema
 from vnicd.service import VmLocks
@@ -281,7 +289,6 @@ def test_unplug_once_vnicd_stops_is_undone_without_asking_the_guest() -> None:
 def test_undoing_a_plug_once_vnicd_stops_still_asks_the_guest() -> None:
     """The undo of a plug asks the guest to release the vNIC even once vnicd stops: its
     answer then comes with nobody waiting, and the undo says so."""
-    from vnicd.planning import LiveAttach
 
     async def run() -> tuple[RecordingDomain, list[str]]:
         waiting = Waiting()
@@ -354,7 +361,7 @@ def test_hook_rewrite_goes_live() -> None:
     sees, and rewrites, what is sent live."""
     from tests.test_planning import BR_B, A, domain, namer, nic, snap
     from vnicd.model import NicChange, NicRef
-    from vnicd.planning import DefinitionUpdate, LiveUpdate, plan_update
+    from vnicd.planning import plan_update
 
     s = snap(domain(nic(A)), domain(nic(A, live=False)))
     plan = plan_update(
@@ -400,7 +407,7 @@ def test_bounce_undo_skips_its_intermediate_state() -> None:
     sends back the state from before the move, never the intermediate one on that bridge."""
     from vnicd.model import NicChange
     from vnicd.networks import Wiring
-    from vnicd.planning import LiveUpdate, Pause, edit
+    from vnicd.planning import Pause, edit
 
     nic = NIC.replace("<alias", "<target dev='tap1'/><alias")
     before = Interface.from_xml(nic)
@@ -503,7 +510,6 @@ def test_an_undo_libvirt_refuses_does_not_lock_the_vm_out() -> None:
     """A change cut by a lost connection is undone before the VM's next change; if libvirt,
     back, refuses the undo, vnicd takes the vNIC as it is rather than refuse every change."""
     from vnicd.model import NicChange, NicRef
-    from vnicd.planning import LiveUpdate
     from vnicd.service import UpdateNic
 
     host = _OneVmHost(_CutDomain(), "br-new")
@@ -554,8 +560,6 @@ class _UndefinedDomain:
 def test_an_undo_left_for_a_vm_undefined_since_skips_its_definition() -> None:
     """The undo of a cut change, once the VM has been undefined: its live part is undone,
     its definition's part is not tried (the definition went with the VM's persistence)."""
-    from vnicd.planning import DefinitionUpdate, LiveUpdate
-
     dom = _UndefinedDomain()
 
     async def scenario() -> Any:

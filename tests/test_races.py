@@ -8,6 +8,7 @@ kernel and vnicd's report agree: :func:`tests.faults.check`) and vnicd still ser
 from __future__ import annotations
 
 import collections
+import logging
 import subprocess
 import threading
 from collections.abc import Callable
@@ -262,3 +263,24 @@ def test_listing_answers_what_changed_beside_the_xml(vnicd: DaemonThread, vms: V
     assert vnicd.service._listed[vm_id][1] is not kept, "a new XML is parsed"
     assert (third["status"], third["nics"][0]["bridge"]) == ("Up", "vt-a")
     assert third["nics"][0]["linkActive"] is False
+
+
+def test_recovery_reads_again_a_vm_it_could_not_read(
+    vnicd: DaemonThread, vms: Vms, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A VM whose XML libvirt refuses while every VM is looked over (at start, after a
+    reconnect) is not taken as gone: it is read again under its lock, and the failure is
+    told."""
+    vm_id = vms.create(Nic("vt-a"))
+    read = Domain.xml
+
+    def refused(self: Domain, *, inactive: bool = False) -> str:
+        if self.uuid == vm_id:  # flags libvirt does not know: it refuses, the VM is there
+            return str(self._call("reading XML", self._dom.XMLDesc, 1 << 30))
+        return read(self, inactive=inactive)
+
+    monkeypatch.setattr(Domain, "xml", refused)
+    with caplog.at_level(logging.ERROR, logger="vnicd.service"):
+        vnicd._run(vnicd.service.reconcile_all())
+    told = [r.getMessage() for r in caplog.records if r.name == "vnicd.service"]
+    assert any(vm_id in m and "settling stored vNICs failed" in m for m in told), told

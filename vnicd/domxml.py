@@ -1,7 +1,7 @@
 """Typed views of the libvirt domain XML that vnicd reads and edits.
 
 Each element vnicd owns (``<source>``, ``<link>``) has a small frozen class with a
-parse/format pair; :class:`Interface` wraps one ``<interface>`` element and edits
+read/format pair; :class:`Interface` wraps one ``<interface>`` element and edits
 only those children, so everything it does not model (``<address>``, ``<alias>``,
 ``<target>``, ``<driver>``, ``<rom>``, ``<boot>`` ...) survives untouched. No policy
 lives here: what "unwiring" means is decided elsewhere.
@@ -78,10 +78,6 @@ class Source:
     name: str
 
     @classmethod
-    def parse(cls, iface: etree._Element) -> Source | None:
-        return cls.read(iface.get("type"), iface.find("source"))
-
-    @classmethod
     def read(cls, kind: str | None, el: etree._Element | None) -> Source | None:
         """From an interface's type and its ``<source>`` element, if any."""
         if el is None or kind not in ("bridge", "network"):
@@ -112,10 +108,6 @@ class Link:
     """The virtual cable. libvirt treats a missing ``<link>`` as up, so this does too."""
 
     up: bool
-
-    @classmethod
-    def parse(cls, iface: etree._Element) -> Link:
-        return cls.read(iface.find("link"))
 
     @classmethod
     def read(cls, el: etree._Element | None) -> Link:

@@ -56,7 +56,7 @@ class PortBackend(Protocol):
         """Attach the tap to ``bridge`` (to undo a half-done move)."""
 
     def masters(self) -> dict[str, str]:
-        """Every tap on a bridge and its bridge, in one read (for listings)."""
+        """Every tap on a bridge and its bridge, read at once (for listings)."""
 
 
 class LinuxBridges:

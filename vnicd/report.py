@@ -67,7 +67,7 @@ def vm_state(
     return VmState(snap.uuid, snap.name, snap.status, snap.persistent, tuple(nics))
 
 
-def listed(
+def listed_state(
     state: VmState, status: VmStatus, persistent: bool, bridges: Mapping[str, str] | None
 ) -> VmState:
     """A state read from the XML alone (:func:`vm_state` without ``bridges``) as a listing

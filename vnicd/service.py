@@ -38,8 +38,7 @@ from vnicd.planning import (
     Plan,
     Step,
 )
-from vnicd.report import listed as listed_state
-from vnicd.report import vm_state
+from vnicd.report import listed_state, vm_state
 from vnicd.transaction import (
     ConfirmError,
     Failed,
@@ -56,10 +55,13 @@ from vnicd.unplugged import mentions_store
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-# Workers fetching the VMs' XML for a listing, beside the one parsing it: through
-# libvirtd, two overlap its round trips (more only add thread hand-offs in libvirt's
-# client); in-process, the embedded driver's reads are this process's work, one will do.
+# Workers reading VMs at once, through libvirtd (True) or in-process (False), where the
+# embedded driver's reads are this process's own work and one will do. For a listing,
+# that many fetch the XML while one more parses it: two overlap libvirtd's round trips,
+# more only add thread hand-offs in libvirt's client. For recovery, each reads and
+# parses its part.
 _LIST_FETCHERS = {True: 2, False: 1}
+_RECOVERY_READERS = {True: 4, False: 1}
 # A VM's live and saved XML (as read, None when not); with its place in a listing, or why
 # they could not be read.
 _Xmls = tuple[str | None, str | None]
@@ -330,7 +332,7 @@ class Service:
             return []
         loop, fetched = asyncio.get_running_loop(), queue.SimpleQueue[_Fetched]()
         ended = threading.Event()  # the parse is over: nothing more to fetch
-        for part in self._reader_parts(list(enumerate(listed))):
+        for part in self._parts(list(enumerate(listed)), _LIST_FETCHERS):
             loop.run_in_executor(self._executor, self._fetch, part, fetched, ended)
         # Submitted after its fetchers: the pool starts jobs in order, so the parse, which
         # waits for them, never holds a worker that one of them is queued for.
@@ -341,9 +343,9 @@ class Service:
             found.append(consistent or await self._reread(state))
         return found
 
-    def _reader_parts(self, items: list[T]) -> list[list[T]]:
-        """VMs cut into one part per worker reading them (see ``_LIST_FETCHERS``)."""
-        size = -(-len(items) // _LIST_FETCHERS[self._hypervisor.remote])  # ceil
+    def _parts(self, items: list[T], workers: Mapping[bool, int]) -> list[list[T]]:
+        """VMs cut into one part per worker reading them (``workers`` by driver)."""
+        size = -(-len(items) // workers[self._hypervisor.remote])  # ceil
         return [items[i : i + size] for i in range(0, len(items), size)] if items else []
 
     def _fetch(
@@ -372,7 +374,7 @@ class Service:
         try:
             masters = self._networks.ports.masters()
             found: list[VmState | None] = [None] * len(listed)
-            seen, kept = self._listed, dict[str, tuple[_Xmls, VmState]]()
+            before, kept = self._listed, dict[str, tuple[_Xmls, VmState]]()
             for _ in listed:
                 i, got = fetched.get()
                 vm = listed[i]
@@ -381,7 +383,7 @@ class Service:
                     continue
                 if isinstance(got, Exception):
                     raise got
-                uuid, last = vm.domain.uuid, seen.get(vm.domain.uuid)
+                uuid, last = vm.domain.uuid, before.get(vm.domain.uuid)
                 if last is not None and last[0] == got:
                     state = last[1]
                 else:
@@ -412,7 +414,7 @@ class Service:
         self._before.pop(vm_id, None)
         self._epochs[vm_id] = next(self._counter)
 
-    def forget(self, vm_id: str) -> None:
+    def _forget(self, vm_id: str) -> None:
         """The VM is gone: drop what was kept about its changes."""
         self._epochs.pop(vm_id, None)
         if self._unsettled.pop(vm_id, None) is not None:
@@ -426,7 +428,7 @@ class Service:
         try:
             dom, snap = await self._blocking(self._read, vm_id, saved=True)
         except errors.NoSuchVM:
-            self.forget(vm_id)
+            self._forget(vm_id)
             raise
         if not snap.active:  # stopped meanwhile: its live state went with it
             steps = tuple(s for s in steps if not isinstance(s, LiveUpdate))
@@ -647,7 +649,7 @@ class Service:
         outcomes: list[tuple[NicState, VmState | DryRun | errors.VnicdError]] = []
         async with self.locks.hold(vm_id):
             if not dry_run:
-                self._not_stopping()
+                self._not_stopping(vm_id)
                 await self._settle(vm_id)
             prep = await self._prepare(self._reader(vm_id), first, None, dry_run)
             if prep.failed is not None and not picked:
@@ -679,17 +681,18 @@ class Service:
                     if read is None:
                         await self._settle(vm_id)  # a cut change is undone before the next
                         read = self._reader(vm_id)
-                    self._not_stopping()
+                    self._not_stopping(vm_id)
                     prep = await self._prepare(read, plan_for(rest[0]), prep.hooks, False)
                 except Exception as e:  # VM unreadable, or vnicd stops: none of the rest is tried
                     outcomes += [(n, _failure(vm_id, n.mac, e)) for n in rest]
                     break
         return outcomes
 
-    def _not_stopping(self) -> None:
+    def _not_stopping(self, vm_id: str) -> None:
         """A bulk change begins no more vNICs once vnicd stops (each is answered so)."""
         if self.waiting.closed is not None:
-            raise errors.GeneralError(f"{self.waiting.closed}: not changed; retry when it is back")
+            reason = f"{self.waiting.closed}: not changed; retry when it is back"
+            raise errors.GeneralError(reason, vmID=vm_id)
 
     @staticmethod
     def _dry(prep: _Prepared, i: int, make_plan: Callable[[Snapshot], Plan]) -> Plan:
@@ -896,7 +899,7 @@ class Service:
                     self._end(vm_id)
                 self._notify(plan, state)
         except errors.NoSuchVM:
-            self.forget(vm_id)
+            self._forget(vm_id)
         except (errors.VnicdError, HypervisorError, hostnet.HostNetError, _Unanswered) as e:
             log.error("VM %s: settling stored vNICs failed: %s", vm_id, e)
 
@@ -908,15 +911,16 @@ class Service:
         """Settle every VM that needs it (at start, and after reconnecting); returns the
         names of all.
 
-        The VMs are listed and their XML read as for :meth:`vm_list`; only those with
+        The VMs are listed and their XML read by a few workers at once; only those with
         something to settle (stored vNICs, a change to undo, at start a definition behind
-        its live vNICs) are read again, under their lock, and settled.
+        its live vNICs) or that could not be read are read again, under their lock, and
+        settled.
         """
         listed = await self._raw(self._hypervisor.listing)
         for vm_id in set(self._unsettled) - {vm.domain.uuid for vm in listed}:
-            self.forget(vm_id)  # gone while libvirt was away: nothing left to undo
+            self._forget(vm_id)  # gone while libvirt was away: nothing left to undo
         follow = starting and self._persist_running
-        parts = self._reader_parts(listed)
+        parts = self._parts(listed, _RECOVERY_READERS)
         found = await asyncio.gather(*(self._raw(self._unsettling, p, follow) for p in parts))
         due = set(itertools.chain.from_iterable(found)) | set(self._unsettled)
         await asyncio.gather(*(self.reconcile(vm_id, starting=starting) for vm_id in due))
@@ -941,8 +945,10 @@ class Service:
                     xml = dom.xml(inactive=not active) if active or vm.persistent else ""
                     due = mentions_store(xml)
             except HypervisorError as e:
-                log.debug("VM %s vanished while recovering: %s", dom.uuid, e)
-                continue
+                if e.gone:
+                    log.debug("VM %s vanished while recovering: %s", dom.uuid, e)
+                    continue
+                due = True  # read again under its lock, where a failure is told
             if due:
                 found.append(dom.uuid)
         return found
@@ -976,7 +982,7 @@ class Service:
     async def destroy(self, vm_id: str) -> None:
         async with self.locks.hold(vm_id):
             await self._blocking(self._destroy, vm_id)
-        self.forget(vm_id)
+        self._forget(vm_id)
 
     def _destroy(self, vm_id: str) -> None:
         dom, _status, persistent = self._present(vm_id)

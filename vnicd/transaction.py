@@ -130,6 +130,12 @@ class Waiting:
         self.cancel_all(reason)
 
 
+def _unawaited(cause: ConnectionError) -> Pending:
+    """A release asked of the guest, whose answer no one waits for: the request stays with
+    QEMU, and a late release must still finish the unplug."""
+    return Pending(f"its release could not be awaited ({cause}); it stays plugged")
+
+
 def _settle(future: asyncio.Future[bool], removed: bool) -> None:
     if not future.done():
         future.set_result(removed)
@@ -358,13 +364,12 @@ class Transaction:
             if not undoing:
                 raise Refused(f"{e}: the guest is not asked to release it") from e
             await self._run(self._dom.detach_alias, alias)
-            raise Pending(f"its release could not be awaited ({e}); it stays plugged") from e
+            raise _unawaited(e) from e
         try:
             await self._run(self._dom.detach_alias, alias)
             removed = await asyncio.wait_for(answer, self._timeout)
         except ConnectionError as e:
-            # the request stays with QEMU: a late release must still finish it
-            raise Pending(f"its release could not be awaited ({e}); it stays plugged") from e
+            raise _unawaited(e) from e
         except TimeoutError:
             try:
                 gone = not await self._run(self._present, iface.mac)
