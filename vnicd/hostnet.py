@@ -175,18 +175,6 @@ def _messages(data: bytes, seq: int) -> Iterator[tuple[int, int, int]]:
         offset += (length + 3) & ~3
 
 
-def _attr(data: bytes, offset: int, end: int, wanted: int) -> tuple[int, int] | None:
-    """(start, end) of the value of attribute ``wanted`` among those in [offset, end)."""
-    while offset + 4 <= end:
-        length, kind = _ATTR.unpack_from(data, offset)
-        if length < 4:
-            return None
-        if kind & ~_NESTED == wanted:
-            return offset + 4, offset + length
-        offset += (length + 3) & ~3
-    return None
-
-
 def _link(data: bytes, begin: int, end: int) -> Link:
     """Index, name, master, kind and the master's kind; every other attribute is stepped
     over, not decoded."""
@@ -199,20 +187,34 @@ def _link(data: bytes, begin: int, end: int) -> Link:
             break
         attr &= ~_NESTED
         if attr == IFLA_IFNAME:
-            name = data[offset + 4 : offset + length].split(b"\0", 1)[0].decode()
+            name = _text(data, offset + 4, offset + length)
         elif attr == IFLA_MASTER:
             (master,) = _U32.unpack_from(data, offset + 4)
         elif attr == IFLA_LINKINFO:
-            kind = _string(data, offset + 4, offset + length, IFLA_INFO_KIND)
-            master_kind = _string(data, offset + 4, offset + length, IFLA_INFO_SLAVE_KIND)
+            kind, master_kind = _kinds(data, offset + 4, offset + length)
         offset += (length + 3) & ~3
     return Link(index, name, master, kind, master_kind)
 
 
-def _string(data: bytes, offset: int, end: int, wanted: int) -> str | None:
-    """The string value of attribute ``wanted`` among those in [offset, end), if any."""
-    found = _attr(data, offset, end, wanted)
-    return None if found is None else data[found[0] : found[1]].split(b"\0", 1)[0].decode()
+def _kinds(data: bytes, offset: int, end: int) -> tuple[str | None, str | None]:
+    """The device's kind and its master's, from the link info nest in [offset, end)."""
+    kind = master_kind = None
+    while offset + 4 <= end:
+        length, attr = _ATTR.unpack_from(data, offset)
+        if length < 4:
+            break
+        attr &= ~_NESTED
+        if attr == IFLA_INFO_KIND:
+            kind = _text(data, offset + 4, offset + length)
+        elif attr == IFLA_INFO_SLAVE_KIND:
+            master_kind = _text(data, offset + 4, offset + length)
+        offset += (length + 3) & ~3
+    return kind, master_kind
+
+
+def _text(data: bytes, start: int, end: int) -> str:
+    """A NUL-terminated string attribute's value."""
+    return data[start:end].split(b"\0", 1)[0].decode()
 
 
 def _get(name: str | None = None, index: int = 0) -> Link | None:
