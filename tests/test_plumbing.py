@@ -208,6 +208,11 @@ class RecordingDomain:
         return f"<domain><name>vm</name><devices>{NIC if self.plugged else ''}</devices></domain>"
 
 
+async def inline(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """A transaction's blocking work, run in the test's own thread."""
+    return fn(*args, **kwargs)
+
+
 def unplug_plan() -> tuple[Plan, Snapshot, Store, Store]:
     iface = Interface.from_xml(NIC)
     snap = Snapshot.parse(
@@ -233,11 +238,7 @@ async def execute(
         waiting.close("vnicd is stopping")
     dom = RecordingDomain(waiting, answer, set(fail))
     plan, snap, _pending, _done = unplug_plan()
-
-    async def run(fn: Any, *args: Any, **kwargs: Any) -> Any:
-        return fn(*args, **kwargs)
-
-    tx = Transaction(dom, snap, ports=None, run=run, waiting=waiting, unplug_timeout=0.05)  # type: ignore[arg-type]
+    tx = Transaction(dom, snap, ports=None, run=inline, waiting=waiting, unplug_timeout=0.05)  # type: ignore[arg-type]
     finish = lambda live, _seen: live  # noqa: E731
     try:
         await tx.execute(plan, finish, tx.start(plan, finish) if start else None)
@@ -295,11 +296,7 @@ def test_undoing_a_plug_once_vnicd_stops_still_asks_the_guest() -> None:
         waiting.close("vnicd is stopping")
         dom = RecordingDomain(waiting, None, set())
         _plan, snap, _pending, _done = unplug_plan()
-
-        async def work(fn: Any, *args: Any, **kwargs: Any) -> Any:
-            return fn(*args, **kwargs)
-
-        tx = Transaction(dom, snap, None, work, waiting, 0.05)  # type: ignore[arg-type]
+        tx = Transaction(dom, snap, None, inline, waiting, 0.05)  # type: ignore[arg-type]
         return dom, await tx.undo((LiveAttach(Interface.from_xml(NIC)),))
 
     dom, problems = asyncio.run(run())
@@ -425,11 +422,8 @@ def test_bounce_undo_skips_its_intermediate_state() -> None:
     )
     dom = BridgeGoneDomain(nic)
 
-    async def run(fn: Any, *args: Any, **kwargs: Any) -> Any:
-        return fn(*args, **kwargs)
-
     async def go() -> Exception | None:
-        tx = Transaction(dom, snap, ports=dom, run=run, waiting=Waiting(), unplug_timeout=1)  # type: ignore[arg-type]
+        tx = Transaction(dom, snap, ports=dom, run=inline, waiting=Waiting(), unplug_timeout=1)  # type: ignore[arg-type]
         try:
             await tx.execute(plan, lambda live, _seen: live)
         except Failed as e:

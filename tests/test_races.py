@@ -18,6 +18,7 @@ import pytest
 
 from tests import faults
 from tests.conftest import Nic, Vms
+from tests.evidence import seen
 from tests.faults import LONG, NicTruth
 from tests.harness import DaemonThread
 from tests.hostenv import ip, master
@@ -196,6 +197,18 @@ def test_unplug_and_plug_at_once(vnicd: DaemonThread, vms: Vms) -> None:
     print(f"unplug and plug at once: {dict(seen)}")
 
 
+def refusing(vm_id: str, read: Callable[..., str]) -> Callable[..., str]:
+    """``Domain.xml`` with libvirt refusing to read ``vm_id``'s XML (flags it does not
+    know), the VM still there."""
+
+    def xml(self: Domain, *, inactive: bool = False) -> str:
+        if self.uuid == vm_id:
+            return str(self._call("reading XML", self._dom.XMLDesc, 1 << 30))
+        return read(self, inactive=inactive)
+
+    return xml
+
+
 def test_listing_leaves_out_only_a_vm_gone_while_read(
     vnicd: DaemonThread, vms: Vms, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -215,12 +228,7 @@ def test_listing_leaves_out_only_a_vm_gone_while_read(
     with vnicd.client() as c:
         assert [vm["vmID"] for vm in c.call("Host.getVMList")] == [kept]
 
-    def refused(self: Domain, *, inactive: bool = False) -> str:
-        if self.uuid == kept:  # flags libvirt does not know: it refuses, the VM is there
-            return str(self._call("reading XML", self._dom.XMLDesc, 1 << 30))
-        return read(self, inactive=inactive)
-
-    monkeypatch.setattr(Domain, "xml", refused)
+    monkeypatch.setattr(Domain, "xml", refusing(kept, read))
     with pytest.raises(RpcError) as e, vnicd.client() as c:
         c.call("Host.getVMList")
     assert e.value.code == 100 and kept in e.value.message, e.value
@@ -259,6 +267,7 @@ def test_listing_answers_what_changed_beside_the_xml(vnicd: DaemonThread, vms: V
     link = {"deviceType": "interface", "macAddr": nic.mac, "linkActive": False}
     with vnicd.client() as c:
         c.call("VM.updateDevice", vmID=vm_id, params=link)
+    assert not seen(vnicd, vm_id, nic.mac).link_up
     third = listed()
     assert vnicd.service._listed[vm_id][1] is not kept, "a new XML is parsed"
     assert (third["status"], third["nics"][0]["bridge"]) == ("Up", "vt-a")
@@ -272,14 +281,7 @@ def test_recovery_reads_again_a_vm_it_could_not_read(
     reconnect) is not taken as gone: it is read again under its lock, and the failure is
     told."""
     vm_id = vms.create(Nic("vt-a"))
-    read = Domain.xml
-
-    def refused(self: Domain, *, inactive: bool = False) -> str:
-        if self.uuid == vm_id:  # flags libvirt does not know: it refuses, the VM is there
-            return str(self._call("reading XML", self._dom.XMLDesc, 1 << 30))
-        return read(self, inactive=inactive)
-
-    monkeypatch.setattr(Domain, "xml", refused)
+    monkeypatch.setattr(Domain, "xml", refusing(vm_id, Domain.xml))
     with caplog.at_level(logging.ERROR, logger="vnicd.service"):
         vnicd._run(vnicd.service.reconcile_all())
     told = [r.getMessage() for r in caplog.records if r.name == "vnicd.service"]
