@@ -24,6 +24,7 @@ from tests.harness import DaemonThread
 from tests.hostenv import ip, master
 from vnicd.client import Client, RpcError
 from vnicd.hypervisor import Domain
+from vnicd.service import Service
 
 Outcome = tuple[str, Any]  # ("ok", result) or ("error", RpcError)
 
@@ -216,19 +217,22 @@ def test_listing_leaves_out_only_a_vm_gone_while_read(
     are listed; a read that libvirt refuses otherwise fails the listing, naming the VM,
     rather than answering without it."""
     kept, gone = vms.create(Nic("vt-a")), vms.create(Nic("vt-a"))
-    read, destroyed = Domain.xml, threading.Event()
+    fetch, first = Service._fetch, threading.Lock()
+    destroyed: list[str] = []
 
-    def destroyed_first(self: Domain, *, inactive: bool = False) -> str:
-        if self.uuid == gone and not destroyed.is_set():
-            destroyed.set()
-            vnicd.domain(gone).destroy()
-        return read(self, inactive=inactive)
+    def destroyed_first(self: Service, *args: Any) -> None:
+        with first:  # every fetcher of the listing starts once the VM is gone
+            if not destroyed:
+                vnicd.domain(gone).destroy()
+                destroyed.append(gone)
+        fetch(self, *args)
 
-    monkeypatch.setattr(Domain, "xml", destroyed_first)
+    monkeypatch.setattr(Service, "_fetch", destroyed_first)
     with vnicd.client() as c:
         assert [vm["vmID"] for vm in c.call("Host.getVMList")] == [kept]
+    assert destroyed == [gone], "destroyed after it was listed, before its XML was read"
 
-    monkeypatch.setattr(Domain, "xml", refusing(kept, read))
+    monkeypatch.setattr(Domain, "xml", refusing(kept, Domain.xml))
     with pytest.raises(RpcError) as e, vnicd.client() as c:
         c.call("Host.getVMList")
     assert e.value.code == 100 and kept in e.value.message, e.value
