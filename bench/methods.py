@@ -4,7 +4,11 @@
 ``<interface>`` by MAC with lxml, set ``<link state>`` or ``<source bridge>``, and
 ``updateDeviceFlags(..., AFFECT_LIVE)``; for a persistent VM the same again on the
 inactive XML with ``AFFECT_CONFIG`` (vnicd keeps the definition in step too). It
-confirms nothing. ``Vnicd`` sends ``VM.updateDevice`` over the Unix socket, ``Engine``
+confirms nothing. ``RawChecked`` is that script plus the two reads that vnicd's
+guarantees need and the script skips: the VM's status and persistence first (which
+decide what to update, and which the answer reports), and the tap's bridge in the kernel
+after. It is the floor that any agent keeping those guarantees starts from, before it
+is reached over a socket. ``Vnicd`` sends ``VM.updateDevice`` over the Unix socket, ``Engine``
 the same over the engine's wire (JSON-RPC over STOMP 1.2, mutual TLS), as the engine and
 vdsm-client do. ``Virsh`` runs ``virsh domif-setlink`` (a link change only).
 """
@@ -26,6 +30,7 @@ import libvirt
 from lxml import etree
 
 from bench.host import Nic, Vm
+from vnicd import hostnet
 from vnicd.client import Client, RpcError, StompClient, tls_client_context
 
 
@@ -58,6 +63,32 @@ class Raw:
             _update(
                 dom, libvirt.VIR_DOMAIN_XML_INACTIVE, libvirt.VIR_DOMAIN_AFFECT_CONFIG, nic, change
             )
+
+
+class RawChecked(Raw):
+    name = "raw libvirt, checked"
+
+    def __init__(self, conn: libvirt.virConnect, persistent: bool, bridges: Sequence[str]) -> None:
+        super().__init__(conn, persistent)
+        self._bridges = bridges  # where a tap may be: a link change confirms it is there
+        self._kind = "persistent" if persistent else "transient"
+        self._filter = (
+            libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_PERSISTENT
+            if persistent
+            else libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_TRANSIENT
+        )
+
+    def change(self, vm: Vm, nic: Nic, change: Change) -> None:
+        dom = self._dom(vm)
+        # status and persistence in one call, as vnicd reads them
+        found = self._conn.domainListGetStats([dom], libvirt.VIR_DOMAIN_STATS_STATE, self._filter)
+        if not found or found[0][1]["state.state"] != libvirt.VIR_DOMAIN_PAUSED:
+            raise RuntimeError(f"VM {vm.name} is not a paused {self._kind} VM")
+        super().change(vm, nic, change)
+        master = hostnet.master(nic.tap)  # one netlink request, as vnicd confirms a tap
+        expected = [change.bridge] if change.bridge is not None else self._bridges
+        if master not in expected:
+            raise RuntimeError(f"tap {nic.tap} is on {master}, not on {expected}")
 
 
 def _update(dom: libvirt.virDomain, xml_flags: int, affect: int, nic: Nic, change: Change) -> None:
@@ -104,6 +135,10 @@ class Vnicd:
     def change(self, vm: Vm, nic: Nic, change: Change) -> None:
         self._client.call("VM.updateDevice", **_params(vm, nic, change))
 
+    def ping(self) -> None:
+        """A round trip that reaches vnicd and does nothing there."""
+        self._client.call("Host.ping2")
+
     def call(self, method: str, **params: Any) -> Any:
         return self._client.call(method, **params)
 
@@ -120,6 +155,9 @@ class Engine:
 
     def change(self, vm: Vm, nic: Nic, change: Change) -> None:
         self._client.call("VM.updateDevice", **_params(vm, nic, change))
+
+    def ping(self) -> None:
+        self._client.call("Host.ping2")
 
 
 class Virsh:
@@ -138,7 +176,7 @@ class Virsh:
         )
 
 
-Method = Raw | Vnicd | Engine | Virsh
+Method = Raw | RawChecked | Vnicd | Engine | Virsh
 
 
 def timed(fn: Callable[[], object]) -> float:

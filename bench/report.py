@@ -62,8 +62,15 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 SINGLE = ("link toggle", "bridge move")
 ENGINE = "vnicd, engine wire"
+CHECKED = "raw libvirt, checked"
 METHODS = ("raw libvirt", "vnicd", ENGINE, "virsh")
-BULK = ("raw libvirt, 8 threads", "vnicd, pipelined", "vnicd, bulk verb", "virsh loop")
+BULK = (
+    "raw libvirt, 8 threads",
+    "raw libvirt checked, 8 threads",
+    "vnicd, pipelined",
+    "vnicd, bulk verb",
+    "virsh loop",
+)
 
 
 def table(r: Results) -> str:
@@ -95,6 +102,7 @@ def table(r: Results) -> str:
             f"| {measure} | {' | '.join(cells)} | {ratios(measure, 'vnicd')} "
             f"| {ratios(measure, ENGINE)} | {sv} |"
         )
+    lines += ["", *_floor(r)]
     total = c["vms"] * c["nics"]
     lines += [
         "",
@@ -117,7 +125,11 @@ def table(r: Results) -> str:
         f"{_ratio(med['vnicd, pipelined'], med['raw libvirt, 8 threads'])}, "
         f"bulk verb / raw = {_ratio(med['vnicd, bulk verb'], med['raw libvirt, 8 threads'])}, "
         f"virsh / vnicd pipelined = {_ratio(med['virsh loop'], med['vnicd, pipelined'])}, "
-        f"virsh / bulk verb = {_ratio(med['virsh loop'], med['vnicd, bulk verb'])}",
+        f"virsh / bulk verb = {_ratio(med['virsh loop'], med['vnicd, bulk verb'])}, "
+        f"raw checked / raw = "
+        f"{_ratio(med['raw libvirt checked, 8 threads'], med['raw libvirt, 8 threads'])}, "
+        f"bulk verb / raw checked = "
+        f"{_ratio(med['vnicd, bulk verb'], med['raw libvirt checked, 8 threads'])}",
         "",
         "| vnicd | value |",
         "|---|---|",
@@ -126,6 +138,32 @@ def table(r: Results) -> str:
     ]
     lines += [f"| {k} | {v} |" for k, v in r.figures.items()]
     return "\n".join(lines)
+
+
+def _floor(r: Results) -> list[str]:
+    """What vnicd's guarantees cost by themselves: the raw script with the status read and
+    the kernel's confirmation, plus a round trip to vnicd that does nothing (its median
+    ``Host.ping2``), each against the raw script."""
+    lines = [
+        "| single change, medians | raw libvirt | raw libvirt, checked (/raw) "
+        "| Host.ping2: Unix socket / engine wire "
+        "| checked + ping: Unix socket (/raw) | checked + ping: engine wire (/raw) "
+        "| vnicd / (checked + ping): Unix socket / engine wire |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    ping, wire_ping = r.median("ping", "vnicd"), r.median("ping", ENGINE)
+    for measure in SINGLE:
+        raw, checked = r.median(measure, "raw libvirt"), r.median(measure, CHECKED)
+        unix = None if checked is None or ping is None else checked + ping
+        wire = None if checked is None or wire_ping is None else checked + wire_ping
+        lines.append(
+            f"| {measure} | {_ms(raw)} | {_ms(checked)} ({_ratio(checked, raw)}) "
+            f"| {_ms(ping)} / {_ms(wire_ping)} | {_ms(unix)} (**{_ratio(unix, raw)}**) "
+            f"| {_ms(wire)} (**{_ratio(wire, raw)}**) "
+            f"| {_ratio(r.median(measure, 'vnicd'), unix)} / "
+            f"{_ratio(r.median(measure, ENGINE), wire)} |"
+        )
+    return lines
 
 
 def plot(r: Results, path: Path) -> None:

@@ -35,6 +35,7 @@ from bench.methods import (
     Engine,
     Method,
     Raw,
+    RawChecked,
     Virsh,
     Vnicd,
     raw_all,
@@ -170,7 +171,8 @@ class Bench:
         self.vnicd = Vnicd(self.config.unix_socket)
         c = self.certs
         self.engine = Engine(ENGINE_PORT, c.engine.cert, c.engine.key, c.ca)
-        self.methods = [raw, self.vnicd, self.engine]
+        checked = RawChecked(conn, a.persistent, self.host.bridges)
+        self.methods = [raw, checked, self.vnicd, self.engine]
         virsh = Virsh("qemu:///system") if self.host.system else None
         self._context(conn)
 
@@ -184,7 +186,7 @@ class Bench:
             self._curve_point(n)
         self._single(raw, self.vnicd, virsh)
         self._clients(conn)
-        self._bulk(raw, virsh)
+        self._bulk(raw, checked, virsh)
         for _ in range(10):
             self.results.add(
                 "getVMList", "vnicd", timed(lambda: self._vnicd.call("Host.getVMList"))
@@ -266,6 +268,9 @@ class Bench:
                 for change in TOGGLE:
                     sample = timed(partial(method.change, vm, nic, change))
                     self.results.add("link toggle", method.name, sample)
+                if isinstance(method, Vnicd | Engine):
+                    for _ in TOGGLE:
+                        self.results.add("ping", method.name, timed(method.ping))
                 if isinstance(method, Virsh):
                     continue
                 for change in moves:
@@ -302,10 +307,11 @@ class Bench:
             method.close()
         return found
 
-    def _bulk(self, raw: Raw, virsh: Virsh | None) -> None:
+    def _bulk(self, raw: Raw, checked: RawChecked, virsh: Virsh | None) -> None:
         vms, path = self.vms, self.config.unix_socket
         runs: list[tuple[str, Callable[[bool], None]]] = [
             ("raw libvirt, 8 threads", lambda up: raw_all(raw, vms, up)),
+            ("raw libvirt checked, 8 threads", lambda up: raw_all(checked, vms, up)),
             ("vnicd, pipelined", lambda up: vnicd_pipelined(path, vms, up)),
         ]
         if "Host.bulkUpdateNics" in Schema.load().verbs:
