@@ -1,4 +1,4 @@
-"""The three ways to change a vNIC that the bench compares, and the all-vNICs round trips.
+"""The ways to change a vNIC that the bench compares, and the all-vNICs round trips.
 
 ``Raw`` is what an admin's libvirt-python script does: read the live XML, find the
 ``<interface>`` by MAC with lxml, set ``<link state>`` or ``<source bridge>``, and
@@ -7,8 +7,8 @@ inactive XML with ``AFFECT_CONFIG`` (vnicd keeps the definition in step too). It
 confirms nothing. ``RawChecked`` is that script plus the two reads that vnicd's
 guarantees need and the script skips: the VM's status and persistence first (which
 decide what to update, and which the answer reports), and the tap's bridge in the kernel
-after. It is the floor that any agent keeping those guarantees starts from, before it
-is reached over a socket. ``Vnicd`` sends ``VM.updateDevice`` over the Unix socket, ``Engine``
+after, checked against the XML's. With a round trip to vnicd added, it is the floor its
+request path starts from. ``Vnicd`` sends ``VM.updateDevice`` over the Unix socket, ``Engine``
 the same over the engine's wire (JSON-RPC over STOMP 1.2, mutual TLS), as the engine and
 vdsm-client do. ``Virsh`` runs ``virsh domif-setlink`` (a link change only).
 """
@@ -56,21 +56,32 @@ class Raw:
             dom = self._doms[vm.uuid] = self._conn.lookupByUUIDString(vm.uuid)
         return dom
 
+    def warm(self, vms: Sequence[Vm]) -> None:
+        """Every VM's handle looked up before the timing, as vnicd keeps its handles."""
+        for vm in vms:
+            self._dom(vm)
+
     def change(self, vm: Vm, nic: Nic, change: Change) -> None:
+        self._change(vm, nic, change)
+
+    def _change(self, vm: Vm, nic: Nic, change: Change) -> str | None:
+        """The change; the bridge the live XML sent names."""
         dom = self._dom(vm)
-        _update(dom, 0, libvirt.VIR_DOMAIN_AFFECT_LIVE, nic, change)
+        bridge = _update(dom, 0, libvirt.VIR_DOMAIN_AFFECT_LIVE, nic, change)
         if self._persistent:
             _update(
                 dom, libvirt.VIR_DOMAIN_XML_INACTIVE, libvirt.VIR_DOMAIN_AFFECT_CONFIG, nic, change
             )
+        return bridge
 
 
 class RawChecked(Raw):
+    """The raw script with the reads that vnicd's guarantees add (see the module's text)."""
+
     name = "raw libvirt, checked"
 
-    def __init__(self, conn: libvirt.virConnect, persistent: bool, bridges: Sequence[str]) -> None:
+    def __init__(self, conn: libvirt.virConnect, persistent: bool) -> None:
         super().__init__(conn, persistent)
-        self._bridges = bridges  # where a tap may be: a link change confirms it is there
         self._kind = "persistent" if persistent else "transient"
         self._filter = (
             libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_PERSISTENT
@@ -84,14 +95,15 @@ class RawChecked(Raw):
         found = self._conn.domainListGetStats([dom], libvirt.VIR_DOMAIN_STATS_STATE, self._filter)
         if not found or found[0][1]["state.state"] != libvirt.VIR_DOMAIN_PAUSED:
             raise RuntimeError(f"VM {vm.name} is not a paused {self._kind} VM")
-        super().change(vm, nic, change)
-        master = hostnet.master(nic.tap)  # one netlink request, as vnicd confirms a tap
-        expected = [change.bridge] if change.bridge is not None else self._bridges
-        if master not in expected:
-            raise RuntimeError(f"tap {nic.tap} is on {master}, not on {expected}")
+        bridge = self._change(vm, nic, change)
+        master = hostnet.master(nic.tap)  # as vnicd confirms a tap
+        if master != bridge:
+            raise RuntimeError(f"tap {nic.tap} is on {master}, not on {bridge}")
 
 
-def _update(dom: libvirt.virDomain, xml_flags: int, affect: int, nic: Nic, change: Change) -> None:
+def _update(
+    dom: libvirt.virDomain, xml_flags: int, affect: int, nic: Nic, change: Change
+) -> str | None:
     root = etree.fromstring(dom.XMLDesc(xml_flags))
     found = root.xpath("devices/interface[mac/@address=$mac]", mac=nic.mac)
     assert isinstance(found, list) and found, f"no vNIC {nic.mac}"
@@ -102,15 +114,16 @@ def _update(dom: libvirt.virDomain, xml_flags: int, affect: int, nic: Nic, chang
         if link is None:
             link = etree.SubElement(iface, "link")
         link.set("state", "up" if change.link_up else "down")
+    source = iface.find("source")
+    assert source is not None
     if change.bridge is not None:
-        source = iface.find("source")
-        assert source is not None
         source.set("bridge", change.bridge)
     if not affect & libvirt.VIR_DOMAIN_AFFECT_LIVE:
         for live_only in ("target", "alias"):
             for el in iface.findall(live_only):
                 iface.remove(el)
     dom.updateDeviceFlags(etree.tostring(iface).decode(), affect)
+    return source.get("bridge")
 
 
 def _params(vm: Vm, nic: Nic, change: Change) -> dict[str, Any]:
@@ -176,7 +189,7 @@ class Virsh:
         )
 
 
-Method = Raw | RawChecked | Vnicd | Engine | Virsh
+Method = Raw | Vnicd | Engine | Virsh
 
 
 def timed(fn: Callable[[], object]) -> float:

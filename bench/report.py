@@ -143,7 +143,7 @@ def table(r: Results) -> str:
 def _floor(r: Results) -> list[str]:
     """What vnicd's guarantees cost by themselves: the raw script with the status read and
     the kernel's confirmation, plus a round trip to vnicd that does nothing (its median
-    ``Host.ping2``), each against the raw script."""
+    ``Host.ping2``), against the raw script; then vnicd against that floor."""
     lines = [
         "| single change, medians | raw libvirt | raw libvirt, checked (/raw) "
         "| Host.ping2: Unix socket / engine wire "

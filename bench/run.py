@@ -54,6 +54,7 @@ from vnicd.errors import Recovering
 from vnicd.schema import Schema
 
 TOGGLE = (Change(link_up=False), Change(link_up=True))
+PINGS = 4  # per client and round, as many as its changes
 ENGINE_PORT = 54329  # in the bench's own network namespace
 
 
@@ -171,7 +172,7 @@ class Bench:
         self.vnicd = Vnicd(self.config.unix_socket)
         c = self.certs
         self.engine = Engine(ENGINE_PORT, c.engine.cert, c.engine.key, c.ca)
-        checked = RawChecked(conn, a.persistent, self.host.bridges)
+        checked = RawChecked(conn, a.persistent)
         self.methods = [raw, checked, self.vnicd, self.engine]
         virsh = Virsh("qemu:///system") if self.host.system else None
         self._context(conn)
@@ -184,7 +185,9 @@ class Bench:
             self.vms = plan[:n]
             log(f"{n} VMs running, paused ({time.monotonic() - started:.0f}s)")
             self._curve_point(n)
-        self._single(raw, self.vnicd, virsh)
+        for method in (raw, checked):
+            method.warm(self.vms)
+        self._single(virsh)
         self._clients(conn)
         self._bulk(raw, checked, virsh)
         for _ in range(10):
@@ -254,7 +257,7 @@ class Bench:
         k = i % len(self.methods)
         return self.methods[k:] + self.methods[:k]
 
-    def _single(self, raw: Raw, vnicd: Vnicd, virsh: Virsh | None) -> None:
+    def _single(self, virsh: Virsh | None) -> None:
         a, bridges = self.args, self.host.bridges
         moves = (Change(bridge=bridges[1]), Change(bridge=bridges[0]))
         log(f"single changes: {a.rounds} rounds")
@@ -268,14 +271,15 @@ class Bench:
                 for change in TOGGLE:
                     sample = timed(partial(method.change, vm, nic, change))
                     self.results.add("link toggle", method.name, sample)
-                if isinstance(method, Vnicd | Engine):
-                    for _ in TOGGLE:
-                        self.results.add("ping", method.name, timed(method.ping))
                 if isinstance(method, Virsh):
                     continue
                 for change in moves:
                     sample = timed(partial(method.change, vm, nic, change))
                     self.results.add("bridge move", method.name, sample)
+            # a round trip that does nothing in vnicd, on each client, in the round's order
+            for client in (m for m in methods if isinstance(m, Vnicd | Engine)):
+                for _ in range(PINGS):
+                    self.results.add("ping", client.name, timed(client.ping))
 
     def _clients(self, conn: libvirt.virConnect) -> None:
         """Per-change latency with 1..8 clients at once, each on its own VMs."""
