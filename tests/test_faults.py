@@ -311,9 +311,12 @@ def test_vnicd_killed_mid_burst(libvirtd: PrivateLibvirtd, workdir: Path) -> Non
             ]
             threads = burst.run(plans, pause_after_error=0.0)
             time.sleep(rng.uniform(0.3, 2.5))
-            killed = time.monotonic()
             proc.kill()
             proc.wait()
+            # stamped once vnicd is dead: a client thread may send between a stamp taken
+            # before the kill and the kill itself (this thread waits for the GIL), and
+            # vnicd may have begun that request
+            killed = time.monotonic()
             burst.stop.set()
             for t in threads:
                 t.join(30)
