@@ -926,24 +926,24 @@ class Service:
         await asyncio.gather(*(self.reconcile(vm_id, starting=starting) for vm_id in due))
         return [vm.domain.name for vm in listed]
 
-    @staticmethod
-    def _unsettling(listed: list[Listed], follow_live: bool) -> list[str]:
+    @classmethod
+    def _unsettling(cls, listed: list[Listed], follow_live: bool) -> list[str]:
         """The VMs that keep stored vNICs in their current XML (live, or saved when not
         running); with ``follow_live``, also running persistent VMs whose definition has a
-        vNIC wired otherwise than live."""
+        vNIC wired otherwise than live (their saved XML is read too)."""
         found = []
         for vm in listed:
-            dom, active = vm.domain, vm.status is not VmStatus.STOPPED
+            dom, status, persistent = vm.domain, vm.status, vm.persistent
             try:
-                if follow_live and active and vm.persistent:
-                    snap = Snapshot.parse(
-                        dom.uuid, vm.status, True, dom.xml(), dom.xml(inactive=True)
-                    )
+                live, saved = cls._xmls(
+                    dom, saved=follow_live, status=status, persistent=persistent
+                )
+                if live is not None and saved is not None:  # following a running definition
+                    snap = Snapshot.parse(dom.uuid, status, persistent, live, saved)
                     plan = planning.plan_reconcile(snap, follow_live=True)
                     due = snap.store_error is not None or plan is not None
                 else:
-                    xml = dom.xml(inactive=not active) if active or vm.persistent else ""
-                    due = mentions_store(xml)
+                    due = mentions_store(live or saved or "")
             except HypervisorError as e:
                 if e.gone:
                     log.debug("VM %s vanished while recovering: %s", dom.uuid, e)
