@@ -5,7 +5,7 @@ A vNIC's state lives in five places: libvirt's live XML, the persistent definiti
 stored copy of unplugged vNICs (the domain's metadata, live and persistent), the kernel
 (the tap's master bridge), and what vnicd reports (``VM.getInfo``). :func:`check` reads
 the first four itself (lxml and pyroute2, not vnicd's code) and says where they disagree
-with each other or with the fifth.
+with each other or with the fifth, and whether a link bounce's mark outlived its change.
 """
 
 from __future__ import annotations
@@ -105,6 +105,7 @@ class VmView:
     saved: dict[str, Wire] = field(default_factory=dict)
     store_live: dict[str, Stored] | None = None
     store_saved: dict[str, Stored] | None = None
+    bounce_marks: int = 0  # link bounce marks in vnicd's metadata, live and saved
 
 
 def _wire(el: etree._Element) -> Wire:
@@ -135,6 +136,10 @@ def _store(root: etree._Element) -> dict[str, Stored]:
     return found
 
 
+def _marks(root: etree._Element) -> int:
+    return len(root.findall(f"metadata/{{{NAMESPACE}}}vnics/{{{NAMESPACE}}}bounce"))
+
+
 def view(dom: libvirt.virDomain) -> VmView:
     active, persistent = bool(dom.isActive()), bool(dom.isPersistent())
     return view_xml(
@@ -153,10 +158,12 @@ def view_xml(uuid: str, live: str | None, saved: str | None) -> VmView:
             target = el.find("target")
             vm.live[_mac(el)] = (_wire(el), "" if target is None else str(target.get("dev")))
         vm.store_live = _store(root)
+        vm.bounce_marks += _marks(root)
     if saved is not None:
         root = etree.fromstring(saved.encode())
         vm.saved = {_mac(el): _wire(el) for el in root.iterfind("devices/interface")}
         vm.store_saved = _store(root)
+        vm.bounce_marks += _marks(root)
     return vm
 
 
@@ -191,6 +198,8 @@ def check(
     store = store or {}
     if vm.active and vm.persistent and vm.store_live != vm.store_saved:
         say(f"stored vNICs differ: live {vm.store_live}, definition {vm.store_saved}")
+    if vm.bounce_marks:
+        say(f"{vm.bounce_marks} link bounce mark(s) left in vnicd's metadata")
     plugged = {m: w for m, (w, _tap) in vm.live.items()} if vm.active else dict(vm.saved)
     for mac, wire in plugged.items():
         if vm.active:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vnicd import errors
-from vnicd.domxml import Interface, Source, StoredNic, format_stored
+from vnicd.domxml import Interface, Source, StoredNic, XMLError
 from vnicd.model import NicChange, NicRef, Snapshot, VmStatus
 from vnicd.networks import UNWIRED, Wiring
 from vnicd.planning import (
@@ -41,9 +41,15 @@ def nic(mac: str, bridge: str = "br-a", slot: int = 3, link: str = "", live: boo
     )
 
 
-def domain(*nics: str, stored: list[StoredNic] | None = None, meta: str | None = None) -> str:
-    if meta is None and stored:
-        meta = format_stored(stored).replace("<vnics", f"<vnics xmlns='{NAMESPACE}'", 1)
+def domain(
+    *nics: str,
+    stored: list[StoredNic] | None = None,
+    bounces: list[str] | None = None,
+    meta: str | None = None,
+) -> str:
+    kept = Store(stored, [Interface.from_xml(b) for b in bounces or []]).format()
+    if meta is None and kept is not None:
+        meta = kept.replace("<vnics", f"<vnics xmlns='{NAMESPACE}'", 1)
     metadata = f"<metadata>{meta}</metadata>" if meta else ""
     devices = "".join(nics)
     head = f"<domain><name>vm</name><uuid>{VM}</uuid>{metadata}"
@@ -105,11 +111,24 @@ def test_bounce_only_for_a_linked_vnic_that_moves() -> None:
     s = snap(domain(nic(A)), None, persistent=False)
     change = NicChange(network="br-b", bounce=1.5)
     plan = plan_update(s, NicRef(mac=A), change, BR_B, namer, persist_running=True)
-    assert [type(step) for step in plan.steps] == [LiveUpdate, Pause, LiveUpdate]
-    down, pause, up = plan.steps
+    kinds = [type(step) for step in plan.steps]
+    assert kinds == [StoreWrite, LiveUpdate, Pause, LiveUpdate, StoreWrite]
+    mark, down, pause, up, unmark = plan.steps
     assert isinstance(down, LiveUpdate) and isinstance(up, LiveUpdate)
     assert not down.after.link_up and down.after.source == Source("bridge", "br-b")
     assert up.after.link_up and isinstance(pause, Pause) and pause.seconds == 1.5
+    # marked before the link goes down, unmarked once it is up: see the reconcile test
+    assert isinstance(mark, StoreWrite) and isinstance(unmark, StoreWrite)
+    assert [i.source for i in mark.after.bounces] == [Source("bridge", "br-b")]
+    assert unmark.before == mark.after and unmark.after == s.store == plan.store
+    assert [n.mac for n in vm_state(s, namer, store=mark.after).nics] == [A], "no vNIC more"
+    # a vNIC whose unplug is still awaited: its stored copy moves too, in the unmarking
+    awaited = snap(domain(nic(A), stored=[stored(A, 3, pending=True)]), None, persistent=False)
+    plan = plan_update(awaited, NicRef(mac=A), change, BR_B, namer, persist_running=True)
+    last = plan.steps[-1]
+    assert isinstance(last, StoreWrite) and not last.after.bounces and last.after == plan.store
+    entry = plan.store.find(mac=A)
+    assert entry is not None and entry.pending and entry.iface.source == Source("bridge", "br-b")
     unlinked = snap(domain(nic(A, link="<link state='down'/>")), None, persistent=False)
     plan = plan_update(unlinked, NicRef(mac=A), change, BR_B, namer, persist_running=True)
     assert [type(step) for step in plan.steps] == [LiveUpdate]
@@ -363,3 +382,66 @@ def test_reconcile_at_start_gives_the_definition_the_live_wiring() -> None:
     assert step.after.address == step.before.address and step.after.alias is None
     assert plan_reconcile(snap(live, saved, persistent=False), follow_live=True) is None
     assert plan_reconcile(snap(None, saved), follow_live=True) is None
+
+
+@pytest.mark.parametrize(
+    ("live_a", "running", "follow", "expected"),
+    [
+        # cut in the pause: on the new network, its link down: linked up, mark gone
+        (nic(A, bridge="br-b", link="<link state='down'/>"), True, False, [LiveUpdate]),
+        # and at start, the definition gets the move whole, linked
+        (
+            nic(A, bridge="br-b", link="<link state='down'/>"),
+            True,
+            True,
+            [LiveUpdate, DefinitionUpdate],
+        ),
+        # cut before the move began: left as it is
+        (nic(A), True, False, []),
+        # cut once linked up again, before the mark went
+        (nic(A, bridge="br-b"), True, False, []),
+        # moved elsewhere since, its link down: left as it is
+        (nic(A, bridge="br-c", link="<link state='down'/>"), True, False, []),
+        # stopped since: nothing live to finish
+        (nic(A, bridge="br-b", link="<link state='down'/>"), False, False, []),
+    ],
+)
+def test_reconcile_finishes_a_bounce_cut_in_its_pause(
+    live_a: str, running: bool, follow: bool, expected: list[type]
+) -> None:
+    """A vnicd stopped in a link bounce's pause left its mark: the vNIC is linked up if
+    the guest has it as the pause left it, and the mark goes either way."""
+    end = nic(A, bridge="br-b", link="<link state='up'/>")
+    live = domain(live_a, nic(B, slot=4), bounces=[end])
+    saved = domain(nic(A, live=False), nic(B, slot=4, live=False), bounces=[end])
+    s = snap(live if running else None, saved)
+    plan = plan_reconcile(s, follow_live=follow)
+    assert plan is not None
+    assert [type(step) for step in plan.steps] == [*expected, StoreWrite]
+    write = plan.steps[-1]
+    assert isinstance(write, StoreWrite) and not write.after and not plan.store
+    if expected:
+        up = plan.steps[0]
+        assert isinstance(up, LiveUpdate) and up.bridge == up.bridge_before == "br-b"
+        assert up.after.link_up and up.after.source == Source("bridge", "br-b")
+        assert up.after.alias == "net3" and up.after.tap == "tap3", "the live vNIC, linked"
+    if follow:
+        definition = plan.steps[1]
+        assert isinstance(definition, DefinitionUpdate) and definition.after.link_up
+        assert definition.after.source == Source("bridge", "br-b")
+
+
+def test_stored_vnics_and_bounce_marks_kept_apart() -> None:
+    """A bounce mark is not a stored vNIC: the set's edits keep it, reports leave it out,
+    and it is written and read back as it was."""
+    end = Interface.from_xml(nic(A, bridge="br-b"))
+    store = Store([stored(B, 4)], [end])
+    assert [e.iface.mac for e in store] == [B] and [i.mac for i in store.bounces] == [A]
+    assert [i.mac for i in store.put("net5", Interface.from_xml(nic(A, slot=5))).bounces] == [A]
+    assert [i.mac for i in store.remove(B).bounces] == [A] and store.remove(B)
+    assert not store.remove(B).bounced(A) and store.bounced(A) == Store([stored(B, 4)])
+    assert Store.parse(store.format()) == store
+    s = snap(domain(nic(A, bridge="br-b"), stored=[stored(B, 4)], bounces=[nic(A)]), None)
+    assert [(n.mac, n.plugged) for n in vm_state(s, namer).nics] == [(A, True), (B, False)]
+    with pytest.raises(XMLError, match="a <bounce> entry without <interface>"):
+        Store.parse("<vnics><bounce/></vnics>")

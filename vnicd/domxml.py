@@ -354,31 +354,40 @@ class StoredNic:
     pending: bool = False
 
 
-def parse_stored(xml: str | None) -> list[StoredNic]:
-    """vnicd's ``<vnics>`` metadata element; raises XMLError when it is malformed."""
+def parse_stored(xml: str | None) -> tuple[list[StoredNic], list[Interface]]:
+    """vnicd's ``<vnics>`` metadata element: the unplugged vNICs, and the vNICs whose link
+    bounce was under way (each as the bounce ends it); raises XMLError when it is
+    malformed."""
     if not xml:
-        return []
+        return [], []
     root = parse(xml, "vnics")
     found = []
     for el in root.iterfind("unplugged"):
-        iface_el = el.find("interface")
-        if iface_el is None:
-            raise XMLError("an <unplugged> entry without <interface>")
-        iface = Interface(copy.deepcopy(iface_el))
-        if iface.mac is None:
-            raise XMLError("an unplugged <interface> without <mac>")
+        iface = _stored_interface(el, "an <unplugged> entry")
         PciAddress.parse(iface.element)
         found.append(StoredNic(el.get("alias", ""), iface, el.get("pending") == "yes"))
-    return found
+    return found, [_stored_interface(el, "a <bounce> entry") for el in root.iterfind("bounce")]
 
 
-def format_stored(entries: list[StoredNic]) -> str:
+def _stored_interface(entry: etree._Element, what: str) -> Interface:
+    iface_el = entry.find("interface")
+    if iface_el is None:
+        raise XMLError(f"{what} without <interface>")
+    iface = Interface(copy.deepcopy(iface_el))
+    if iface.mac is None:
+        raise XMLError(f"{what} without <mac>")
+    return iface
+
+
+def format_stored(entries: list[StoredNic], bounces: list[Interface]) -> str:
     root = etree.Element("vnics")
     for entry in entries:
         el = etree.SubElement(root, "unplugged", alias=entry.alias)
         if entry.pending:
             el.set("pending", "yes")
         el.append(copy.deepcopy(entry.iface.element))
+    for iface in bounces:
+        etree.SubElement(root, "bounce").append(copy.deepcopy(iface.element))
     return to_string(root)
 
 

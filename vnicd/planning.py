@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from vnicd import errors, names
+from vnicd.domxml import Domain as DomainXML
 from vnicd.domxml import Interface
 from vnicd.model import NicChange, NicRef, NicState, Snapshot
 from vnicd.networks import UNWIRED, Wiring
@@ -274,13 +275,17 @@ def plan_update(
     assert current.mac is not None
     new = edit(current, change, wiring)
     steps = []
+    written = store  # the store as the steps leave it so far
     if snap.active:
         old_bridge = current.bridge
         new_bridge = wiring.bridge if wiring is not None else old_bridge
         moved = wiring is not None and wiring.source != current.source
         if change.bounce and moved and current.link_up and new.link_up:
             down = edit(current, NicChange(link_up=False), wiring)
+            # marked first: a vnicd killed in the pause leaves the mark (see plan_reconcile)
+            written = store.bouncing(new)
             steps += [
+                StoreWrite(store, written),
                 LiveUpdate(current, down, new_bridge, old_bridge),
                 Pause(change.bounce),
                 LiveUpdate(down, new, new_bridge, new_bridge),
@@ -298,7 +303,9 @@ def plan_update(
     pending = store.find(mac=current.mac)
     if pending is not None and steps:  # a late release must keep the new state
         after_store = store.put(pending.alias, new, pending=pending.pending)
-        steps.append(StoreWrite(store, after_store))
+        steps.append(StoreWrite(written, after_store))
+    elif written is not store:  # the bounce is over: its mark goes
+        steps.append(StoreWrite(written, after_store))
     return Plan(
         Action.UPDATE,
         snap.uuid,
@@ -473,13 +480,27 @@ def plan_reconcile(
     a running VM's definition follows its changes) a vNIC whose definition is wired or
     linked otherwise than the guest has it gets the live wiring in its definition: vnicd
     may have stopped between the two updates of a change.
+
+    A bounce mark left by a vnicd stopped in a link bounce's pause goes; the vNIC it names
+    is linked up live if the guest has it as the pause left it (on the network the bounce
+    moved it to, its link down), so the move ends as asked.
     """
     if snap.store_error is not None:
         return None
     store = snap.store
     steps: list[Step] = []
-    if follow_live and snap.active and snap.persistent:
-        steps += _follow_live(snap)
+    live = snap.live
+    for end in store.bounces:
+        assert end.mac is not None
+        store = store.bounced(end.mac)
+        now = live.interface(mac=end.mac) if live is not None else None
+        if live is None or now is None or now.link_up or now.source != end.source:
+            continue  # not running, or the bounce never began, ended, or was overtaken
+        up = edit(now, NicChange(link_up=True), None)
+        steps.append(LiveUpdate(now, up, now.bridge, now.bridge))
+        live = live.with_interface(up)
+    if follow_live and live is not None and snap.persistent:
+        steps += _follow_live(snap, live)
     for entry in snap.store:
         mac = entry.iface.mac
         assert mac is not None
@@ -504,11 +525,11 @@ def plan_reconcile(
     return Plan(Action.RECONCILE, snap.uuid, "", "", tuple(steps), None, None, store)
 
 
-def _follow_live(snap: Snapshot) -> list[Step]:
-    """The definition updates that give each plugged vNIC its live source and link."""
-    assert snap.live is not None
+def _follow_live(snap: Snapshot, domain: DomainXML) -> list[Step]:
+    """The definition updates that give each plugged vNIC its source and link in
+    ``domain`` (live)."""
     steps: list[Step] = []
-    for live in snap.live.interfaces:
+    for live in domain.interfaces:
         saved = snap.saved_nic(live.mac) if live.mac else None
         if saved is None or live.kind not in WIRABLE or saved.kind not in WIRABLE:
             continue

@@ -1,10 +1,14 @@
-"""The unplugged vNICs of one VM, as kept in the domain's own ``<metadata>``.
+"""The unplugged vNICs of one VM, as kept in the domain's own ``<metadata>``, and its
+vNICs whose link bounce is under way.
 
 An unplugged vNIC keeps its whole definition (MAC, model, source, link, PCI address), so
 it survives vnicd restarts and comes back exactly as it was. An entry marked ``pending``
 was written before its removal from the guest was asked for: while the guest still has
 the vNIC it counts as plugged, and a late release finishes the unplug (see
-:mod:`vnicd.reconcile`). The XML codec is :mod:`vnicd.domxml`'s; this is the set.
+:func:`vnicd.planning.plan_reconcile`). A bounce mark is written before a link bounce
+takes a vNIC's link down, and removed once the change is done: a vnicd killed in the
+bounce's pause leaves it, and recovery links the vNIC up. The XML codec is
+:mod:`vnicd.domxml`'s; this is the set.
 """
 
 from __future__ import annotations
@@ -23,21 +27,27 @@ def mentions_store(domain_xml: str) -> bool:
 
 
 class Store:
-    """Stored vNIC definitions by MAC. Immutable: edits return a new store."""
+    """Stored vNIC definitions and bounce marks, by MAC. Immutable: edits return a new
+    store. Iterating gives the stored vNICs."""
 
-    def __init__(self, entries: list[StoredNic] | None = None) -> None:
+    def __init__(
+        self, entries: list[StoredNic] | None = None, bounces: list[Interface] | None = None
+    ) -> None:
         self._entries = {e.iface.mac: e for e in entries or [] if e.iface.mac}
+        self._bounces = {i.mac: i for i in bounces or [] if i.mac}
 
     @classmethod
     def parse(cls, xml: str | None) -> Store:
-        return cls(parse_stored(xml))
+        return cls(*parse_stored(xml))
 
     def format(self) -> str | None:
         """The metadata element, or None when there is nothing to keep."""
-        return format_stored(list(self._entries.values())) if self._entries else None
+        if not self:
+            return None
+        return format_stored(list(self._entries.values()), list(self._bounces.values()))
 
     def __bool__(self) -> bool:
-        return bool(self._entries)
+        return bool(self._entries or self._bounces)
 
     def __iter__(self) -> Iterator[StoredNic]:
         return iter(self._entries.values())
@@ -62,7 +72,21 @@ class Store:
         assert iface.mac is not None
         entries = dict(self._entries)
         entries[iface.mac] = StoredNic(alias, iface.definition(), pending)
-        return Store(list(entries.values()))
+        return Store(list(entries.values()), self.bounces)
 
     def remove(self, mac: str) -> Store:
-        return Store([e for m, e in self._entries.items() if m != mac.lower()])
+        entries = [e for m, e in self._entries.items() if m != mac.lower()]
+        return Store(entries, self.bounces)
+
+    @property
+    def bounces(self) -> list[Interface]:
+        """Each vNIC whose link bounce is under way, as the bounce ends it."""
+        return list(self._bounces.values())
+
+    def bouncing(self, iface: Interface) -> Store:
+        """With a bounce mark for ``iface`` (as the bounce ends it)."""
+        return Store(list(self), [*self.bounces, iface])
+
+    def bounced(self, mac: str) -> Store:
+        """Without the bounce mark of ``mac``."""
+        return Store(list(self), [i for i in self.bounces if i.mac != mac.lower()])

@@ -103,7 +103,10 @@ def step_text(step: Step) -> str:
             return "add the vNIC to the definition"
         case DefinitionDetach():
             return "remove the vNIC from the definition"
-        case StoreWrite():
+        case StoreWrite(before=before, after=after):
+            marks = len(after.bounces) - len(before.bounces)
+            if marks:
+                return f"{'mark' if marks > 0 else 'unmark'} the link bounce (domain metadata)"
             return "write vnicd's stored vNICs (domain metadata)"
 
 
