@@ -22,7 +22,7 @@ import pytest
 from tests import faults
 from tests.conftest import Nic, vm_xml
 from tests.harness import DaemonThread
-from tests.hostenv import master
+from tests.hostenv import ip, master
 from tests.libvirtd import PrivateLibvirtd
 from tests.test_daemon import state
 from tests.test_service import stop, write_config
@@ -64,39 +64,90 @@ def alone(vnicd: DaemonThread) -> Iterator[PrivateLibvirtd | None]:
         vnicd.start()
 
 
+class Crashing:
+    """A crash test's vnicd as a process of its own (link bounces of 5 s) on the session's
+    driver: started, killed, started again; once the test ends, stopped, with the test's
+    VM gone from a shared libvirtd (an embedded root goes with the test's state)."""
+
+    def __init__(self, state: Path, alone: PrivateLibvirtd | None, vm_id: str) -> None:
+        self.sock, self.log_path, self.vm_id = state / "vnicd.sock", state / "vnicd.log", vm_id
+        self.uri = f"qemu:///embed?root={state / 'libvirt'}" if alone is None else alone.uri
+        extra = "" if alone is None else f"libvirt: {{uri: '{alone.uri}'}}\n"
+        self._config = write_config(state, f"link_bounce: {{seconds: 5}}\n{extra}")
+        self._shared = alone is not None
+        self._log = self.log_path.open("w")
+        self._proc: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> Crashing:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+        self._log.close()
+        if self._shared:
+            virsh(self.uri, "destroy", self.vm_id, check=False)
+            virsh(self.uri, "undefine", self.vm_id, check=False)
+
+    def start(self) -> None:
+        self._proc = faults.launch(self._config, self._log)
+        faults.wait_serving(self.sock, self._proc)
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            stop(self._proc)
+
+    def kill_in_bounce(self, nic: Nic, network: str) -> list[object]:
+        """Move ``nic`` to ``network`` with a link bounce, and SIGKILL vnicd in its pause
+        (the link down on ``network``, the definition not updated yet); what the client
+        got instead of an answer."""
+        assert self._proc is not None
+        cut: list[object] = []
+        params = {"deviceType": "interface", "macAddr": nic.mac, "network": network}
+
+        def move() -> None:
+            try:
+                with Client(self.sock) as client:
+                    client.call(
+                        "VM.updateDevice", vmID=self.vm_id, params={**params, "linkBounce": True}
+                    )
+            except (OSError, ValueError, RpcError) as e:
+                cut.append(e)
+
+        mover = threading.Thread(target=move)
+        mover.start()
+        faults.until("the move in flight", lambda: master(nic.tap) == network, 10)
+        time.sleep(0.2)
+        self._proc.kill()
+        self._proc.wait()
+        mover.join(10)
+        return cut
+
+    def view(self) -> faults.VmView:
+        """The VM as libvirt shows it (on an embedded root only while vnicd is stopped)."""
+        uri, vm_id = self.uri, self.vm_id
+        live, saved = virsh(uri, "dumpxml", vm_id), virsh(uri, "dumpxml", "--inactive", vm_id)
+        return faults.view_xml(vm_id, live, saved)
+
+
 def test_sigkill_with_an_unplugged_vnic_and_a_change_in_flight(
     state: Path, alone: PrivateLibvirtd | None
 ) -> None:
-    sock = state / "vnicd.sock"
-    bounce = "link_bounce: {seconds: 5}\n"
-    if alone is None:
-        uri = f"qemu:///embed?root={state / 'libvirt'}"
-        config = write_config(state, bounce)
-    else:
-        uri = alone.uri
-        config = write_config(state, f"{bounce}libvirt: {{uri: '{uri}'}}\n")
     vm_id = f"5e1f0000-0000-4000-8003-{os.getpid():012x}"
     tap = f"vk{os.getpid() % 100000}"
     a = Nic("vt-a", mac="52:54:00:7f:03:01", tap=f"{tap}a")
     b = Nic("vt-a", mac="52:54:00:7f:03:02", tap=f"{tap}b")
     c = Nic("vt-a", mac="52:54:00:7f:03:03", tap=f"{tap}c")
-    log = (state / "vnicd.log").open("w")
-
-    def start() -> subprocess.Popen[str]:
-        proc = faults.launch(config, log)
-        faults.wait_serving(sock, proc)
-        return proc
-
-    proc = start()
-    try:
+    with Crashing(state, alone, vm_id) as run:
+        sock, uri = run.sock, run.uri
+        run.start()
         with Client(sock) as client:
             xml = vm_xml("crash-vm", vm_id, [a, b, c])
             client.call("VM.create", vmID=vm_id, vmParams={"xml": xml, "persistent": True})
-        stop(proc)
+        run.stop()
         # virsh's embedded driver may report "not running" while it reconnects, and stop it.
         virsh(uri, "destroy", vm_id, check=False)
         assert virsh(uri, "domstate", vm_id) == "shut off"  # stopped, still defined
-        proc = start()
+        run.start()
         with Client(sock) as client:  # a stopped VM takes both changes in its definition
             client.call("VM.hotunplugNic", vmID=vm_id, params={"macAddr": b.mac})
             client.call(
@@ -109,10 +160,10 @@ def test_sigkill_with_an_unplugged_vnic_and_a_change_in_flight(
                 vmID=vm_id,
                 params={"deviceType": "interface", "macAddr": a.mac, "linkActive": False},
             )
-        stop(proc)
+        run.stop()
         virsh(uri, "start", vm_id)  # running: a on vt-b with its link down, b unplugged
 
-        proc = start()
+        run.start()
         before = nics(sock, vm_id)
         assert before[a.mac]["bridge"] == "vt-b" == master(a.tap)
         assert before[a.mac]["linkActive"] is False and before[a.mac]["plugged"] is True
@@ -122,29 +173,11 @@ def test_sigkill_with_an_unplugged_vnic_and_a_change_in_flight(
         # c moves to vt-b with a link bounce: its link goes down with the move, and comes
         # back up 5 s later; vnicd dies in between, before the definition is updated, and
         # leaves the bounce's mark in the domain's metadata
-        answers: list[object] = []
-
-        def move() -> None:
-            params = {"deviceType": "interface", "macAddr": c.mac, "network": "vt-b"}
-            try:
-                with Client(sock) as client:
-                    client.call(
-                        "VM.updateDevice", vmID=vm_id, params={**params, "linkBounce": True}
-                    )
-            except (OSError, ValueError, RpcError) as e:
-                answers.append(e)
-
-        mover = threading.Thread(target=move)
-        mover.start()
-        faults.until("the move in flight", lambda: master(c.tap) == "vt-b", 10)
-        time.sleep(0.2)
-        proc.kill()
-        proc.wait()
-        mover.join(10)
-        assert len(answers) == 1 and not isinstance(answers[0], RpcError), "no answer came"
+        cut = run.kill_in_bounce(c, "vt-b")
+        assert len(cut) == 1 and not isinstance(cut[0], RpcError), "no answer came"
         assert sock.exists(), "a killed vnicd leaves its socket: the next one must cope"
 
-        proc = start()
+        run.start()
         after = nics(sock, vm_id)
         assert {m: n for m, n in after.items() if m != c.mac} == {
             m: n for m, n in before.items() if m != c.mac
@@ -154,26 +187,54 @@ def test_sigkill_with_an_unplugged_vnic_and_a_change_in_flight(
         # restarted vnicd, and so is the definition, so a reboot brings it back the same
         assert (after[c.mac]["bridge"], after[c.mac]["linkActive"]) == ("vt-b", True)
         reported = info(sock, vm_id)
-        stop(proc)
-        vm = faults.view_xml(
-            vm_id, virsh(uri, "dumpxml", vm_id), virsh(uri, "dumpxml", "--inactive", vm_id)
-        )
-        truth, problems = faults.check(vm, reported, faults.masters(), UNWIRED)
+        run.stop()
+        truth, problems = faults.check(run.view(), reported, faults.masters(), UNWIRED)
         assert not problems, problems  # a bounce mark left over would be one
         assert truth[c.mac] == faults.NicTruth(True, "vt-b", True)
         assert truth[b.mac] == faults.NicTruth(False, "vt-a", True)
 
-        proc = start()
+        run.start()
         with Client(sock) as client:  # the stored vNIC survived the crash: it plugs back
             client.call("VM.hotplugNic", vmID=vm_id, params={"macAddr": b.mac})
         plugged = nics(sock, vm_id)[b.mac]
         assert plugged["plugged"] is True and master(plugged["tap"]) == "vt-a"
         with Client(sock) as client:
             client.call("VM.destroy", vmID=vm_id)
+
+
+def test_a_bounce_that_cannot_end_does_not_hold_back_recovery(
+    state: Path, alone: PrivateLibvirtd | None
+) -> None:
+    """vnicd killed in a link bounce's pause, and the bridge the move went to deleted while
+    it was down: the restarted vnicd cannot link the vNIC up there, says so, and settles
+    the VM all the same (the mark goes, the definition gets what the guest has)."""
+    bridge = f"vt-kb{os.getpid() % 1000}"
+    vm_id = f"5e1f0000-0000-4000-8004-{os.getpid():012x}"
+    tap = f"vj{os.getpid() % 100000}"
+    a = Nic("vt-a", mac="52:54:00:7f:04:01", tap=f"{tap}a")
+    c = Nic("vt-a", mac="52:54:00:7f:04:03", tap=f"{tap}c")
+    ip("link", "add", "name", bridge, "type", "bridge")
+    try:
+        with Crashing(state, alone, vm_id) as run:
+            ip("link", "set", "dev", bridge, "up")
+            run.start()
+            with Client(run.sock) as client:
+                xml = vm_xml("crash-vm2", vm_id, [a, c])
+                client.call("VM.create", vmID=vm_id, vmParams={"xml": xml, "persistent": True})
+            run.kill_in_bounce(c, bridge)
+            ip("link", "del", "dev", bridge)
+
+            run.start()
+            assert "a vNIC left in a link bounce stays unlinked" in run.log_path.read_text()
+            got = nics(run.sock, vm_id)
+            assert (got[c.mac]["linkActive"], got[a.mac]["bridge"]) == (False, "vt-a")
+            run.stop()
+            vm = run.view()
+            assert vm.bounce_marks == 0, "the mark went"
+            down = faults.Wire(bridge, False)
+            assert vm.live[c.mac][0] == vm.saved[c.mac] == down, "the definition follows"
+            run.start()
+            with Client(run.sock) as client:
+                client.call("VM.destroy", vmID=vm_id)
     finally:
-        if proc.poll() is None:
-            stop(proc)
-        log.close()
-        if alone is not None:
-            virsh(uri, "destroy", vm_id, check=False)
-            virsh(uri, "undefine", vm_id, check=False)
+        subprocess.run(["ip", "link", "del", "dev", bridge], capture_output=True, check=False)

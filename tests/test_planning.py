@@ -17,6 +17,7 @@ from vnicd.planning import (
     LiveUpdate,
     Pause,
     StoreWrite,
+    plan_bounce_ends,
     plan_plug,
     plan_plug_new,
     plan_reconcile,
@@ -384,51 +385,73 @@ def test_reconcile_at_start_gives_the_definition_the_live_wiring() -> None:
     assert plan_reconcile(snap(None, saved), follow_live=True) is None
 
 
+DOWN = "<link state='down'/>"
+
+
 @pytest.mark.parametrize(
-    ("live_a", "running", "follow", "expected"),
+    ("live_a", "running", "linked_up"),
     [
-        # cut in the pause: on the new network, its link down: linked up, mark gone
-        (nic(A, bridge="br-b", link="<link state='down'/>"), True, False, [LiveUpdate]),
-        # and at start, the definition gets the move whole, linked
-        (
-            nic(A, bridge="br-b", link="<link state='down'/>"),
-            True,
-            True,
-            [LiveUpdate, DefinitionUpdate],
-        ),
-        # cut before the move began: left as it is
-        (nic(A), True, False, []),
-        # cut once linked up again, before the mark went
-        (nic(A, bridge="br-b"), True, False, []),
-        # moved elsewhere since, its link down: left as it is
-        (nic(A, bridge="br-c", link="<link state='down'/>"), True, False, []),
-        # stopped since: nothing live to finish
-        (nic(A, bridge="br-b", link="<link state='down'/>"), False, False, []),
+        (nic(A, bridge="br-b", link=DOWN), True, True),  # cut in the pause: linked up
+        (nic(A), True, False),  # cut before the move began
+        (nic(A, bridge="br-b"), True, False),  # cut once linked up again
+        (nic(A, bridge="br-c", link=DOWN), True, False),  # not where the bounce left it
+        (nic(A, bridge="br-b", link=DOWN), False, False),  # stopped since: no mark left
     ],
 )
-def test_reconcile_finishes_a_bounce_cut_in_its_pause(
-    live_a: str, running: bool, follow: bool, expected: list[type]
+def test_a_bounce_cut_in_its_pause_ends_at_start(
+    live_a: str, running: bool, linked_up: bool
 ) -> None:
-    """A vnicd stopped in a link bounce's pause left its mark: the vNIC is linked up if
-    the guest has it as the pause left it, and the mark goes either way."""
+    """A vnicd stopped in a link bounce's pause left its mark: at start the vNIC is linked
+    up if the guest has it as the pause left it; the settling removes the mark either way,
+    and at start gives the definition what the guest then has."""
     end = nic(A, bridge="br-b", link="<link state='up'/>")
     live = domain(live_a, nic(B, slot=4), bounces=[end])
-    saved = domain(nic(A, live=False), nic(B, slot=4, live=False), bounces=[end])
+    saved = domain(nic(A, live=False), nic(B, slot=4, live=False))
     s = snap(live if running else None, saved)
-    plan = plan_reconcile(s, follow_live=follow)
-    assert plan is not None
-    assert [type(step) for step in plan.steps] == [*expected, StoreWrite]
-    write = plan.steps[-1]
-    assert isinstance(write, StoreWrite) and not write.after and not plan.store
-    if expected:
-        up = plan.steps[0]
+    ends = plan_bounce_ends(s)
+    if linked_up:
+        assert ends is not None
+        (up,) = ends.steps
         assert isinstance(up, LiveUpdate) and up.bridge == up.bridge_before == "br-b"
         assert up.after.link_up and up.after.source == Source("bridge", "br-b")
         assert up.after.alias == "net3" and up.after.tap == "tap3", "the live vNIC, linked"
-    if follow:
-        definition = plan.steps[1]
-        assert isinstance(definition, DefinitionUpdate) and definition.after.link_up
-        assert definition.after.source == Source("bridge", "br-b")
+    else:
+        assert ends is None
+    plan = plan_reconcile(s)
+    if not running:  # a definition keeps no mark
+        assert plan is None
+        return
+    assert plan is not None and [type(step) for step in plan.steps] == [StoreWrite]
+    assert not plan.store and plan.steps[0] == StoreWrite(s.store, plan.store)
+    if linked_up:  # linked up: the definition follows at start, as for any vNIC
+        relinked = snap(domain(end, nic(B, slot=4), bounces=[end]), saved)
+        plan = plan_reconcile(relinked, follow_live=True)
+        assert plan is not None
+        assert [type(step) for step in plan.steps] == [DefinitionUpdate, StoreWrite]
+
+
+def test_any_change_of_a_vnic_removes_its_older_bounce_mark() -> None:
+    """A mark an undo could not remove must not link up, at a later start, a vNIC that was
+    unlinked on purpose meanwhile: every change of the vNIC removes it."""
+    stale = [nic(A, bridge="br-b")]
+    s = snap(domain(nic(A, bridge="br-b", link=DOWN), bounces=stale), None, persistent=False)
+    unlink = plan_update(
+        s, NicRef(mac=A), NicChange(link_up=False), None, namer, persist_running=True
+    )
+    assert [type(step) for step in unlink.steps] == [StoreWrite], "nothing else to do"
+    assert s.store.bounces and not unlink.store
+    unplug = plan_unplug(s, NicRef(mac=A), namer)
+    assert all(not step.after.bounces for step in unplug.steps if isinstance(step, StoreWrite))
+    kept = s.store.put("net3", Interface.from_xml(nic(A, live=False)))
+    unplugged = snap(domain(nic(B, slot=4), meta=_meta(kept)), None, persistent=False)
+    plug = plan_plug(unplugged, NicRef(mac=A), namer)
+    assert unplugged.store.bounces and not plug.store
+
+
+def _meta(store: Store) -> str:
+    kept = store.format()
+    assert kept is not None
+    return kept.replace("<vnics", f"<vnics xmlns='{NAMESPACE}'", 1)
 
 
 def test_stored_vnics_and_bounce_marks_kept_apart() -> None:

@@ -436,6 +436,46 @@ def test_bounce_undo_skips_its_intermediate_state() -> None:
     assert dom.ports["tap1"] == "br-a"
 
 
+class _MetadataDomain:
+    """Records each metadata write: the XML, and where (live, definition)."""
+
+    uuid = VM
+
+    def __init__(self) -> None:
+        self.writes: list[tuple[str | None, bool, bool]] = []
+
+    def set_metadata(self, xml: str | None, *_a: Any, live: bool, persistent: bool) -> None:
+        self.writes.append((xml, live, persistent))
+
+
+def test_a_bounce_mark_is_written_live_only() -> None:
+    """The definition never keeps a bounce mark: a VM that boots with one was in no bounce."""
+    nic = NIC.replace("<alias", "<target dev='tap1'/><alias")
+    snap = Snapshot.parse(
+        VM,
+        VmStatus.RUNNING,
+        True,
+        f"<domain><devices>{nic}</devices></domain>",
+        f"<domain><devices>{NIC}</devices></domain>",
+    )
+    kept = Store().put("net9", Interface.from_xml(NIC.replace(MAC, "52:54:00:00:00:0c")))
+    marked = kept.bouncing(Interface.from_xml(nic))
+    steps = (StoreWrite(kept, marked), StoreWrite(marked, kept))
+    plan = Plan(Action.UPDATE, VM, "net1", MAC, steps, None, None, kept)
+    dom = _MetadataDomain()
+
+    async def go() -> None:
+        tx = Transaction(dom, snap, ports=None, run=inline, waiting=Waiting(), unplug_timeout=1)  # type: ignore[arg-type]
+        await tx.execute(plan, lambda live, _seen: live)
+
+    asyncio.run(go())
+    assert dom.writes == [
+        (marked.format(), True, False),  # live: the stored vNIC and the mark
+        (kept.format(), False, True),  # the definition: the stored vNIC alone
+        (kept.format(), True, True),  # unmarked: one write for both
+    ]
+
+
 class _CutDomain:
     """A running VM whose last change (br-old -> br-new) libvirt carried out after the
     connection was lost; br-old is gone since, so libvirt refuses to go back."""

@@ -15,7 +15,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from vnicd import errors, names
-from vnicd.domxml import Domain as DomainXML
 from vnicd.domxml import Interface
 from vnicd.model import NicChange, NicRef, NicState, Snapshot
 from vnicd.networks import UNWIRED, Wiring
@@ -275,6 +274,7 @@ def plan_update(
     assert current.mac is not None
     new = edit(current, change, wiring)
     steps = []
+    unmarked = store.bounced(current.mac)  # a mark left by an older change goes with this one
     written = store  # the store as the steps leave it so far
     if snap.active:
         old_bridge = current.bridge
@@ -282,8 +282,8 @@ def plan_update(
         moved = wiring is not None and wiring.source != current.source
         if change.bounce and moved and current.link_up and new.link_up:
             down = edit(current, NicChange(link_up=False), wiring)
-            # marked first: a vnicd killed in the pause leaves the mark (see plan_reconcile)
-            written = store.bouncing(new)
+            # marked first: a vnicd killed in the pause leaves it (see plan_bounce_ends)
+            written = unmarked.bouncing(new)
             steps += [
                 StoreWrite(store, written),
                 LiveUpdate(current, down, new_bridge, old_bridge),
@@ -299,12 +299,12 @@ def plan_update(
                 steps.append(DefinitionUpdate(saved, saved_new))
     elif new.to_xml() != current.to_xml():
         steps.append(DefinitionUpdate(current, new))
-    after_store = store
+    after_store = unmarked
     pending = store.find(mac=current.mac)
     if pending is not None and steps:  # a late release must keep the new state
-        after_store = store.put(pending.alias, new, pending=pending.pending)
+        after_store = unmarked.put(pending.alias, new, pending=pending.pending)
         steps.append(StoreWrite(written, after_store))
-    elif written is not store:  # the bounce is over: its mark goes
+    elif written is not unmarked:  # the bounce is over, or an older mark goes
         steps.append(StoreWrite(written, after_store))
     return Plan(
         Action.UPDATE,
@@ -335,8 +335,9 @@ def plan_unplug(snap: Snapshot, ref: NicRef, namer: Namer) -> Plan:
         raise _unplug_error(snap, ref, "noNic", "there is no such vNIC", _ref_field(ref))
     assert current.mac is not None
     alias = current.alias or ""
-    pending = store.put(alias, current, pending=True)
-    done = store.put(alias, current)
+    unmarked = store.bounced(current.mac)  # a mark left by an older change goes
+    pending = unmarked.put(alias, current, pending=True)
+    done = unmarked.put(alias, current)
     steps: list[Step] = [StoreWrite(store, pending)]
     if snap.active:
         steps.append(LiveDetach(current))
@@ -386,7 +387,7 @@ def plan_plug(
     if stale is not None:  # the guest released it, but the definition kept it
         steps.append(DefinitionDetach(stale))
     steps += _attach(snap, iface)
-    after_store = store.remove(iface.mac)
+    after_store = store.remove(iface.mac).bounced(iface.mac)
     steps.append(StoreWrite(store, after_store, best_effort=True))
     before = nic_state(iface, namer, plugged=False, alias=entry.alias)
     after = nic_state(iface, namer, plugged=True)
@@ -479,28 +480,15 @@ def plan_reconcile(
     unplugged: the definition must not bring it back. With ``follow_live`` (at start, when
     a running VM's definition follows its changes) a vNIC whose definition is wired or
     linked otherwise than the guest has it gets the live wiring in its definition: vnicd
-    may have stopped between the two updates of a change.
-
-    A bounce mark left by a vnicd stopped in a link bounce's pause goes; the vNIC it names
-    is linked up live if the guest has it as the pause left it (on the network the bounce
-    moved it to, its link down), so the move ends as asked.
+    may have stopped between the two updates of a change. Link bounce marks go (see
+    :func:`plan_bounce_ends`).
     """
     if snap.store_error is not None:
         return None
-    store = snap.store
+    store = snap.store.unmarked()
     steps: list[Step] = []
-    live = snap.live
-    for end in store.bounces:
-        assert end.mac is not None
-        store = store.bounced(end.mac)
-        now = live.interface(mac=end.mac) if live is not None else None
-        if live is None or now is None or now.link_up or now.source != end.source:
-            continue  # not running, or the bounce never began, ended, or was overtaken
-        up = edit(now, NicChange(link_up=True), None)
-        steps.append(LiveUpdate(now, up, now.bridge, now.bridge))
-        live = live.with_interface(up)
-    if follow_live and live is not None and snap.persistent:
-        steps += _follow_live(snap, live)
+    if follow_live and snap.active and snap.persistent:
+        steps += _follow_live(snap)
     for entry in snap.store:
         mac = entry.iface.mac
         assert mac is not None
@@ -525,11 +513,30 @@ def plan_reconcile(
     return Plan(Action.RECONCILE, snap.uuid, "", "", tuple(steps), None, None, store)
 
 
-def _follow_live(snap: Snapshot, domain: DomainXML) -> list[Step]:
-    """The definition updates that give each plugged vNIC its source and link in
-    ``domain`` (live)."""
+def plan_bounce_ends(snap: Snapshot) -> Plan | None:
+    """At start: the live updates that link up each vNIC whose link bounce a vnicd stopped
+    in its pause left marked, if the guest has it as the pause left it (on the network the
+    bounce moved it to, its link down), so the move ends as asked. Nothing else acts on a
+    mark: a running vnicd's own bounces are under way or over, and a mark an undo could
+    not remove goes with the vNIC's next change; :func:`plan_reconcile` removes them all."""
+    if snap.store_error is not None or snap.live is None:
+        return None
     steps: list[Step] = []
-    for live in domain.interfaces:
+    for end in snap.store.bounces:
+        now = snap.live.interface(mac=end.mac)
+        if now is not None and not now.link_up and now.source == end.source:
+            up = edit(now, NicChange(link_up=True), None)
+            steps.append(LiveUpdate(now, up, now.bridge, now.bridge))
+    if not steps:
+        return None
+    return Plan(Action.RECONCILE, snap.uuid, "", "", tuple(steps), None, None, snap.store)
+
+
+def _follow_live(snap: Snapshot) -> list[Step]:
+    """The definition updates that give each plugged vNIC its live source and link."""
+    assert snap.live is not None
+    steps: list[Step] = []
+    for live in snap.live.interfaces:
         saved = snap.saved_nic(live.mac) if live.mac else None
         if saved is None or live.kind not in WIRABLE or saved.kind not in WIRABLE:
             continue

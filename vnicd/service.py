@@ -879,7 +879,8 @@ class Service:
         self, vm_id: str, refused: str | None = None, *, starting: bool = False
     ) -> None:
         """Settle a VM's stored vNICs with its domain (see :func:`planning.plan_reconcile`);
-        ``starting``: also a running VM's definition with its live vNICs."""
+        ``starting``: first end the link bounces a stopped vnicd left in their pause, and
+        also settle a running VM's definition with its live vNICs."""
         try:
             async with self.locks.hold(vm_id):
                 await self._settle(vm_id)
@@ -887,6 +888,9 @@ class Service:
                 if snap.store_error is not None:
                     log.error("VM %s: %s", vm_id, snap.store_error)
                     return
+                ends = planning.plan_bounce_ends(snap) if starting else None
+                if ends is not None:
+                    dom, snap = await self._end_bounces(dom, snap, ends)
                 follow = starting and self._persist_running
                 plan = planning.plan_reconcile(snap, refused, follow_live=follow)
                 if plan is None:
@@ -902,6 +906,22 @@ class Service:
             self._forget(vm_id)
         except (errors.VnicdError, HypervisorError, hostnet.HostNetError, _Unanswered) as e:
             log.error("VM %s: settling stored vNICs failed: %s", vm_id, e)
+
+    async def _end_bounces(
+        self, dom: Domain, snap: Snapshot, plan: Plan
+    ) -> tuple[Domain, Snapshot]:
+        """Carry out ``plan`` (:func:`planning.plan_bounce_ends`) apart from the settling,
+        which a vNIC that cannot be linked up (its bridge gone, say) must not hold back;
+        the VM read again for it."""
+        log.info("VM %s: linking up vNICs left in a link bounce (%s)", snap.uuid, _summary(plan))
+        self._begin(snap.uuid, snap)
+        try:
+            self._notify(plan, await self._execute(dom, snap, plan, self._settled(snap.uuid)))
+        except (errors.VnicdError, _Unanswered) as e:
+            log.error("VM %s: a vNIC left in a link bounce stays unlinked: %s", snap.uuid, e)
+        finally:
+            self._end(snap.uuid)
+        return await self._raw(self._read, snap.uuid, saved=True)
 
     def _settled(self, vm_id: str) -> Finish[VmState]:
         """The answer of a settling: the VM read afresh (a release may have stopped it)."""

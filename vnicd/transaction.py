@@ -460,10 +460,11 @@ class Transaction:
         return live.definition()
 
     def _write_store(self, store: Store) -> None:
-        self._dom.set_metadata(
-            store.format(),
-            KEY,
-            NAMESPACE,
-            live=self._snap.active,
-            persistent=self._snap.persistent,
-        )
+        """Live and in the definition, which keeps no bounce mark (one is of the running
+        guest: a VM that boots with one was not in a bounce)."""
+        active, persistent, kept = self._snap.active, self._snap.persistent, store.unmarked()
+        if active:
+            both = persistent and kept is store
+            self._dom.set_metadata(store.format(), KEY, NAMESPACE, live=True, persistent=both)
+        if persistent and (kept is not store or not active):
+            self._dom.set_metadata(kept.format(), KEY, NAMESPACE, live=False, persistent=True)

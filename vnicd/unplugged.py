@@ -5,10 +5,11 @@ An unplugged vNIC keeps its whole definition (MAC, model, source, link, PCI addr
 it survives vnicd restarts and comes back exactly as it was. An entry marked ``pending``
 was written before its removal from the guest was asked for: while the guest still has
 the vNIC it counts as plugged, and a late release finishes the unplug (see
-:func:`vnicd.planning.plan_reconcile`). A bounce mark is written before a link bounce
-takes a vNIC's link down, and removed once the change is done: a vnicd killed in the
-bounce's pause leaves it, and recovery links the vNIC up. The XML codec is
-:mod:`vnicd.domxml`'s; this is the set.
+:func:`vnicd.planning.plan_reconcile`). A bounce mark is written in the live metadata
+before a link bounce takes a vNIC's link down, and removed once the change is done (any
+other change of the vNIC removes it too): a vnicd killed in the bounce's pause leaves it,
+and the next one links the vNIC up at start (see :func:`vnicd.planning.plan_bounce_ends`).
+The XML codec is :mod:`vnicd.domxml`'s; this is the set.
 """
 
 from __future__ import annotations
@@ -88,5 +89,11 @@ class Store:
         return Store(list(self), [*self.bounces, iface])
 
     def bounced(self, mac: str) -> Store:
-        """Without the bounce mark of ``mac``."""
+        """Without the bounce mark of ``mac`` (this store when it has none)."""
+        if mac.lower() not in self._bounces:
+            return self
         return Store(list(self), [i for i in self.bounces if i.mac != mac.lower()])
+
+    def unmarked(self) -> Store:
+        """The stored vNICs alone: what a definition keeps (a mark is of the running guest)."""
+        return Store(list(self)) if self._bounces else self

@@ -104,10 +104,12 @@ def step_text(step: Step) -> str:
         case DefinitionDetach():
             return "remove the vNIC from the definition"
         case StoreWrite(before=before, after=after):
-            marks = len(after.bounces) - len(before.bounces)
+            marks, what = len(after.bounces) - len(before.bounces), []
             if marks:
-                return f"{'mark' if marks > 0 else 'unmark'} the link bounce (domain metadata)"
-            return "write vnicd's stored vNICs (domain metadata)"
+                what.append("mark the link bounce" if marks > 0 else "unmark the link bounce")
+            if not what or after.unmarked() != before.unmarked():
+                what.append("write vnicd's stored vNICs")
+            return ", ".join(what) + " (domain metadata)"
 
 
 def outcome_wire(outcome: VmState | DryRun) -> dict[str, Any]:
