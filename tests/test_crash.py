@@ -115,11 +115,13 @@ class Crashing:
 
         mover = threading.Thread(target=move)
         mover.start()
-        faults.until("the move in flight", lambda: master(nic.tap) == network, 10)
-        time.sleep(0.2)
-        self._proc.kill()
-        self._proc.wait()
-        mover.join(10)
+        try:
+            faults.until("the move in flight", lambda: master(nic.tap) == network, 10)
+            time.sleep(0.2)
+        finally:
+            self._proc.kill()
+            self._proc.wait()
+            mover.join(10)
         return cut
 
     def view(self) -> faults.VmView:
@@ -186,6 +188,8 @@ def test_sigkill_with_an_unplugged_vnic_and_a_change_in_flight(
         # the move cut in its pause ends as asked: on vt-b, linked up again by the
         # restarted vnicd, and so is the definition, so a reboot brings it back the same
         assert (after[c.mac]["bridge"], after[c.mac]["linkActive"]) == ("vt-b", True)
+        ended = "ending link bounces left by a stopped vnicd (LiveUpdate)"
+        assert ended in run.log_path.read_text()
         reported = info(sock, vm_id)
         run.stop()
         truth, problems = faults.check(run.view(), reported, faults.masters(), UNWIRED)
@@ -225,7 +229,7 @@ def test_a_bounce_that_cannot_end_does_not_hold_back_recovery(
             ip("link", "del", "dev", bridge)
 
             run.start()
-            assert "a vNIC left in a link bounce stays unlinked" in run.log_path.read_text()
+            assert "a link bounce left by a stopped vnicd stays" in run.log_path.read_text()
             got = nics(run.sock, vm_id)
             assert (got[c.mac]["linkActive"], got[a.mac]["bridge"]) == (False, "vt-a")
             run.stop()

@@ -21,6 +21,7 @@ from vnicd.planning import (
     plan_plug,
     plan_plug_new,
     plan_reconcile,
+    plan_unmarking,
     plan_unplug,
     plan_update,
 )
@@ -395,18 +396,21 @@ DOWN = "<link state='down'/>"
         (nic(A), True, False),  # cut before the move began
         (nic(A, bridge="br-b"), True, False),  # cut once linked up again
         (nic(A, bridge="br-c", link=DOWN), True, False),  # not where the bounce left it
-        (nic(A, bridge="br-b", link=DOWN), False, False),  # stopped since: no mark left
+        (nic(A, bridge="br-b", link=DOWN), False, False),  # stopped since
     ],
 )
 def test_a_bounce_cut_in_its_pause_ends_at_start(
     live_a: str, running: bool, linked_up: bool
 ) -> None:
     """A vnicd stopped in a link bounce's pause left its mark: at start the vNIC is linked
-    up if the guest has it as the pause left it; the settling removes the mark either way,
-    and at start gives the definition what the guest then has."""
+    up if the guest has it as the pause left it, and then every mark goes, apart; the
+    settling keeps them, and at start gives the definition what the guest then has."""
     end = nic(A, bridge="br-b", link="<link state='up'/>")
     live = domain(live_a, nic(B, slot=4), bounces=[end])
     saved = domain(nic(A, live=False), nic(B, slot=4, live=False))
+    if not running:  # a definition marked by some other writer: a mark is not acted on
+        moved = nic(A, bridge="br-b", link=DOWN, live=False)
+        saved = domain(moved, nic(B, slot=4, live=False), bounces=[end])
     s = snap(live if running else None, saved)
     ends = plan_bounce_ends(s)
     if linked_up:
@@ -415,37 +419,44 @@ def test_a_bounce_cut_in_its_pause_ends_at_start(
         assert isinstance(up, LiveUpdate) and up.bridge == up.bridge_before == "br-b"
         assert up.after.link_up and up.after.source == Source("bridge", "br-b")
         assert up.after.alias == "net3" and up.after.tap == "tap3", "the live vNIC, linked"
+        assert ends.store == s.store, "marks go apart: a failed link-up must not keep them"
     else:
         assert ends is None
-    plan = plan_reconcile(s)
-    if not running:  # a definition keeps no mark
-        assert plan is None
-        return
-    assert plan is not None and [type(step) for step in plan.steps] == [StoreWrite]
-    assert not plan.store and plan.steps[0] == StoreWrite(s.store, plan.store)
-    if linked_up:  # linked up: the definition follows at start, as for any vNIC
-        relinked = snap(domain(end, nic(B, slot=4), bounces=[end]), saved)
-        plan = plan_reconcile(relinked, follow_live=True)
-        assert plan is not None
-        assert [type(step) for step in plan.steps] == [DefinitionUpdate, StoreWrite]
+    unmarking = plan_unmarking(s)
+    assert unmarking is not None and not unmarking.store
+    assert unmarking.steps == (StoreWrite(s.store, unmarking.store),)
+    assert plan_reconcile(s) is None, "settling leaves marks be"
+    relinked = snap(domain(end, nic(B, slot=4)), saved)
+    plan = plan_reconcile(relinked, follow_live=True)
+    assert plan is not None and [type(step) for step in plan.steps] == [DefinitionUpdate]
 
 
 def test_any_change_of_a_vnic_removes_its_older_bounce_mark() -> None:
-    """A mark an undo could not remove must not link up, at a later start, a vNIC that was
+    """A mark an undo put back must not link up, at a later start, a vNIC that was
     unlinked on purpose meanwhile: every change of the vNIC removes it."""
-    stale = [nic(A, bridge="br-b")]
+    stale = [nic(A, bridge="br-c")]
     s = snap(domain(nic(A, bridge="br-b", link=DOWN), bounces=stale), None, persistent=False)
     unlink = plan_update(
         s, NicRef(mac=A), NicChange(link_up=False), None, namer, persist_running=True
     )
     assert [type(step) for step in unlink.steps] == [StoreWrite], "nothing else to do"
     assert s.store.bounces and not unlink.store
+    linked = snap(domain(nic(A), bounces=stale), None, persistent=False)
+    change = NicChange(network="br-b", bounce=1.5)
+    bounce = plan_update(linked, NicRef(mac=A), change, BR_B, namer, persist_running=True)
+    mark = bounce.steps[0]
+    assert isinstance(mark, StoreWrite)
+    assert [i.source for i in mark.after.bounces] == [Source("bridge", "br-b")], "replaced"
+    assert not bounce.store
     unplug = plan_unplug(s, NicRef(mac=A), namer)
     assert all(not step.after.bounces for step in unplug.steps if isinstance(step, StoreWrite))
     kept = s.store.put("net3", Interface.from_xml(nic(A, live=False)))
     unplugged = snap(domain(nic(B, slot=4), meta=_meta(kept)), None, persistent=False)
     plug = plan_plug(unplugged, NicRef(mac=A), namer)
     assert unplugged.store.bounces and not plug.store
+    gone = snap(domain(nic(B, slot=4), bounces=stale), None, persistent=False)
+    new = plan_plug_new(gone, Interface.from_xml(nic(A, bridge="br-b", link=DOWN)), namer)
+    assert [type(step) for step in new.steps] == [LiveAttach, StoreWrite] and not new.store
 
 
 def _meta(store: Store) -> str:

@@ -437,42 +437,75 @@ def test_bounce_undo_skips_its_intermediate_state() -> None:
 
 
 class _MetadataDomain:
-    """Records each metadata write: the XML, and where (live, definition)."""
+    """Records each metadata write: the XML, and where (live, definition); the writes in
+    ``fail`` (by number, from 1) raise."""
 
     uuid = VM
 
-    def __init__(self) -> None:
+    def __init__(self, fail: frozenset[int] = frozenset()) -> None:
         self.writes: list[tuple[str | None, bool, bool]] = []
+        self._fail = fail
 
     def set_metadata(self, xml: str | None, *_a: Any, live: bool, persistent: bool) -> None:
         self.writes.append((xml, live, persistent))
+        if len(self.writes) in self._fail:
+            raise HypervisorError("writing metadata", libvirt.libvirtError("injected"))
+
+
+_NIC_C = Interface.from_xml(NIC.replace(MAC, "52:54:00:00:00:0c"))
+_LIVE_NIC = NIC.replace("<alias", "<target dev='tap1'/><alias")
+_KEPT = Store().put("net9", _NIC_C)
+_MARKED = _KEPT.bouncing(Interface.from_xml(_LIVE_NIC))
+
+
+def _write(
+    steps: tuple[StoreWrite, ...], *, running: bool, persistent: bool, fail: frozenset[int]
+) -> tuple[_MetadataDomain, Exception | None]:
+    live = f"<domain><devices>{_LIVE_NIC}</devices></domain>" if running else None
+    saved = f"<domain><devices>{NIC}</devices></domain>" if persistent else None
+    status = VmStatus.RUNNING if running else VmStatus.STOPPED
+    snap = Snapshot.parse(VM, status, persistent, live, saved)
+    plan = Plan(Action.UPDATE, VM, "net1", MAC, steps, None, None, steps[-1].after)
+    dom = _MetadataDomain(fail)
+
+    async def go() -> Exception | None:
+        tx = Transaction(dom, snap, ports=None, run=inline, waiting=Waiting(), unplug_timeout=1)  # type: ignore[arg-type]
+        try:
+            await tx.execute(plan, lambda live, _seen: live)
+        except Failed as e:
+            return e
+        return None
+
+    return dom, asyncio.run(go())
 
 
 def test_a_bounce_mark_is_written_live_only() -> None:
-    """The definition never keeps a bounce mark: a VM that boots with one was in no bounce."""
-    nic = NIC.replace("<alias", "<target dev='tap1'/><alias")
-    snap = Snapshot.parse(
-        VM,
-        VmStatus.RUNNING,
-        True,
-        f"<domain><devices>{nic}</devices></domain>",
-        f"<domain><devices>{NIC}</devices></domain>",
-    )
-    kept = Store().put("net9", Interface.from_xml(NIC.replace(MAC, "52:54:00:00:00:0c")))
-    marked = kept.bouncing(Interface.from_xml(nic))
-    steps = (StoreWrite(kept, marked), StoreWrite(marked, kept))
-    plan = Plan(Action.UPDATE, VM, "net1", MAC, steps, None, None, kept)
-    dom = _MetadataDomain()
+    """The definition never keeps a bounce mark (a VM that boots with one was in no
+    bounce), and is not written when only marks change."""
+    mark, unmark = StoreWrite(_KEPT, _MARKED), StoreWrite(_MARKED, _KEPT)
+    dom, error = _write((mark, unmark), running=True, persistent=True, fail=frozenset())
+    assert error is None and dom.writes == [
+        (_MARKED.format(), True, False),  # live: the stored vNIC and the mark
+        (_KEPT.format(), True, True),  # unmarked: one write for both
+    ]
+    dom, error = _write((mark, unmark), running=True, persistent=False, fail=frozenset())
+    assert error is None
+    assert dom.writes == [(_MARKED.format(), True, False), (_KEPT.format(), True, False)]
+    dom, error = _write((unmark,), running=False, persistent=True, fail=frozenset())
+    assert error is None and dom.writes == [(_KEPT.format(), False, True)]
 
-    async def go() -> None:
-        tx = Transaction(dom, snap, ports=None, run=inline, waiting=Waiting(), unplug_timeout=1)  # type: ignore[arg-type]
-        await tx.execute(plan, lambda live, _seen: live)
 
-    asyncio.run(go())
+def test_a_marked_store_write_that_fails_half_way_leaves_it_as_it_was() -> None:
+    """Marked, and its stored vNICs changed: two writes (live, then the definition
+    without the mark); the second fails: the live one is undone with it."""
+    moved = StoreWrite(_KEPT, _MARKED.put("net9", _NIC_C, pending=True))
+    dom, error = _write((moved,), running=True, persistent=True, fail=frozenset({2}))
+    assert isinstance(error, Failed) and not error.problems
+    after = moved.after
     assert dom.writes == [
-        (marked.format(), True, False),  # live: the stored vNIC and the mark
-        (kept.format(), False, True),  # the definition: the stored vNIC alone
-        (kept.format(), True, True),  # unmarked: one write for both
+        (after.format(), True, False),
+        (after.unmarked().format(), False, True),  # refused
+        (_KEPT.format(), True, False),  # the live write undone: nothing else to undo
     ]
 
 

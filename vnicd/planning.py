@@ -441,11 +441,14 @@ def plan_plug_new(snap: Snapshot, iface: Interface, namer: Namer) -> Plan:
         )
     assert iface.mac is not None
     steps = _attach(snap, iface)
+    after_store = snap.store.bounced(iface.mac)  # a mark left by a vNIC gone since goes
     if snap.active and snap.persistent:
         # Kept first: a crash between the live attach and the definition leaves a record
         # that settling completes, instead of a live-only vNIC a restart would lose.
-        kept = snap.store.put("", iface)
-        steps = [StoreWrite(snap.store, kept), *steps, StoreWrite(kept, snap.store, True)]
+        kept = after_store.put("", iface)
+        steps = [StoreWrite(snap.store, kept), *steps, StoreWrite(kept, after_store, True)]
+    elif after_store is not snap.store:
+        steps.append(StoreWrite(snap.store, after_store, True))
     return Plan(
         Action.PLUG,
         snap.uuid,
@@ -454,7 +457,7 @@ def plan_plug_new(snap: Snapshot, iface: Interface, namer: Namer) -> Plan:
         tuple(steps),
         None,
         nic_state(iface, namer, plugged=True),
-        snap.store,
+        after_store,
     )
 
 
@@ -480,12 +483,12 @@ def plan_reconcile(
     unplugged: the definition must not bring it back. With ``follow_live`` (at start, when
     a running VM's definition follows its changes) a vNIC whose definition is wired or
     linked otherwise than the guest has it gets the live wiring in its definition: vnicd
-    may have stopped between the two updates of a change. Link bounce marks go (see
+    may have stopped between the two updates of a change. Link bounce marks stay (see
     :func:`plan_bounce_ends`).
     """
     if snap.store_error is not None:
         return None
-    store = snap.store.unmarked()
+    store = snap.store
     steps: list[Step] = []
     if follow_live and snap.active and snap.persistent:
         steps += _follow_live(snap)
@@ -516,9 +519,9 @@ def plan_reconcile(
 def plan_bounce_ends(snap: Snapshot) -> Plan | None:
     """At start: the live updates that link up each vNIC whose link bounce a vnicd stopped
     in its pause left marked, if the guest has it as the pause left it (on the network the
-    bounce moved it to, its link down), so the move ends as asked. Nothing else acts on a
-    mark: a running vnicd's own bounces are under way or over, and a mark an undo could
-    not remove goes with the vNIC's next change; :func:`plan_reconcile` removes them all."""
+    bounce moved it to, its link down), so the move ends as asked; then
+    :func:`plan_unmarking`. Nothing else acts on a mark: a running vnicd's own bounces are
+    under way or over, and the next change of a vNIC removes a mark its undo put back."""
     if snap.store_error is not None or snap.live is None:
         return None
     steps: list[Step] = []
@@ -530,6 +533,16 @@ def plan_bounce_ends(snap: Snapshot) -> Plan | None:
     if not steps:
         return None
     return Plan(Action.RECONCILE, snap.uuid, "", "", tuple(steps), None, None, snap.store)
+
+
+def plan_unmarking(snap: Snapshot) -> Plan | None:
+    """At start, after :func:`plan_bounce_ends` (apart from it: a link-up that fails must
+    not keep the marks): every mark goes."""
+    if snap.store_error is not None or not snap.store.bounces:
+        return None
+    store = snap.store.unmarked()
+    steps = (StoreWrite(snap.store, store),)
+    return Plan(Action.RECONCILE, snap.uuid, "", "", steps, None, None, store)
 
 
 def _follow_live(snap: Snapshot) -> list[Step]:

@@ -888,9 +888,8 @@ class Service:
                 if snap.store_error is not None:
                     log.error("VM %s: %s", vm_id, snap.store_error)
                     return
-                ends = planning.plan_bounce_ends(snap) if starting else None
-                if ends is not None:
-                    dom, snap = await self._end_bounces(dom, snap, ends)
+                if starting and snap.store.bounces:
+                    dom, snap = await self._end_bounces(dom, snap)
                 follow = starting and self._persist_running
                 plan = planning.plan_reconcile(snap, refused, follow_live=follow)
                 if plan is None:
@@ -907,21 +906,31 @@ class Service:
         except (errors.VnicdError, HypervisorError, hostnet.HostNetError, _Unanswered) as e:
             log.error("VM %s: settling stored vNICs failed: %s", vm_id, e)
 
-    async def _end_bounces(
-        self, dom: Domain, snap: Snapshot, plan: Plan
-    ) -> tuple[Domain, Snapshot]:
-        """Carry out ``plan`` (:func:`planning.plan_bounce_ends`) apart from the settling,
-        which a vNIC that cannot be linked up (its bridge gone, say) must not hold back;
-        the VM read again for it."""
-        log.info("VM %s: linking up vNICs left in a link bounce (%s)", snap.uuid, _summary(plan))
-        self._begin(snap.uuid, snap)
-        try:
-            self._notify(plan, await self._execute(dom, snap, plan, self._settled(snap.uuid)))
-        except (errors.VnicdError, _Unanswered) as e:
-            log.error("VM %s: a vNIC left in a link bounce stays unlinked: %s", snap.uuid, e)
-        finally:
-            self._end(snap.uuid)
-        return await self._raw(self._read, snap.uuid, saved=True)
+    async def _end_bounces(self, dom: Domain, snap: Snapshot) -> tuple[Domain, Snapshot]:
+        """The link bounces a stopped vnicd left in their pause, ended, then their marks
+        removed, each apart from the settling, which neither may hold back (a vNIC whose
+        bridge went stays unlinked, and the log says so); the VM read again for it."""
+        vm_id = snap.uuid
+        for make in (planning.plan_bounce_ends, planning.plan_unmarking):
+            plan = make(snap)
+            if plan is None:
+                continue
+            log.info(
+                "VM %s: ending link bounces left by a stopped vnicd (%s)", vm_id, _summary(plan)
+            )
+            self._begin(vm_id, snap)
+            try:
+                self._notify(plan, await self._execute(dom, snap, plan, self._settled(vm_id)))
+            except _Unanswered as e:
+                log.warning("VM %s: link bounces ended; reading the VM after failed: %s", vm_id, e)
+            except errors.VnicdError as e:
+                log.error("VM %s: a link bounce left by a stopped vnicd stays: %s", vm_id, e)
+                if vm_id in self._unsettled:  # libvirt went away: settled once it is back
+                    raise
+            finally:
+                self._end(vm_id)
+            dom, snap = await self._raw(self._read, vm_id, saved=True)
+        return dom, snap
 
     def _settled(self, vm_id: str) -> Finish[VmState]:
         """The answer of a settling: the VM read afresh (a release may have stopped it)."""
@@ -961,7 +970,8 @@ class Service:
                 if live is not None and saved is not None:  # following a running definition
                     snap = Snapshot.parse(dom.uuid, status, persistent, live, saved)
                     plan = planning.plan_reconcile(snap, follow_live=True)
-                    due = snap.store_error is not None or plan is not None
+                    marked = bool(snap.store.bounces)  # a link bounce to end
+                    due = snap.store_error is not None or plan is not None or marked
                 else:
                     due = mentions_store(live or saved or "")
             except HypervisorError as e:

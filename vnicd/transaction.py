@@ -300,8 +300,8 @@ class Transaction:
                 dom.attach_interface(xml, live=False, persistent=True)
             case DefinitionDetach(iface=iface):
                 dom.detach_interface(iface.to_xml(), live=False, persistent=True)
-            case StoreWrite(after=after):
-                self._write_store(after)
+            case StoreWrite(before=before, after=after):
+                self._write_store(after, before)
 
     async def _wait(self, step: Step) -> None:
         match step:
@@ -345,8 +345,8 @@ class Transaction:
                     case DefinitionDetach(iface=iface):
                         xml = iface.to_xml()
                         await self._run(dom.attach_interface, xml, live=False, persistent=True)
-                    case StoreWrite(before=before):
-                        await self._run(self._write_store, before)
+                    case StoreWrite(before=before, after=after):
+                        await self._run(self._write_store, before, after)
             except (*FAULTS, ConfirmError, Refused, Pending) as e:
                 problems.append(str(e))
         if problems:
@@ -459,12 +459,25 @@ class Transaction:
             raise ConfirmError(f"vNIC {mac} is not in the live XML")
         return live.definition()
 
-    def _write_store(self, store: Store) -> None:
+    def _write_store(self, store: Store, replacing: Store) -> None:
         """Live and in the definition, which keeps no bounce mark (one is of the running
-        guest: a VM that boots with one was not in a bounce)."""
+        guest: a VM that boots with one was not in a bounce) and is not written when only
+        marks change; when that takes two writes and the second fails, the first is
+        undone, so a failed write leaves the store as it was."""
         active, persistent, kept = self._snap.active, self._snap.persistent, store.unmarked()
+        marked = kept is not store
         if active:
-            both = persistent and kept is store
+            both = persistent and not marked
             self._dom.set_metadata(store.format(), KEY, NAMESPACE, live=True, persistent=both)
-        if persistent and (kept is not store or not active):
+        if not persistent:
+            return
+        if active and (not marked or kept == replacing.unmarked()):
+            return  # written with the live one, or unchanged
+        try:
             self._dom.set_metadata(kept.format(), KEY, NAMESPACE, live=False, persistent=True)
+        except HypervisorError:
+            if active:
+                xml = replacing.format()
+                with contextlib.suppress(HypervisorError):
+                    self._dom.set_metadata(xml, KEY, NAMESPACE, live=True, persistent=False)
+            raise

@@ -33,6 +33,7 @@ from vnicd.service import (
     UnplugNic,
     UpdateNic,
 )
+from vnicd.unplugged import Store
 
 Params = dict[str, Any]
 Handler = Callable[[Service, Params], Awaitable[Any]]
@@ -104,12 +105,20 @@ def step_text(step: Step) -> str:
         case DefinitionDetach():
             return "remove the vNIC from the definition"
         case StoreWrite(before=before, after=after):
-            marks, what = len(after.bounces) - len(before.bounces), []
-            if marks:
-                what.append("mark the link bounce" if marks > 0 else "unmark the link bounce")
+            marks, were = _marks(after), _marks(before)
+            what = []
+            if any(were.get(mac) != xml for mac, xml in marks.items()):
+                what.append("mark the link bounce")
+            elif were.keys() - marks.keys():
+                what.append("unmark the link bounce")
             if not what or after.unmarked() != before.unmarked():
                 what.append("write vnicd's stored vNICs")
             return ", ".join(what) + " (domain metadata)"
+
+
+def _marks(store: Store) -> dict[str | None, str]:
+    """Each bounce mark by MAC, as written (a mark may replace an older one)."""
+    return {iface.mac: iface.to_xml() for iface in store.bounces}
 
 
 def outcome_wire(outcome: VmState | DryRun) -> dict[str, Any]:
