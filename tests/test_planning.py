@@ -434,13 +434,15 @@ def test_a_bounce_cut_in_its_pause_ends_at_start(
 def test_any_change_of_a_vnic_removes_its_older_bounce_mark() -> None:
     """A mark an undo put back must not link up, at a later start, a vNIC that was
     unlinked on purpose meanwhile: every change of the vNIC removes it."""
-    stale = [nic(A, bridge="br-c")]
+    stale = [nic(A, bridge="br-b")]
     s = snap(domain(nic(A, bridge="br-b", link=DOWN), bounces=stale), None, persistent=False)
+    assert plan_bounce_ends(s) is not None, "as a bounce cut in its pause would leave it"
     unlink = plan_update(
         s, NicRef(mac=A), NicChange(link_up=False), None, namer, persist_running=True
     )
     assert [type(step) for step in unlink.steps] == [StoreWrite], "nothing else to do"
     assert s.store.bounces and not unlink.store
+    stale = [nic(A, bridge="br-c")]
     linked = snap(domain(nic(A), bounces=stale), None, persistent=False)
     change = NicChange(network="br-b", bounce=1.5)
     bounce = plan_update(linked, NicRef(mac=A), change, BR_B, namer, persist_running=True)
@@ -454,9 +456,11 @@ def test_any_change_of_a_vnic_removes_its_older_bounce_mark() -> None:
     unplugged = snap(domain(nic(B, slot=4), meta=_meta(kept)), None, persistent=False)
     plug = plan_plug(unplugged, NicRef(mac=A), namer)
     assert unplugged.store.bounces and not plug.store
+    kinds = [type(step) for step in plug.steps]
+    assert kinds == [StoreWrite, LiveAttach, StoreWrite], "the mark goes first"
     gone = snap(domain(nic(B, slot=4), bounces=stale), None, persistent=False)
     new = plan_plug_new(gone, Interface.from_xml(nic(A, bridge="br-b", link=DOWN)), namer)
-    assert [type(step) for step in new.steps] == [LiveAttach, StoreWrite] and not new.store
+    assert [type(step) for step in new.steps] == [StoreWrite, LiveAttach] and not new.store
 
 
 def _meta(store: Store) -> str:

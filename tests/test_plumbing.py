@@ -481,7 +481,7 @@ def _write(
 
 def test_a_bounce_mark_is_written_live_only() -> None:
     """The definition never keeps a bounce mark (a VM that boots with one was in no
-    bounce), and is not written when only marks change."""
+    bounce), and gets no write of its own when only marks change."""
     mark, unmark = StoreWrite(_KEPT, _MARKED), StoreWrite(_MARKED, _KEPT)
     dom, error = _write((mark, unmark), running=True, persistent=True, fail=frozenset())
     assert error is None and dom.writes == [

@@ -386,9 +386,12 @@ def plan_plug(
     stale = snap.saved_nic(iface.mac) if snap.active else None
     if stale is not None:  # the guest released it, but the definition kept it
         steps.append(DefinitionDetach(stale))
+    unmarked = store.bounced(iface.mac)
+    if unmarked is not store:  # a mark a failed change put back goes, before the plug
+        steps.insert(0, StoreWrite(store, unmarked))
     steps += _attach(snap, iface)
-    after_store = store.remove(iface.mac).bounced(iface.mac)
-    steps.append(StoreWrite(store, after_store, best_effort=True))
+    after_store = unmarked.remove(iface.mac)
+    steps.append(StoreWrite(unmarked, after_store, best_effort=True))
     before = nic_state(iface, namer, plugged=False, alias=entry.alias)
     after = nic_state(iface, namer, plugged=True)
     return Plan(
@@ -447,8 +450,8 @@ def plan_plug_new(snap: Snapshot, iface: Interface, namer: Namer) -> Plan:
         # that settling completes, instead of a live-only vNIC a restart would lose.
         kept = after_store.put("", iface)
         steps = [StoreWrite(snap.store, kept), *steps, StoreWrite(kept, after_store, True)]
-    elif after_store is not snap.store:
-        steps.append(StoreWrite(snap.store, after_store, True))
+    elif after_store is not snap.store:  # first: the new vNIC must not find it
+        steps = [StoreWrite(snap.store, after_store), *steps]
     return Plan(
         Action.PLUG,
         snap.uuid,

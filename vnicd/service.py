@@ -228,6 +228,9 @@ class Service:
         # done again before the VM's next change and at every recovery. Until then reads
         # answer the state from before the change, which is the state being restored.
         self._unsettled: dict[str, tuple[Step, ...]] = {}
+        # VMs whose start-time settling (link bounces a stopped vnicd left, the definition
+        # following the guest) was cut by a lost libvirt connection: their next does it.
+        self._ending: set[str] = set()
         # The last listing's VMs: the XML libvirt gave and the state it alone says (before
         # the listing's status and the kernel's view): an XML the same as last time is not
         # parsed again. Only the VMs of the last listing are kept: about the size of their
@@ -417,6 +420,7 @@ class Service:
     def _forget(self, vm_id: str) -> None:
         """The VM is gone: drop what was kept about its changes."""
         self._epochs.pop(vm_id, None)
+        self._ending.discard(vm_id)
         if self._unsettled.pop(vm_id, None) is not None:
             self._before.pop(vm_id, None)
 
@@ -888,9 +892,11 @@ class Service:
                 if snap.store_error is not None:
                     log.error("VM %s: %s", vm_id, snap.store_error)
                     return
-                if starting and snap.store.bounces:
+                ending = starting or vm_id in self._ending  # see _end_bounces
+                if ending and snap.store.bounces:
                     dom, snap = await self._end_bounces(dom, snap)
-                follow = starting and self._persist_running
+                self._ending.discard(vm_id)
+                follow = ending and self._persist_running
                 plan = planning.plan_reconcile(snap, refused, follow_live=follow)
                 if plan is None:
                     return
@@ -909,7 +915,9 @@ class Service:
     async def _end_bounces(self, dom: Domain, snap: Snapshot) -> tuple[Domain, Snapshot]:
         """The link bounces a stopped vnicd left in their pause, ended, then their marks
         removed, each apart from the settling, which neither may hold back (a vNIC whose
-        bridge went stays unlinked, and the log says so); the VM read again for it."""
+        bridge went stays unlinked, and the log says so); the VM read again for it. Cut by
+        a lost libvirt connection, they are ended (and the definition settled as at start)
+        by the settling once libvirt is back."""
         vm_id = snap.uuid
         for make in (planning.plan_bounce_ends, planning.plan_unmarking):
             plan = make(snap)
@@ -922,10 +930,11 @@ class Service:
             try:
                 self._notify(plan, await self._execute(dom, snap, plan, self._settled(vm_id)))
             except _Unanswered as e:
-                log.warning("VM %s: link bounces ended; reading the VM after failed: %s", vm_id, e)
+                log.warning("VM %s: done; reading the VM after it failed: %s", vm_id, e)
             except errors.VnicdError as e:
                 log.error("VM %s: a link bounce left by a stopped vnicd stays: %s", vm_id, e)
                 if vm_id in self._unsettled:  # libvirt went away: settled once it is back
+                    self._ending.add(vm_id)
                     raise
             finally:
                 self._end(vm_id)

@@ -461,9 +461,9 @@ class Transaction:
 
     def _write_store(self, store: Store, replacing: Store) -> None:
         """Live and in the definition, which keeps no bounce mark (one is of the running
-        guest: a VM that boots with one was not in a bounce) and is not written when only
-        marks change; when that takes two writes and the second fails, the first is
-        undone, so a failed write leaves the store as it was."""
+        guest: a VM that boots with one was not in a bounce): one write for both, but for a
+        marked store two, the second left out when only marks change; when it fails, the
+        first is undone, so a failed write leaves the store as it was."""
         active, persistent, kept = self._snap.active, self._snap.persistent, store.unmarked()
         marked = kept is not store
         if active:
