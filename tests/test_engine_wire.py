@@ -6,6 +6,8 @@ import json
 import logging
 import socket
 import ssl
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -304,6 +306,49 @@ def test_events_for_changes_by_vnicd_and_by_libvirt(
 
     vnicd.domain(vm_id).destroy()
     assert status_events(engine, vm_id)[-1] == {"status": "Down"}
+
+
+def test_a_vm_paused_while_a_change_waits_is_told_at_once(
+    vnicd: DaemonThread, vms: Vms, engine: EngineClient
+) -> None:
+    """An unplug waits for a guest that never answers, and the VM is paused meanwhile: the
+    engine hears "Paused" at once, not once the change is over; its vNICs as before the
+    change (still plugged), as every read answers while a change is in flight."""
+    engine.subscribe_events()
+    engine.call("Host.ping2")
+    nic = Nic("vt-a")
+    vm_id = vms.create(nic)
+    assert status_events(engine, vm_id)[-1]["status"] == "Up"
+    unplug: list[RpcError] = []
+
+    def run() -> None:
+        try:
+            with vnicd.client() as c:
+                c.call("VM.hotunplugNic", vmID=vm_id, params={"macAddr": nic.mac})
+        except RpcError as e:
+            unplug.append(e)
+
+    unplugging = threading.Thread(target=run)
+    unplugging.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not vnicd.service.waiting._waiting:
+            assert time.monotonic() < deadline, "the unplug never reached the guest"
+            time.sleep(0.01)
+        deadline = time.monotonic() + vnicd.config.unplug_timeout
+        vnicd.domain(vm_id).suspend()
+        method, told = f"|virt|VM_status|{vm_id}", None
+        while told is None or told["method"] != method:  # others' events pass by
+            left = max(0.0, deadline - time.monotonic())
+            told = json.loads(engine.inbox["events"].get(timeout=left).body)
+        assert unplugging.is_alive(), "told only once the change was over"
+        assert told["params"][vm_id]["status"] == "Paused"
+    finally:
+        unplugging.join(30)
+    assert [e.code for e in unplug] == [50], "the guest never released it"
+    with vnicd.client() as c:
+        (got,) = c.call("VM.getInfo", vmID=vm_id)["nics"]
+    assert got["plugged"] is True
 
 
 def status_events(engine: EngineClient, vm_id: str) -> list[dict[str, Any]]:

@@ -334,7 +334,7 @@ class Daemon:
         if self.service is None or self._engine is None:
             return
         try:
-            self.events.observe(vm_wire(await self.service.get_info(vm_id)))
+            self.events.observe(vm_wire(await self.service.read_info(vm_id)))
         except NoSuchVM:
             self.events.vm_gone(vm_id)
         except Exception as e:

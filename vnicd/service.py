@@ -308,18 +308,27 @@ class Service:
         return {tap: seen[tap] if tap in seen else where(tap) or "" for tap in taps}
 
     def _consistent(self, vm_id: str, epoch: int | None, state: VmState) -> VmState | None:
-        """``state`` if no change of the VM started or ended while it was read; the state
-        from before a change in flight; None to read again."""
+        """``state`` if no change of the VM started or ended while it was read; during a
+        change in flight, its vNICs from before the change, with the VM's status and
+        persistence as read (no vNIC change moves those); None to read again."""
         before = self._before.get(vm_id)
         if before is not None:
-            return self._state(before)
+            return listed_state(self._state(before), state.status, state.persistent, None)
         return state if self._epochs.get(vm_id) == epoch else None
 
     async def get_info(self, vm_id: str) -> VmState:
+        """The VM's state; during a change in flight, the state from before it, at once:
+        libvirt is not asked (the change may be waiting for it)."""
+        before = self._before.get(vm_id)
+        if before is not None:
+            return self._state(before)
+        return await self.read_info(vm_id)
+
+    async def read_info(self, vm_id: str) -> VmState:
+        """The VM's state read from libvirt, also during a change in flight (see
+        :meth:`_consistent`): what an engine event tells, so a VM paused, stopped or
+        defined while a change waits is told so."""
         while True:
-            before = self._before.get(vm_id)
-            if before is not None:
-                return self._state(before)
             epoch = self._epochs.get(vm_id)
             state = await self._blocking(self._read_state, vm_id)
             found = self._consistent(vm_id, epoch, state)
@@ -459,7 +468,7 @@ class Service:
 
     async def _reread(self, state: VmState) -> VmState:
         try:
-            return await self.get_info(state.uuid)
+            return await self.read_info(state.uuid)
         except errors.NoSuchVM:
             return state
 
