@@ -573,6 +573,32 @@ class _OneVmHost:
         return Service(self, self, workers=2, unplug_timeout=1)  # type: ignore[arg-type]
 
 
+def test_reads_during_a_change_tell_its_vnics_from_before_and_the_status_now() -> None:
+    """While a change is in flight, a read (a listing, an event) answers the vNICs from
+    before it with the VM's status and persistence as just read; a VM stopped meanwhile
+    with its definition's vNICs (no tap), not its live ones."""
+    from vnicd.model import VmState
+
+    async def scenario() -> list[VmState | None]:
+        svc = _OneVmHost(None, "br-old").service()
+        svc._before[VM] = Snapshot.parse(
+            VM,
+            VmStatus.RUNNING,
+            True,
+            f"<domain><devices>{_cut_nic('br-old')}</devices></domain>",
+            f"<domain><devices>{NIC}</devices></domain>",
+        )
+        read = [VmState(VM, "vm", status, False, ()) for status in VmStatus]
+        return [svc._consistent(VM, None, state) for state in read]
+
+    found = [state for state in asyncio.run(scenario()) if state is not None]
+    assert [(s.status, s.persistent) for s in found] == [(v, False) for v in VmStatus]
+    for state in found:
+        (nic,) = state.nics
+        stopped = state.status is VmStatus.STOPPED
+        assert (nic.tap, nic.network) == (("", "br-a") if stopped else ("tap1", "br-old"))
+
+
 def test_an_undo_libvirt_refuses_does_not_lock_the_vm_out() -> None:
     """A change cut by a lost connection is undone before the VM's next change; if libvirt,
     back, refuses the undo, vnicd takes the vNIC as it is rather than refuse every change."""

@@ -6,7 +6,7 @@ kernel work runs in a thread pool: the read, the plan and the steps up to the fi
 waits take one worker call when no ``before_`` hook must see the plan first (each hop to
 a worker and back costs about what a libvirt call does). Changes of one VM are serialized
 by a per-VM lock, different VMs proceed in parallel. Reads take no lock: while a change
-of a VM is in flight they answer the state from before it, never a half-done one.
+of a VM is in flight they answer its vNICs from before it, never a half-done one.
 """
 
 from __future__ import annotations
@@ -226,7 +226,7 @@ class Service:
         self._counter = itertools.count(1)
         # Changes cut short whose undo failed too (libvirt unreachable): the steps to undo,
         # done again before the VM's next change and at every recovery. Until then reads
-        # answer the state from before the change, which is the state being restored.
+        # answer the vNICs from before the change, which is the state being restored.
         self._unsettled: dict[str, tuple[Step, ...]] = {}
         # VMs whose start-time settling (link bounces a stopped vnicd left, the definition
         # following the guest) was cut by a lost libvirt connection: their next does it.
@@ -309,10 +309,13 @@ class Service:
 
     def _consistent(self, vm_id: str, epoch: int | None, state: VmState) -> VmState | None:
         """``state`` if no change of the VM started or ended while it was read; during a
-        change in flight, its vNICs from before the change, with the VM's status and
-        persistence as read (no vNIC change moves those); None to read again."""
+        change in flight, its vNICs from before the change (of its definition, if it
+        stopped meanwhile), with the VM's status and persistence as read (no vNIC change
+        moves those); None to read again."""
         before = self._before.get(vm_id)
         if before is not None:
+            if before.active and state.status is VmStatus.STOPPED and before.saved is not None:
+                before = replace(before, live=None)  # stopped meanwhile: its definition
             return listed_state(self._state(before), state.status, state.persistent, None)
         return state if self._epochs.get(vm_id) == epoch else None
 
