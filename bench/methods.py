@@ -61,10 +61,7 @@ class Raw:
         for vm in vms:
             self._dom(vm)
 
-    def change(self, vm: Vm, nic: Nic, change: Change) -> None:
-        self._change(vm, nic, change)
-
-    def _change(self, vm: Vm, nic: Nic, change: Change) -> str | None:
+    def change(self, vm: Vm, nic: Nic, change: Change) -> str | None:
         """The change; the bridge the live XML sent names."""
         dom = self._dom(vm)
         bridge = _update(dom, 0, libvirt.VIR_DOMAIN_AFFECT_LIVE, nic, change)
@@ -95,7 +92,7 @@ class RawChecked(Raw):
         found = self._conn.domainListGetStats([dom], libvirt.VIR_DOMAIN_STATS_STATE, self._filter)
         if not found or found[0][1]["state.state"] != libvirt.VIR_DOMAIN_PAUSED:
             raise RuntimeError(f"VM {vm.name} is not a paused {self._kind} VM")
-        bridge = self._change(vm, nic, change)
+        bridge = super().change(vm, nic, change)
         master = hostnet.master(nic.tap)  # as vnicd confirms a tap
         if master != bridge:
             raise RuntimeError(f"tap {nic.tap} is on {master}, not on {bridge}")

@@ -213,6 +213,20 @@ async def inline(fn: Any, *args: Any, **kwargs: Any) -> Any:
     return fn(*args, **kwargs)
 
 
+def carry_out(plan: Plan, snap: Snapshot, dom: Any, ports: Any = None) -> Failed | None:
+    """``plan`` carried out on ``dom``, its blocking work inline; how it failed, if it did."""
+
+    async def go() -> Failed | None:
+        tx = Transaction(dom, snap, ports, inline, Waiting(), unplug_timeout=1)
+        try:
+            await tx.execute(plan, lambda live, _seen: live)
+        except Failed as e:
+            return e
+        return None
+
+    return asyncio.run(go())
+
+
 def unplug_plan() -> tuple[Plan, Snapshot, Store, Store]:
     iface = Interface.from_xml(NIC)
     snap = Snapshot.parse(
@@ -421,16 +435,7 @@ def test_bounce_undo_skips_its_intermediate_state() -> None:
         VM, VmStatus.RUNNING, False, f"<domain><devices>{nic}</devices></domain>", None
     )
     dom = BridgeGoneDomain(nic)
-
-    async def go() -> Exception | None:
-        tx = Transaction(dom, snap, ports=dom, run=inline, waiting=Waiting(), unplug_timeout=1)  # type: ignore[arg-type]
-        try:
-            await tx.execute(plan, lambda live, _seen: live)
-        except Failed as e:
-            return e
-        return None
-
-    error = asyncio.run(go())
+    error = carry_out(plan, snap, dom, ports=dom)
     assert isinstance(error, Failed) and not error.problems, error
     assert dom.sent == [down.to_xml(), after.to_xml(), before.to_xml()]
     assert dom.ports["tap1"] == "br-a"
@@ -467,16 +472,7 @@ def _write(
     snap = Snapshot.parse(VM, status, persistent, live, saved)
     plan = Plan(Action.UPDATE, VM, "net1", MAC, steps, None, None, steps[-1].after)
     dom = _MetadataDomain(fail)
-
-    async def go() -> Exception | None:
-        tx = Transaction(dom, snap, ports=None, run=inline, waiting=Waiting(), unplug_timeout=1)  # type: ignore[arg-type]
-        try:
-            await tx.execute(plan, lambda live, _seen: live)
-        except Failed as e:
-            return e
-        return None
-
-    return dom, asyncio.run(go())
+    return dom, carry_out(plan, snap, dom)
 
 
 def test_a_bounce_mark_is_written_live_only() -> None:

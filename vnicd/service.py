@@ -913,12 +913,7 @@ class Service:
                 if plan is None:
                     return
                 log.info("VM %s: settling stored vNICs (%s)", vm_id, _summary(plan))
-                self._begin(vm_id, snap)
-                try:
-                    state = await self._execute(dom, snap, plan, self._settled(vm_id))
-                finally:
-                    self._end(vm_id)
-                self._notify(plan, state)
+                await self._settling(dom, snap, plan)
         except errors.NoSuchVM:
             self._forget(vm_id)
         except (errors.VnicdError, HypervisorError, hostnet.HostNetError, _Unanswered) as e:
@@ -938,9 +933,8 @@ class Service:
             log.info(
                 "VM %s: ending link bounces left by a stopped vnicd (%s)", vm_id, _summary(plan)
             )
-            self._begin(vm_id, snap)
             try:
-                self._notify(plan, await self._execute(dom, snap, plan, self._settled(vm_id)))
+                await self._settling(dom, snap, plan)
             except _Unanswered as e:
                 log.warning("VM %s: done; reading the VM after it failed: %s", vm_id, e)
             except errors.VnicdError as e:
@@ -948,14 +942,19 @@ class Service:
                 if vm_id in self._unsettled:  # libvirt went away: settled once it is back
                     self._ending.add(vm_id)
                     raise
-            finally:
-                self._end(vm_id)
             dom, snap = await self._raw(self._read, vm_id, saved=True)
         return dom, snap
 
-    def _settled(self, vm_id: str) -> Finish[VmState]:
-        """The answer of a settling: the VM read afresh (a release may have stopped it)."""
-        return lambda _live, _seen: self._read_state(vm_id)
+    async def _settling(self, dom: Domain, snap: Snapshot, plan: Plan) -> None:
+        """Carry out a settling ``plan`` (reads answer ``snap`` meanwhile); the listeners
+        hear of the VM read afresh after it (a release may have stopped it)."""
+        vm_id = snap.uuid
+        self._begin(vm_id, snap)
+        try:
+            state = await self._execute(dom, snap, plan, lambda _l, _s: self._read_state(vm_id))
+        finally:
+            self._end(vm_id)
+        self._notify(plan, state)
 
     async def reconcile_all(self, *, starting: bool = False) -> list[str]:
         """Settle every VM that needs it (at start, and after reconnecting); returns the
