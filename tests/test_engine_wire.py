@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import libvirt
 import pytest
 
 from tests import pki
@@ -355,6 +356,9 @@ def test_a_vm_paused_while_a_change_waits_is_told_at_once(
     with vnicd.client() as c:
         (got,) = c.call("VM.getInfo", vmID=vm_id)["nics"]
     assert got["plugged"] is True
+    # what was told is where it happens: libvirt has the VM paused, the vNIC in its guest
+    assert vnicd.domain(vm_id).state()[0] == libvirt.VIR_DOMAIN_PAUSED
+    assert f"<mac address='{nic.mac}'/>" in vnicd.live_xml(vm_id)
 
 
 def status_events(engine: EngineClient, vm_id: str) -> list[dict[str, Any]]:
