@@ -4,11 +4,13 @@ definition, its stored unplugged vNIC), and none is half changed.
 
 On each of the session's drivers: a vnicd process on an embedded root of its own (libvirt
 dies with it), or on the session's libvirtd (which lives on), where the session's
-in-process vnicd steps aside meanwhile (one vnicd per libvirtd, as on a host).
+in-process vnicd steps aside meanwhile (one vnicd per libvirtd, as on a host). One more
+kills a libvirtd of its own under the restarted vnicd's first call.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import threading
@@ -25,10 +27,13 @@ from tests.harness import DaemonThread
 from tests.hostenv import ip, master
 from tests.libvirtd import PrivateLibvirtd
 from tests.test_daemon import state
+from tests.test_libvirtd import MARKER, libvirtd
 from tests.test_service import stop, write_config
 from vnicd.client import Client, RpcError
+from vnicd.config import Config
+from vnicd.hypervisor import Domain
 
-__all__ = ["state"]  # the fixture, used by name
+__all__ = ["libvirtd", "state"]  # the fixtures, used by name
 UNWIRED = "vt-unwired3"
 
 
@@ -242,3 +247,77 @@ def test_a_bounce_that_cannot_end_does_not_hold_back_recovery(
                 client.call("VM.destroy", vmID=vm_id)
     finally:
         subprocess.run(["ip", "link", "del", "dev", bridge], capture_output=True, check=False)
+
+
+def test_a_bounce_end_cut_by_a_lost_libvirtd_is_redone_once_it_is_back(
+    state: Path, libvirtd: PrivateLibvirtd, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    """vnicd killed in a link bounce's pause; the next one's link-up at start is cut by
+    libvirtd dying under it. That vnicd still starts once libvirtd is back, and then undoes
+    the cut call, links the vNIC up on the bounce's network, removes the mark and gives the
+    definition the same. Only qemu:///system has a connection to lose: a libvirtd of the
+    test's own, killed at the one call (vnicd runs in this process for the second start)."""
+    vm_id = f"5e1f0000-0000-4000-8005-{os.getpid():012x}"
+    tap = f"vh{os.getpid() % 100000}"
+    a = Nic("vt-a", mac="52:54:00:7f:05:01", tap=f"{tap}a")
+    c = Nic("vt-a", mac="52:54:00:7f:05:03", tap=f"{tap}c")
+    with Crashing(state, libvirtd, vm_id) as run:
+        run.start()
+        with Client(run.sock) as client:
+            xml = vm_xml(f"{MARKER}-bounce", vm_id, [a, c])
+            client.call("VM.create", vmID=vm_id, vmParams={"xml": xml, "persistent": True})
+        run.kill_in_bounce(c, "vt-b")
+        assert run.view().bounce_marks == 1
+
+        again = DaemonThread(
+            Config(
+                libvirt_uri=libvirtd.unix_uri,
+                state_dir=state,
+                unix_socket=run.sock,
+                unwired_bridge=UNWIRED,
+                link_bounce_seconds=5.0,
+            )
+        )
+        cut: list[str] = []
+        real = Domain.update_interface
+
+        def dying(dom: Domain, xml: str, *, live: bool, persistent: bool) -> None:
+            """The start's link-up: libvirtd killed under it, started again, and the call's
+            failure returned once vnicd has reconnected (so its start goes on)."""
+            if dom.uuid != vm_id or cut:
+                return real(dom, xml, live=live, persistent=persistent)
+            cut.append(xml)
+            libvirtd.kill()
+            try:
+                return real(dom, xml, live=live, persistent=persistent)
+            finally:
+                libvirtd.start()
+                assert again.daemon is not None
+                hv = again.daemon.hypervisor
+                faults.until(
+                    "vnicd reconnects", lambda: hv.alive() and hv.conn is not dom.connection
+                )
+
+        monkeypatch.setattr(Domain, "update_interface", dying)
+        caplog.set_level(logging.INFO, logger="vnicd")
+        try:
+            again.start()
+            assert len(cut) == 1 and "vt-b" in cut[0] and 'state="down"' not in cut[0], cut
+
+            def ended() -> bool:
+                now = nics(run.sock, vm_id)[c.mac]
+                return (now["bridge"], now["linkActive"]) == ("vt-b", True)
+
+            faults.until("the bounce ends once libvirtd is back", ended, 30)
+            reported = info(run.sock, vm_id)
+        finally:
+            again.stop()
+        said = caplog.text
+        assert said.count("ending link bounces left by a stopped vnicd (LiveUpdate)") == 2, said
+        assert "stays: updating the vNICs of VM" in said  # the cut link-up, told
+        assert "the change that failed earlier is undone" in said
+        truth, problems = faults.check(run.view(), reported, faults.masters(), UNWIRED)
+        assert not problems, problems  # the mark left over, or the definition behind, is one
+        assert truth[c.mac] == faults.NicTruth(True, "vt-b", True)
+        assert truth[a.mac] == faults.NicTruth(True, "vt-a", True)
+        assert master(c.tap) == "vt-b"

@@ -172,3 +172,28 @@ def test_accessors_follow_edits() -> None:
         "52:54:00:aa:bb:02",
     )
     assert iface.definition().alias is None and iface.alias == "net0"
+
+
+def test_a_relink_keeps_the_portgroup_a_move_drops_it() -> None:
+    live = LIVE.replace("type='bridge'", "type='network'", 1).replace(
+        "<source bridge='br-a'/>", "<source network='ovn' portgroup='vlan10' portid='x'/>"
+    )
+    same = Wiring("ovn", Source("network", "ovn"), None)
+    relinked = edit(Interface.from_xml(live), NicChange(network="ovn", link_up=False), same)
+    source = etree.fromstring(relinked.to_xml()).find("source")
+    assert source is not None and source.items() == [("network", "ovn"), ("portgroup", "vlan10")]
+    assert (
+        "portgroup='vlan10'" in live
+        and 'portgroup="vlan10"' in Interface.from_xml(live).definition().to_xml()
+    )
+    other = Wiring("lab", Source("network", "lab"), None)
+    moved = edit(Interface.from_xml(live), NicChange(network="lab"), other)
+    source = etree.fromstring(moved.to_xml()).find("source")
+    assert source is not None and source.items() == [("network", "lab")]
+
+
+@pytest.mark.parametrize(("tap", "kept"), [("vnet7", False), ("macvtap3", False), ("vt9a", True)])
+def test_a_definition_drops_a_tap_name_libvirt_made_up(tap: str, kept: bool) -> None:
+    iface = Interface.from_xml(LIVE.replace("vnet7", tap))
+    assert (iface.definition().tap == tap) is kept
+    assert iface.tap == tap, "the live copy is left as it is"

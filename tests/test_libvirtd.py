@@ -265,6 +265,20 @@ def test_libvirt_network_moved_to_a_bridge_and_back(
         assert master(tap) == bridge
         caps: Any = call(sock, "Host.getCapabilities")
         assert {"name": "lab", "type": "network", "bridge": bridge} in caps["networks"]
+        # a network with no bridge (macvtap) is no network a vNIC can be wired to here
+        macvtap = workdir / "macvtap.xml"
+        macvtap.write_text(
+            f"<network><name>{net}m</name><forward mode='bridge'>"
+            "<interface dev='vt-a'/></forward></network>"
+        )
+        created = libvirtd.virsh("net-create", str(macvtap))
+        assert created.returncode == 0, created.stderr
+        names = {n["name"] for n in cast(Any, call(sock, "Host.getCapabilities"))["networks"]}
+        assert "lab" in names and f"{net}m" not in names, names
+        with pytest.raises(RpcError) as refused:
+            params = {"deviceType": "interface", "macAddr": mac, "network": f"{net}m"}
+            call(sock, "VM.updateDevice", vmID=vm_id, params=params)
+        assert refused.value.data.get("reason") == "noNetwork", refused.value
 
         for network, kind, where in (("vt-b", "bridge", "vt-b"), ("lab", "network", bridge)):
             params = {"deviceType": "interface", "macAddr": mac, "network": network}

@@ -18,20 +18,22 @@ from vnicd import errors
 from vnicd.dispatcher import Dispatcher
 from vnicd.domxml import Interface, Source
 from vnicd.hypervisor import HypervisorError
-from vnicd.model import Snapshot, VmStatus
+from vnicd.model import NicRef, Snapshot, VmStatus
 from vnicd.planning import (
     Action,
+    DefinitionDetach,
     DefinitionUpdate,
     LiveAttach,
     LiveDetach,
     LiveUpdate,
     Plan,
     StoreWrite,
+    plan_unplug,
 )
 from vnicd.rpc_unix import Lines
 from vnicd.schema import Schema
 from vnicd.service import VmLocks
-from vnicd.transaction import Failed, Pending, Refused, Transaction, Waiting
+from vnicd.transaction import Failed, Pending, Refused, Transaction, Waiting, repeatable
 from vnicd.unplugged import Store
 from vnicd.verbs import HANDLERS
 
@@ -665,3 +667,35 @@ def test_an_undo_left_for_a_vm_undefined_since_skips_its_definition() -> None:
     assert dom.link == "up", "the live part is undone"
     assert [persistent for _xml, persistent in dom.sent] == [False], dom.sent
     assert VM not in svc._unsettled
+
+
+class _DetachCut:
+    """A stopped VM's definition whose device removal fails as a lost connection would:
+    whether libvirt carried it out is unknown."""
+
+    uuid = VM
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def set_metadata(self, *_a: Any, **_k: Any) -> None:
+        self.calls.append("set_metadata")
+
+    def detach_interface(self, *_a: Any, **_k: Any) -> None:
+        self.calls.append("detach_interface")
+        raise HypervisorError("unplugging", libvirt.libvirtError("client socket is closed"))
+
+
+def test_a_cut_step_that_cannot_be_repeated_is_left_to_settle() -> None:
+    """The failed step is among what a lost connection leaves to undo, so such a change is
+    settled from what libvirt then has, not undone as if the step never happened (which
+    would drop the stored copy of a vNIC the definition no longer has)."""
+    saved = f"<domain><name>vm</name><uuid>{VM}</uuid><devices>{NIC}</devices></domain>"
+    snap = Snapshot.parse(VM, VmStatus.STOPPED, True, None, saved)
+    plan = plan_unplug(snap, NicRef(mac=MAC), lambda _s: "br-a")
+    assert [type(s) for s in plan.steps] == [StoreWrite, DefinitionDetach, StoreWrite]
+    dom = _DetachCut()
+    error = carry_out(plan, snap, dom)
+    assert isinstance(error, Failed) and dom.calls[:2] == ["set_metadata", "detach_interface"]
+    assert any(isinstance(s, DefinitionDetach) for s in error.undo)
+    assert not repeatable(error.undo), "settled once libvirt answers, not undone blindly"

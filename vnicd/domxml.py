@@ -19,6 +19,8 @@ from lxml import etree
 SourceKind = Literal["bridge", "network"]
 T = TypeVar("T")
 _UNREAD = object()  # a kept value not read yet (None can be one read)
+# Tap names libvirt makes up for a vNIC that names none (it drops them from definitions too)
+_GENERATED_TAPS = ("vnet", "macvtap", "macvlan")
 
 # Untrusted XML (VM.create) must not expand entities or reach the network.
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
@@ -86,11 +88,16 @@ class Source:
         return cls(kind, name) if name else None  # type: ignore[arg-type]
 
     def format(self, iface: etree._Element) -> None:
-        """Replace the type and ``<source>``; the old source's live-only attributes go."""
-        iface.set("type", self.kind)
+        """Replace the type and ``<source>``; the old source's live-only attributes go,
+        its ``portgroup`` stays while the network does (a relink, a definition)."""
+        old = iface.find("source")
         new = etree.Element("source")
         new.set(self.kind, self.name)
-        old = iface.find("source")
+        if old is not None and Source.read(iface.get("type"), old) == self:
+            portgroup = old.get("portgroup")
+            if portgroup is not None:
+                new.set("portgroup", portgroup)
+        iface.set("type", self.kind)
         if old is not None:
             old.addnext(new)
             iface.remove(old)
@@ -238,12 +245,18 @@ class Interface:
 
     def definition(self) -> Interface:
         """A copy fit for a definition: without what libvirt sets on a running vNIC (its
-        own alias, a network source's port and bridge). A user alias (``ua-``) stays."""
+        own alias, a tap name it made up, a network source's port and bridge), so that
+        plugged again it gets them afresh (another vNIC may have that tap name by then).
+        A user alias (``ua-``) and a tap name given in the XML stay."""
         kept = self.copy()
         alias = kept.element.find("alias")
         if alias is not None and not str(alias.get("name", "")).startswith("ua-"):
             kept._forget()
             kept.element.remove(alias)
+        target = kept.element.find("target")
+        if target is not None and str(target.get("dev", "")).startswith(_GENERATED_TAPS):
+            kept._forget()
+            kept.element.remove(target)
         source = kept.source
         if source is not None:
             kept.source = source
@@ -252,6 +265,13 @@ class Interface:
     def has_any(self, *tags: str) -> str | None:
         """The first of ``tags`` this interface has as a child, if any."""
         return next((tag for tag in tags if self.element.find(tag) is not None), None)
+
+
+def network_bridge(xml: str) -> str | None:
+    """The host bridge a libvirt network's XML names; None for one without (macvtap,
+    hostdev), where libvirt has no bridge to tell."""
+    bridge = parse(xml, "network").find("bridge")
+    return None if bridge is None else bridge.get("name")
 
 
 class Domain:

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import libvirt
 
+from vnicd import domxml
 from vnicd.model import VmStatus
 
 log = logging.getLogger(__name__)
@@ -480,10 +481,11 @@ class Hypervisor:
 
     def network_bridge(self, name: str) -> str | None:
         """The host bridge behind an active libvirt network, None if there is no such
-        network (or no network driver); a failing connection raises."""
+        network, it has no bridge (macvtap, hostdev) or there is no network driver; a
+        failing connection raises."""
         try:
             net = self.conn.networkLookupByName(name)
-            return str(net.bridgeName()) if net.isActive() else None
+            return domxml.network_bridge(str(net.XMLDesc(0))) if net.isActive() else None
         except libvirt.libvirtError as e:
             if e.get_error_code() in (libvirt.VIR_ERR_NO_NETWORK, libvirt.VIR_ERR_NO_SUPPORT):
                 return None

@@ -1085,7 +1085,8 @@ def _cause(e: Exception) -> str:
 
 
 def _error(plan: Plan, cause: str, problem: str, *, rolled_back: bool) -> errors.VnicdError:
-    what = f"vNIC {plan.nic} of VM {plan.vm}"
+    # a settling names no vNIC: it may change several
+    what = f"vNIC {plan.nic} of VM {plan.vm}" if plan.nic else f"the vNICs of VM {plan.vm}"
     if plan.action is Action.PLUG:
         return errors.HotplugNicError(
             f"cannot plug {what}: {problem}", vmID=plan.vm, nic=plan.nic, cause=cause

@@ -258,9 +258,9 @@ class Transaction:
         # a live step may have half-happened (libvirt's own change has no rollback)
         half: list[Step] = [step] if isinstance(step, LiveUpdate | LiveAttach) else []
         problems = await self.undo((*done, *half))
-        # and any call cut by a lost connection may have been carried out
-        retry = (*done, step) if isinstance(step, _REPEATABLE) else (*done, *half)
-        return Failed(error, problems, retry)
+        # and any call cut by a lost connection may have been carried out: one that cannot
+        # be undone blindly (an attach, a detach) leaves the change to be settled instead
+        return Failed(error, problems, (*done, step))
 
     def _apply_all(
         self,
