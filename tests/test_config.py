@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import yaml
 
-from vnicd.config import Config, ConfigError, load, parse
+from vnicd.config import KEYS, LIVE, Config, ConfigError, changed, load, parse, settings
 from vnicd.networks import Target
 
 CONF = Path(__file__).resolve().parent.parent / "conf" / "vnicd.yml"
@@ -56,3 +57,28 @@ def test_unreadable_and_malformed(tmp_path: Path) -> None:
     bad.write_text("rpc: [")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load(bad)
+    bad.write_bytes(b"log_level: \xff\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load(bad)
+
+
+def test_a_reload_sees_every_setting() -> None:
+    """Each setting a config file can hold is compared on reload (a key left out would be
+    taken silently and not applied), and only the live ones may change."""
+    keyed = set(KEYS) | {"engine"}
+    assert keyed == {f.name for f in fields(Config)}, "a Config field without its YAML key"
+    base = parse({})
+    new = parse(
+        {
+            "engine": {"enabled": True},
+            "link_bounce": {"enabled": True, "seconds": 5},
+            "log_level": "DEBUG",
+        }
+    )
+    assert changed(base, new) == {
+        "link_bounce.enabled": (False, True),
+        "link_bounce.seconds": (2.0, 5.0),
+        "log_level": ("INFO", "DEBUG"),
+        "engine.enabled": (False, True),
+    }
+    assert not LIVE - set(settings(base)), "a live key no config file holds"

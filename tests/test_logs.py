@@ -201,6 +201,20 @@ def test_audit_names_the_local_peer(journal: Journal) -> None:
     )
 
 
+def test_audit_lines_kept_whatever_the_log_level(journal: Journal) -> None:
+    root = logging.getLogger()
+    old = root.level
+    logging.getLogger("vnicd").setLevel(logging.NOTSET)  # as vnicd runs: the root's level
+    logs.set_level("ERROR")
+    try:
+        logging.getLogger("vnicd.service").info("not kept at ERROR")
+        logs.audit(VM, "net1", "unplugged", "plugged")
+    finally:
+        root.setLevel(old)
+    (rec,) = journal.records
+    assert rec["LOGGER"] == "vnicd.audit"
+
+
 # The dispatcher's own behaviour is pure logic: a stand-in service is enough here.
 class SlowService:
     def __init__(self) -> None:

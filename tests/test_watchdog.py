@@ -4,8 +4,10 @@ failing or hanging health check stops the pings (without piling up checks)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import threading
+import time
 
 import pytest
 
@@ -45,7 +47,7 @@ def test_pings_only_while_healthy(monkeypatch: pytest.MonkeyPatch) -> None:
             raise RuntimeError("libvirt does not answer")
 
     async def scenario() -> tuple[int, int, int, int]:
-        dog = Watchdog(0.2, check)  # a check every 0.1 s
+        dog = Watchdog(0.2, check)  # a check every 0.05 s
         dog.start()
         await asyncio.sleep(0.55)
         healthy_pings = len(sent)
@@ -65,3 +67,27 @@ def test_pings_only_while_healthy(monkeypatch: pytest.MonkeyPatch) -> None:
     assert hung_pings == 0, "no ping while the check hangs"
     assert hung_checks <= 1, "a hanging check is waited for, not started again"
     assert later > 0, "pings resume once the check passes"
+
+
+def test_one_failed_check_costs_no_restart(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A check that fails once (libvirtd restarting) is tried again soon: the pings never
+    leave a whole period (systemd's deadline) between them."""
+    pings: list[float] = []
+    monkeypatch.setattr(sdnotify, "notify", lambda _m: pings.append(time.monotonic()))
+    calls: list[int] = []
+
+    def check() -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("libvirt: connection lost")
+
+    async def scenario() -> None:
+        dog = Watchdog(0.8, check)  # checks every 0.2 s, again 0.05 s after a failure
+        dog.start()
+        await asyncio.sleep(1.2)
+        await dog.stop()
+
+    asyncio.run(scenario())
+    gaps = [b - a for a, b in itertools.pairwise(pings)]
+    assert len(calls) > 4 and gaps, (calls, pings)
+    assert max(gaps) < 0.8 * 0.5, gaps  # before: the ping after the failure came 0.8 s late

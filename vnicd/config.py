@@ -6,7 +6,7 @@ The defaults live here and only here; ``conf/vnicd.yml`` documents them.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,7 @@ _SCHEMA: dict[str, Any] = {
 }
 
 
-# Config field -> its YAML key, for messages that name a key.
+# Config field -> its YAML key, for messages that name a key (the engine's: engine.<field>).
 KEYS = {
     "libvirt_uri": "libvirt.uri",
     "persistent_updates": "libvirt.persistent_updates",
@@ -70,12 +70,14 @@ KEYS = {
     "workers": "workers",
     "unplug_timeout": "unplug_timeout",
     "unwired_bridge": "unwired_bridge",
+    "link_bounce": "link_bounce.enabled",
+    "link_bounce_seconds": "link_bounce.seconds",
     "networks": "networks",
     "hooks_dir": "hooks.dir",
     "hooks_timeout": "hooks.timeout",
 }
-# Fields a running vnicd applies on reload (SIGHUP); a change to any other needs a restart.
-LIVE = frozenset({"log_level", "socket_mode", "hooks_dir", "hooks_timeout"})
+# Keys a running vnicd applies on reload (SIGHUP); a change to any other needs a restart.
+LIVE = frozenset({"log_level", "rpc.socket_mode", "hooks.dir", "hooks.timeout"})
 
 
 class ConfigError(ValueError):
@@ -236,9 +238,18 @@ def parse(data: Any) -> Config:
     )
 
 
-def changed(old: Config, new: Config) -> list[str]:
-    """Fields whose values differ, in declaration order."""
-    return [f for f in KEYS if getattr(old, f) != getattr(new, f)]
+def settings(config: Config) -> dict[str, Any]:
+    """Every setting of ``config`` by its YAML key, the engine's included."""
+    found = {key: getattr(config, f) for f, key in KEYS.items()}
+    engine = config.engine
+    found.update({f"engine.{f.name}": getattr(engine, f.name) for f in fields(engine)})
+    return found
+
+
+def changed(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
+    """The settings whose values differ, by YAML key: (old value, new value)."""
+    before, after = settings(old), settings(new)
+    return {k: (v, after[k]) for k, v in before.items() if v != after[k]}
 
 
 def load(path: Path) -> Config:
@@ -246,6 +257,8 @@ def load(path: Path) -> Config:
         data = yaml.safe_load(path.read_text())
     except OSError as e:
         raise ConfigError(f"{path}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     try:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from vnicd import __version__, eventloop, logs, sdnotify
-from vnicd.config import DEFAULT_PATH, KEYS, LIVE, Config, ConfigError, changed, load
+from vnicd.config import DEFAULT_PATH, LIVE, Config, ConfigError, changed, load
 from vnicd.dispatcher import Dispatcher
 from vnicd.errors import NoSuchVM
 from vnicd.events import Events
@@ -217,17 +217,17 @@ class Daemon:
             log.error("reload refused, keeping the running configuration: %s", e)
             return
         diff = changed(self.config, new)
-        fixed = [f for f in diff if f not in LIVE]
-        for f in fixed:
+        fixed = [key for key in diff if key not in LIVE]
+        for key in fixed:
             log.error(
                 "reload refused: %s cannot change while vnicd runs (restart vnicd to apply it); "
                 "keeping the running configuration",
-                KEYS[f],
+                key,
             )
         if fixed:
             return
-        for f in diff:
-            log.info("reload: %s %r -> %r", KEYS[f], getattr(self.config, f), getattr(new, f))
+        for key, (was, now) in diff.items():
+            log.info("reload: %s %r -> %r", key, was, now)
         logs.set_level(new.log_level)
         if self._server is not None and new.socket_mode != self.config.socket_mode:
             os.chmod(new.unix_socket, new.socket_mode)

@@ -31,6 +31,7 @@ _FIELDS = {
     "verb": "VNICD_VERB",
 }
 audit_log = logging.getLogger("vnicd.audit")
+audit_log.setLevel(logging.INFO)  # the record of every change, whatever log_level says
 
 
 def fields(

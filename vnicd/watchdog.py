@@ -2,7 +2,9 @@
 
 Each ping follows a health check run on a thread of its own (a libvirt call that hangs
 must not hang the loop, and must not be started twice): a wedged loop, a hung libvirt
-call or a connection that is down all stop the pings, and systemd restarts vnicd.
+call or a connection that is down all stop the pings, and systemd restarts vnicd. A check
+that fails is tried again within a second, so a short outage (libvirtd restarting) costs
+no restart: only one that lasts most of the period does.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ log = logging.getLogger(__name__)
 
 class Watchdog:
     def __init__(self, period: float, check: Callable[[], None]) -> None:
-        """Ping at half ``period`` while ``check`` (blocking; raises when unhealthy) passes."""
-        self.interval = period / 2
+        """Check every quarter ``period`` and ping after each ``check`` (blocking; raises
+        when unhealthy) that passes; after one that failed, check again after ``retry``."""
+        self.interval = period / 4
+        self.retry = min(1.0, period / 16)
         self._check = check
         self._probe: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -39,9 +43,10 @@ class Watchdog:
 
     async def _run(self) -> None:
         while True:
-            if await self._probe_once():
+            healthy = await self._probe_once()
+            if healthy:
                 sdnotify.notify("WATCHDOG=1")
-            await asyncio.sleep(self.interval)
+            await asyncio.sleep(self.interval if healthy else self.retry)
 
     async def _probe_once(self) -> bool:
         if self._probe is None or self._probe.done():
