@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import CHECKOUT, Nic, Vms
 from tests.evidence import interfaces, seen
 from tests.harness import DaemonThread
+from vnicd.cli import main as cli_main
 
 CLIENT = Path(sys.executable).with_name("vnic-client")
 
@@ -156,3 +159,28 @@ def test_bulk(vnicd: DaemonThread, vms: Vms) -> None:
     assert out.stdout.count("vt-a link up") == 2
     for vm_id, nic in zip(vm_ids, nics, strict=True):
         assert seen(vnicd, vm_id, nic.mac).kernel_bridge == "vt-a"
+
+
+def test_bulk_on_a_terminal_tells_each_vnic_once_and_fails_if_one_did(
+    vnicd: DaemonThread,
+    vms: Vms,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """On a terminal the bulk runs in chunks after a dry run: a VM with a vNIC that can
+    change and one that is refused is told once per vNIC, and the exit status says a vNIC
+    was not changed (as it does without a terminal)."""
+    fine, unwired = Nic("vt-b", link_up=False), Nic(vnicd.config.unwired_bridge, link_up=False)
+    vm_id = vms.create(fine, unwired)
+    args = ["--socket", str(vnicd.config.unix_socket), "--json", "bulk", "--vm", vm_id]
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert cli_main([*args, "--link", "up"]) == 1
+    out = capsys.readouterr()
+    results = json.loads(out.out)["results"]
+    assert sorted((r["macAddr"], r["ok"]) for r in results) == sorted(
+        [(fine.mac, True), (unwired.mac, False)]
+    ), results
+    assert "1 vNICs not changed" in out.err and "2/2 vNICs" in out.err
+    assert seen(vnicd, vm_id, fine.mac).link_up
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert cli_main([*args, "--link", "up"]) == 1, "the same without a terminal"

@@ -238,3 +238,32 @@ def test_vnicd_refuses_to_start_with_a_bad_certificate(certs: pki.Pki, tmp_path:
         )
         assert proc.returncode == 1 and problem in proc.stderr, proc.stderr
         assert not (tmp_path / "state" / "libvirt").exists()
+
+
+def test_stop_drops_connections_without_waiting_for_calls(certs: pki.Pki) -> None:
+    """The daemon stops its wire after its calls had their time: a call still running then
+    is not waited for, and dropping the connection is no error of the loop's."""
+    loop_errors: list[dict[str, object]] = []
+    with (
+        serving(certs, Limits()) as server,
+        EngineClient(server.port, certs.ca, certs.engine) as client,
+    ):
+        server.loop.set_exception_handler(lambda _loop, context: loop_errors.append(context))
+        client.send(request("hung", sleep=60))
+        time.sleep(0.3)  # the call is running
+        started = time.monotonic()
+        asyncio.run_coroutine_threadsafe(server.server.stop(), server.loop).result(10)
+        assert time.monotonic() - started < 2
+        time.sleep(0.2)  # the dropped connection's task ends
+    assert loop_errors == []
+
+
+@pytest.mark.parametrize("beat", ["0," + "9" * 400, f"{2**31},0"])
+def test_a_heartbeat_too_long_is_refused(certs: pki.Pki, beat: str) -> None:
+    with serving(certs, Limits()) as server:
+        with tls_socket(server.port, certs.ca, certs.engine) as sock:
+            sock.sendall(Frame("CONNECT", {"accept-version": "1.2", "heart-beat": beat}).encode())
+            answer = read_until_closed(sock)
+        assert answer.startswith(b"ERROR\n") and b"heart-beat" in answer, answer
+        with EngineClient(server.port, certs.ca, certs.engine) as other:
+            assert other.request(request("fine"))["id"] == "fine"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from vnicd import stomp
 from vnicd.stomp import Frame, FrameError, FrameTooLarge, Limits, Parser, consume
 
 SEND = (
@@ -100,6 +101,8 @@ def test_encode_sets_content_length() -> None:
         (b"SEND\nbad:a\\tb\n\n\x00", "escape"),
         (b"SEND\nbad:a\\\n\n\x00", "escape"),
         (b"SEND\ncontent-length:-1\n\n\x00", "byte count"),
+        ("SEND\ncontent-length:\u00b2\n\n\x00".encode(), "byte count"),
+        (b"SEND\ncontent-length:" + b"9" * 5000 + b"\n\n\x00", "byte count"),
         (b"SEND\ncontent-length:2\n\nabc\x00", "NUL"),
         (b"\rX", "CR"),
         (b"SEND\nk:\xff\n\n\x00", "UTF-8"),
@@ -145,3 +148,27 @@ def test_frame_at_the_size_limit_passes() -> None:
     body = b"x" * (LIMITS.max_frame - len(b"SEND\n\n") - 1)
     [frame] = Parser(LIMITS).feed(b"SEND\n\n" + body + b"\x00")
     assert frame.body == body
+
+
+def test_a_body_in_many_reads_is_parsed_once_it_can_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each read of a long body without its NUL yet is only kept: parsing it again from the
+    start at every read would cost the body's length squared."""
+    parses: list[int] = []
+    real = stomp.consume
+
+    def counted(data: stomp.Buffer, limits: Limits) -> tuple[Frame | None, int]:
+        parses.append(1)
+        return real(data, limits)
+
+    monkeypatch.setattr(stomp, "consume", counted)
+    parser = Parser()
+    body = b"x" * (1 << 20)
+    frames = parser.feed(b"SEND\ndestination:q\n\n")
+    for i in range(0, len(body), 1460):
+        frames += parser.feed(body[i : i + 1460])
+    frames += parser.feed(b"\x00")
+    assert [f.body for f in frames] == [body]
+    assert len(parses) <= 4, len(parses)
+    with_length = Frame("SEND", {"destination": "q"}, b"a\x00b" * 1000).encode()
+    frames = [f for i in range(len(with_length)) for f in parser.feed(with_length[i : i + 1])]
+    assert [f.body for f in frames] == [b"a\x00b" * 1000], "a NUL inside a counted body"

@@ -161,6 +161,7 @@ def _vm_or_plan(result: Any) -> str:
 
 
 BULK_CHUNK = 8  # VMs per call when a terminal shows progress
+WIRE_TIMEOUT = 60.0  # seconds, on the engine wire, as vdsm-client waits
 
 
 def _bulk(client: RpcClient, args: argparse.Namespace) -> Any:
@@ -182,12 +183,12 @@ def _bulk(client: RpcClient, args: argparse.Namespace) -> Any:
         return call(match=match, **_dry(args.dry_run))
     targets = call(match=match, dryRun=True)["results"]
     vms = sorted({r["vmID"] for r in targets if r["ok"]})
-    results = [r for r in targets if not r["ok"]]
-    total = len(targets) - len(results)
+    # refused VMs are told from the dry run; the others' refusals come again with them
+    results = [r for r in targets if not r["ok"] and r["vmID"] not in vms]
     for i in range(0, len(vms), BULK_CHUNK):
         results += call(match={**match, "vmIDs": vms[i : i + BULK_CHUNK]})["results"]
         print(f"\rvnic-client: {len(results)}/{len(targets)} vNICs", end="", file=sys.stderr)
-    print(f"\rvnic-client: {total} vNICs changed or refused, as listed", file=sys.stderr)
+    print(f"\rvnic-client: {len(results)} vNICs changed or refused, as listed", file=sys.stderr)
     return {"results": results}
 
 
@@ -304,7 +305,12 @@ def build_parser(schema: Schema) -> argparse.ArgumentParser:
         action="store_false",
         help="plain TCP instead of mutual TLS",
     )
-    wire.add_argument("--timeout", type=float, default=60.0, help="seconds (default 60)")
+    wire.add_argument(
+        "--timeout",
+        type=float,
+        help=f"seconds to wait for an answer (default {WIRE_TIMEOUT:g} on the engine wire, "
+        "none on the socket)",
+    )
     wire.add_argument("--flow-id", help="flow id for vnicd's log lines about the call")
     for name, default in DEFAULT_PKI.items():
         option = "--" + name.replace("_", "-")
@@ -338,9 +344,13 @@ def _connect(args: argparse.Namespace) -> RpcClient:
     if args.host is None:
         if args.flow_id:
             raise UsageError("--flow-id needs -a HOST: the local socket carries no flow id")
-        return Client(args.socket, timeout=args.timeout)
+        try:  # without --timeout, as long as vnicd takes: it answers every call it took
+            return Client(args.socket, timeout=args.timeout)
+        except OSError as e:
+            raise OSError(f"cannot reach vnicd at {args.socket}: {e.strerror or e}") from e
     tls = tls_client_context(args.cert_file, args.key_file, args.ca_file) if args.use_tls else None
-    return StompClient(args.host, args.port, tls=tls, timeout=args.timeout, flow_id=args.flow_id)
+    timeout = WIRE_TIMEOUT if args.timeout is None else args.timeout
+    return StompClient(args.host, args.port, tls=tls, timeout=timeout, flow_id=args.flow_id)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -357,6 +367,11 @@ def main(argv: list[str] | None = None) -> int:
                     raise UsageError("-f is for the generic form (NAMESPACE METHOD)")
                 result, render = _run_short(client, args)
                 print(json.dumps(result, indent=2) if args.json else render(result))
+                if args.command == "bulk":
+                    failed = sum(1 for r in result["results"] if not r["ok"])
+                    if failed:
+                        print(f"vnic-client: {failed} vNICs not changed", file=sys.stderr)
+                        return 1
     except RpcError as e:
         print(f"vnic-client: error {e.code}: {e.message}", file=sys.stderr)
         return 1

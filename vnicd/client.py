@@ -28,10 +28,15 @@ class RpcError(Exception):
 
 
 class Client:
-    def __init__(self, path: Path | str, timeout: float = 120.0) -> None:
+    def __init__(self, path: Path | str, timeout: float | None = 120.0) -> None:
+        """``timeout``: seconds to wait for an answer (None: as long as vnicd takes)."""
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
-        self._sock.connect(str(path))
+        try:
+            self._sock.connect(str(path))
+        except OSError:
+            self._sock.close()
+            raise
         self._file = self._sock.makefile("rwb")
         self._ids = itertools.count(1)
 

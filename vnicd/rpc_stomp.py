@@ -103,6 +103,9 @@ def _subject(cert: dict[str, Any] | None) -> str:
     return ",".join(parts) or "anonymous"
 
 
+_LONGEST_BEAT_MS = 2**31 - 1  # a day and more; a longer one would overflow the timers
+
+
 def _heartbeat(value: str | None) -> tuple[int, int]:
     try:
         cx, cy = (int(v) for v in (value or "0,0").split(","))
@@ -110,6 +113,8 @@ def _heartbeat(value: str | None) -> tuple[int, int]:
         raise stomp.FrameError(f"heart-beat {value!r} is not 'cx,cy'") from None
     if cx < 0 or cy < 0:
         raise stomp.FrameError(f"heart-beat {value!r} is negative")
+    if max(cx, cy) > _LONGEST_BEAT_MS:
+        raise stomp.FrameError(f"heart-beat {str(value)[:40]!r} is over {_LONGEST_BEAT_MS} ms")
     return cx, cy
 
 
@@ -230,6 +235,8 @@ class StompServer:
         self._connections.add(conn)
         try:
             await conn.serve()
+        except asyncio.CancelledError:
+            pass  # dropped by abort(): the connection's end, not this task's failure
         finally:
             self._connections.discard(conn)
 
@@ -254,6 +261,7 @@ class _Connection:
         self._last_write = time.monotonic()
         self._heartbeats: asyncio.Task[None] | None = None
         self._serving: asyncio.Task[Any] | None = None
+        self._dropped = False
 
     async def refuse(self, reason: str) -> None:
         with contextlib.suppress(ConnectionError):
@@ -262,10 +270,13 @@ class _Connection:
         self._writer.close()
 
     def abort(self) -> asyncio.Task[Any] | None:
-        """Drop the connection now; returns the task serving it, to wait for."""
+        """Drop the connection now, with what it has not sent (its peer does not read, or
+        vnicd stops after its calls had their time); returns the task serving it, which
+        ends without waiting for calls still running: they go on, unanswered."""
+        self._dropped = True
         if self._serving is not None and self._serving is not asyncio.current_task():
             self._serving.cancel()
-        self._writer.close()
+        self._writer.transport.abort()
         return self._serving
 
     async def serve(self) -> None:
@@ -316,11 +327,12 @@ class _Connection:
         return max(0.0, min(deadlines) - now) if deadlines else None
 
     async def _finish(self) -> None:
-        """Close, and let requests in flight finish: a verb is never cut half-way."""
+        """Close, and let requests in flight finish: a verb is never cut half-way (nor
+        waited for, once the connection was dropped)."""
         if self._heartbeats is not None:
             self._heartbeats.cancel()
         self._writer.close()
-        if self._pending:
+        if self._pending and not self._dropped:
             await asyncio.wait(list(self._pending))
         log.info("engine client %s closed", self.peer)
 

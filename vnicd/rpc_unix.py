@@ -30,6 +30,7 @@ MAX_MESSAGE = 16 * 1024 * 1024
 READ_SIZE = 256 * 1024
 MAX_PENDING = 64  # requests in flight per connection before it is read no further
 MAX_CONNECTIONS = 128
+CLOSE_GRACE = 1.0  # seconds a stopping vnicd leaves clients to read what they were sent
 
 
 def _error_line(code: int, message: str) -> bytes:
@@ -113,13 +114,19 @@ class UnixServer:
         self.path.unlink(missing_ok=True)
 
     async def stop(self) -> None:
-        """Stop listening and close every client connection (whatever the Python version's
-        ``wait_closed`` would wait for)."""
+        """Stop listening and close every client connection; one whose client still has
+        not read what it was sent after ``CLOSE_GRACE`` is dropped with it (from Python
+        3.12 ``wait_closed`` waits for every connection)."""
         self.stop_listening()
         if self._server is not None:
             for writer in list(self._clients):
                 writer.close()
-            await self._server.wait_closed()
+            try:
+                await asyncio.wait_for(self._server.wait_closed(), CLOSE_GRACE)
+            except TimeoutError:
+                for writer in list(self._clients):
+                    writer.transport.abort()
+                await self._server.wait_closed()
             self._server = None
 
     def _make_room(self, peer: str) -> bool:

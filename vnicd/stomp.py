@@ -174,7 +174,7 @@ def _body(
 ) -> tuple[Frame | None, int]:
     length_text = headers.get("content-length")
     if length_text is not None:
-        if not length_text.isdigit():
+        if not (length_text.isascii() and length_text.isdigit()) or len(length_text) > 18:
             raise FrameError(f"content-length {length_text[:20]!r} is not a byte count")
         length = int(length_text)
         if start + length + 1 > limits.max_frame:
@@ -193,12 +193,19 @@ def _body(
     return Frame(command, headers, bytes(data[start:end])), end + 1
 
 
+def _headers_end(data: Buffer) -> int:
+    """Where the blank line that ends a frame's headers is, -1 before it came."""
+    found = [i for i in (data.find(b"\n\n"), data.find(b"\n\r\n")) if i >= 0]
+    return min(found) if found else -1
+
+
 class Parser:
     """Buffers what the peer sent and returns each frame once it is complete."""
 
     def __init__(self, limits: Limits = Limits()) -> None:
         self.limits = limits
         self._buffer = bytearray()
+        self._in_body = False  # the buffer holds a frame's headers whole, not its NUL yet
 
     @property
     def partial(self) -> bool:
@@ -206,14 +213,23 @@ class Parser:
         return bool(self._buffer)
 
     def feed(self, data: bytes) -> list[Frame]:
-        """The frames ``data`` completes, in order; heart-beats are skipped."""
+        """The frames ``data`` completes, in order; heart-beats are skipped.
+
+        A body that comes in many reads is parsed again only once a NUL arrives (every
+        frame ends with one), so a large body costs its length, not its length squared."""
         self._buffer += data
+        if self._in_body and b"\0" not in data and len(self._buffer) <= self.limits.max_frame:
+            return []
         frames: list[Frame] = []
+        consumed = False
         while self._buffer:
             frame, used = consume(self._buffer, self.limits)
             if not used:
                 break
             del self._buffer[:used]
+            consumed = True
             if frame is not None:
                 frames.append(frame)
+        if consumed or not self._in_body:  # a new frame begins: are its headers whole?
+            self._in_body = bool(self._buffer) and _headers_end(self._buffer) >= 0
         return frames
