@@ -53,6 +53,7 @@ def test_each_vnic_has_its_own_outcome(vnicd: DaemonThread, vms: Vms, rpc: Schem
     assert by_mac[linked.mac]["ok"] and by_mac[linked.mac]["nic"]["linkActive"] is True
     refused = by_mac[unwired.mac]
     assert not refused["ok"] and refused["error"]["data"]["reason"] == "unsupportedChange"
+    assert refused["error"]["data"]["field"] == "change.linkActive", "where the call put it"
     (gone,) = [r for r in results if r["vmID"] == missing]
     assert not gone["ok"] and gone["error"]["code"] == 1
     assert seen(vnicd, vm_id, linked.mac).link_up

@@ -699,3 +699,35 @@ def test_a_cut_step_that_cannot_be_repeated_is_left_to_settle() -> None:
     assert isinstance(error, Failed) and dom.calls[:2] == ["set_metadata", "detach_interface"]
     assert any(isinstance(s, DefinitionDetach) for s in error.undo)
     assert not repeatable(error.undo), "settled once libvirt answers, not undone blindly"
+
+
+class _NoSuchVnic:
+    """A service that knows no vNIC: the core names the field it looked by ("mac")."""
+
+    async def update_device(self, req: Any) -> Any:
+        raise errors.NoSuchNic(VM, str(req.nic), "mac")
+
+    async def hotunplug(self, req: Any) -> Any:
+        raise errors.NoSuchNic(VM, str(req.nic), "mac")
+
+    async def update_each(self, *_a: Any, **_k: Any) -> Any:
+        raise AssertionError("not asked")
+
+
+@pytest.mark.parametrize(
+    ("verb", "params", "field"),
+    [
+        ("VM.updateDevice", {"deviceType": "interface", "macAddr": MAC}, "params.macAddr"),
+        ("VM.hotunplugNic", {"nic": {"macAddr": MAC}}, "params.nic.macAddr"),
+        ("VM.updateDevice", {"deviceType": "interface", "xml": NIC}, "params.xml"),
+    ],
+)
+def test_an_error_names_the_field_where_the_request_put_it(
+    verb: str, params: dict[str, Any], field: str
+) -> None:
+    """The plain shape, an older engine's ``params.nic``, and a vNIC named by its XML."""
+    request = {"jsonrpc": "2.0", "method": verb, "params": {"vmID": VM, "params": params}, "id": 1}
+    reply = json.loads(
+        asyncio.run(Dispatcher(_SCHEMA, _NoSuchVnic(), HANDLERS).handle(json.dumps(request)))
+    )
+    assert reply["error"]["data"]["field"] == field, reply

@@ -56,11 +56,26 @@ WIRE_FIELDS = {
 }
 # The same in an older engine's ``params.nic``.
 NIC_FIELDS = {
+    **WIRE_FIELDS,
     "alias": "params.nic.alias",
     "mac": "params.nic.macAddr",
     "network": "params.nic.network",
     "link": "params.nic.linkActive",
 }
+# The same where ``params.xml`` (an ``<interface>`` or VDSM's ``<hotplug>``) names the vNIC.
+XML_FIELDS = {**WIRE_FIELDS, **dict.fromkeys(("alias", "mac", "network", "link"), "params.xml")}
+# A bulk change's, in its ``change``.
+BULK_FIELDS = {"network": "change.network", "link": "change.linkActive"}
+
+
+def _fields_of(p: Params) -> dict[str, str]:
+    """Where a vNIC verb's request put the vNIC's fields, for errors that name one."""
+    params = p.get("params")
+    if isinstance(params, dict) and "nic" in params:
+        return NIC_FIELDS
+    if isinstance(params, dict) and "xml" in params:
+        return XML_FIELDS
+    return WIRE_FIELDS
 
 
 def nic_wire(nic: NicState) -> dict[str, Any]:
@@ -194,8 +209,8 @@ async def _hotplug(svc: Service, p: Params) -> Any:
         req = PlugNic(_vm_id(p), nic=_nic(dev), dry_run=dry_run, change=change)
     try:
         outcome = await svc.hotplug(req)
-    except errors.UpdateDeviceError as e:  # the network or link params.nic asks for
-        e.rename_field(NIC_FIELDS)
+    except errors.UpdateDeviceError as e:  # the network or link the plug asks for
+        e.rename_field(_fields_of(p))
         raise errors.HotplugNicError(e.message, **{**e.fields, "cause": e.reason}) from e
     return outcome_wire(outcome) if isinstance(outcome, DryRun) else with_devices(vm_wire(outcome))
 
@@ -247,7 +262,7 @@ async def _bulk(svc: Service, p: Params) -> Any:
             dry_run=p.get("dryRun", False),
         )
     except errors.VnicdError as e:
-        e.rename_field({"network": "change.network"})
+        e.rename_field(BULK_FIELDS)
         raise
     return {"results": [_outcome_wire(o) for o in outcomes]}
 
@@ -260,7 +275,7 @@ def _outcome_wire(o: bulk.Outcome) -> dict[str, Any]:
         "ok": o.error is None,
     }
     if o.error is not None:
-        o.error.rename_field(WIRE_FIELDS)
+        o.error.rename_field(BULK_FIELDS)
         found["error"] = {"code": o.error.code, "message": o.error.message, "data": o.error.data()}
     elif isinstance(o.result, DryRun):
         found["plan"] = outcome_wire(o.result)
@@ -280,7 +295,7 @@ def _wire_fields(handler: Handler) -> Handler:
         try:
             return await handler(svc, p)
         except errors.VnicdError as e:
-            e.rename_field(WIRE_FIELDS)
+            e.rename_field(_fields_of(p))
             raise
 
     return call
