@@ -131,7 +131,6 @@ def test_unit_passes_systemd_analyze_verify() -> None:
     assert settings["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert settings["RuntimeDirectory"] == settings["StateDirectory"] == "vnicd"
     assert settings["Restart"] == "on-failure" and int(settings["WatchdogSec"]) > 0
-    assert settings["TimeoutStartSec"] == "infinity", "libvirtd may come later"
     assert settings["ProtectHome"] != "yes", "the checkout may live under /root"
 
 

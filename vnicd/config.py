@@ -254,7 +254,7 @@ def changed(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
 
 def load(path: Path) -> Config:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise ConfigError(f"{path}: {e.strerror}") from e
     except UnicodeDecodeError as e:

@@ -372,7 +372,7 @@ def plan_plug(
         raise _plug_error(
             snap, str(ref), "noNic", "there is no such unplugged vNIC", _ref_field(ref)
         )
-    iface = entry.iface
+    iface = entry.iface.definition()  # one stored before tap names were dropped, too
     if change is not None:
         _check_update(snap, ref, iface, change, namer)
         iface = edit(iface, change, wiring)

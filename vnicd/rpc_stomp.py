@@ -24,6 +24,7 @@ from typing import Any, NoReturn
 
 from vnicd import __version__, stomp
 from vnicd.caller import Caller
+from vnicd.streams import close_all, server_closed
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def _subject(cert: dict[str, Any] | None) -> str:
     return ",".join(parts) or "anonymous"
 
 
-_LONGEST_BEAT_MS = 2**31 - 1  # a day and more; a longer one would overflow the timers
+_LONGEST_BEAT_MS = 2**31 - 1  # 24 days; a huge one would not even make a float of seconds
 
 
 def _heartbeat(value: str | None) -> tuple[int, int]:
@@ -183,10 +184,12 @@ class StompServer:
         self._server.close()
         for writer in list(self._handshakes):
             writer.transport.abort()
-        serving = [t for c in list(self._connections) if (t := c.abort()) is not None]
-        if serving:
+        connections = list(self._connections)
+        serving = [t for c in connections if (t := c.abort(now=False)) is not None]
+        if serving:  # each ends at once: calls past their time are not waited for
             await asyncio.wait(serving)
-        await self._server.wait_closed()
+        await close_all(c.writer for c in connections)
+        await server_closed(self._server)
         self._server = None
 
     def publish(self, notification: str) -> None:
@@ -263,20 +266,28 @@ class _Connection:
         self._serving: asyncio.Task[Any] | None = None
         self._dropped = False
 
+    @property
+    def writer(self) -> asyncio.StreamWriter:
+        return self._writer
+
     async def refuse(self, reason: str) -> None:
         with contextlib.suppress(ConnectionError):
             self._writer.write(stomp.Frame("ERROR", {"message": reason}).encode())
             await asyncio.wait_for(self._writer.drain(), 1)
         self._writer.close()
 
-    def abort(self) -> asyncio.Task[Any] | None:
-        """Drop the connection now, with what it has not sent (its peer does not read, or
-        vnicd stops after its calls had their time); returns the task serving it, which
-        ends without waiting for calls still running: they go on, unanswered."""
+    def abort(self, *, now: bool = True) -> asyncio.Task[Any] | None:
+        """Stop serving the connection: its peer does not read (``now``: dropped with what
+        it has not sent), or vnicd stops after its calls had their time (closed, what it
+        holds still sent). Returns the task serving it, which ends without waiting for
+        calls still running: they go on, unanswered."""
         self._dropped = True
         if self._serving is not None and self._serving is not asyncio.current_task():
             self._serving.cancel()
-        self._writer.transport.abort()
+        if now:
+            self._writer.transport.abort()
+        else:
+            self._writer.close()
         return self._serving
 
     async def serve(self) -> None:

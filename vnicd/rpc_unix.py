@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vnicd.caller import Caller
+from vnicd.streams import close_all, server_closed
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,6 @@ MAX_MESSAGE = 16 * 1024 * 1024
 READ_SIZE = 256 * 1024
 MAX_PENDING = 64  # requests in flight per connection before it is read no further
 MAX_CONNECTIONS = 128
-CLOSE_GRACE = 1.0  # seconds a stopping vnicd leaves clients to read what they were sent
 
 
 def _error_line(code: int, message: str) -> bytes:
@@ -114,19 +114,11 @@ class UnixServer:
         self.path.unlink(missing_ok=True)
 
     async def stop(self) -> None:
-        """Stop listening and close every client connection; one whose client still has
-        not read what it was sent after ``CLOSE_GRACE`` is dropped with it (from Python
-        3.12 ``wait_closed`` waits for every connection)."""
+        """Stop listening and close every client connection (see :func:`close_all`)."""
         self.stop_listening()
         if self._server is not None:
-            for writer in list(self._clients):
-                writer.close()
-            try:
-                await asyncio.wait_for(self._server.wait_closed(), CLOSE_GRACE)
-            except TimeoutError:
-                for writer in list(self._clients):
-                    writer.transport.abort()
-                await self._server.wait_closed()
+            await close_all(self._clients)
+            await server_closed(self._server)
             self._server = None
 
     def _make_room(self, peer: str) -> bool:

@@ -218,7 +218,7 @@ class Parser:
         A body that comes in many reads is parsed again only once a NUL arrives (every
         frame ends with one), so a large body costs its length, not its length squared."""
         self._buffer += data
-        if self._in_body and b"\0" not in data and len(self._buffer) <= self.limits.max_frame:
+        if self._in_body and b"\0" not in data and len(self._buffer) < self.limits.max_frame:
             return []
         frames: list[Frame] = []
         consumed = False

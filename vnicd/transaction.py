@@ -58,8 +58,9 @@ class Pending(Exception):
 
 class Failed(Exception):
     """A step failed; the completed steps were undone (``problems``: what could not be;
-    ``undo``: the steps to undo again, the failed one included, should the connection to
-    libvirt have been lost: whether it happened is then unknown)."""
+    ``undo``: the steps done and the failed one, what a lost connection to libvirt leaves
+    unknown: undone again once it is back when all are :func:`repeatable`, else the change
+    is settled from what libvirt then has)."""
 
     def __init__(self, cause: Exception, problems: list[str], undo: tuple[Step, ...] = ()) -> None:
         super().__init__(str(cause))
