@@ -4,6 +4,7 @@ failing or hanging health check stops the pings (without piling up checks)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import os
 import threading
@@ -91,3 +92,32 @@ def test_one_failed_check_costs_no_restart(monkeypatch: pytest.MonkeyPatch) -> N
     gaps = [b - a for a, b in itertools.pairwise(pings)]
     assert len(calls) > 4 and gaps, (calls, pings)
     assert max(gaps) < 0.8 * 0.75, gaps  # before: the ping after the failure came 0.8 s late
+
+
+def test_a_check_that_fails_after_its_wait_leaves_no_loop_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A hung check that fails once nobody waits for it any more is dropped quietly, not
+    logged by asyncio as an exception never retrieved."""
+    monkeypatch.setattr(sdnotify, "notify", lambda _m: None)
+    release = threading.Event()
+
+    def check() -> None:
+        release.wait(5)
+        raise RuntimeError("libvirt: connection lost")
+
+    async def scenario() -> list[dict[str, object]]:
+        loop_errors: list[dict[str, object]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _l, c: loop_errors.append(c))
+        dog: Watchdog | None = Watchdog(0.4, check)  # waits 0.05 s for a check
+        assert dog is not None
+        dog.start()
+        await asyncio.sleep(0.2)
+        await dog.stop()
+        release.set()
+        await asyncio.sleep(0.2)  # the check fails; nobody waits for it
+        dog = None
+        gc.collect()
+        return loop_errors
+
+    assert asyncio.run(scenario()) == []

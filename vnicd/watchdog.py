@@ -69,6 +69,8 @@ class Watchdog:
         """Run the check on a daemon thread: one that hangs never blocks vnicd's exit."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
+        # a check that ends after its waiter timed out fails unseen: no "never retrieved"
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
 
         def settle(error: BaseException | None) -> None:
             if future.done():
