@@ -839,7 +839,11 @@ class Service:
             raise _error(plan, cause, f"{e}; {outcome}", rolled_back=rolled_back) from e
         except (HypervisorError, hostnet.HostNetError) as e:
             raise _Unanswered(e) from e
-        log.info(
+        # a change the caller asked for gets its audit line (see sitehooks.audit): this one
+        # is for a settling, or for debugging
+        settled = plan.action is Action.RECONCILE
+        log.log(
+            logging.INFO if settled else logging.DEBUG,
             "VM %s vNIC %s: %s done (%s)",
             plan.vm,
             plan.nic,
