@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import fields
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import yaml
 
 from vnicd.config import KEYS, LIVE, Config, ConfigError, changed, load, parse, settings
+from vnicd.daemon import Daemon
 from vnicd.networks import Target
 
 CONF = Path(__file__).resolve().parent.parent / "conf" / "vnicd.yml"
@@ -82,3 +85,24 @@ def test_a_reload_sees_every_setting() -> None:
         "engine.enabled": (False, True),
     }
     assert not LIVE - set(settings(base)), "a live key no config file holds"
+
+
+def test_a_reload_that_cannot_set_the_socket_mode_applies_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The socket gone (a reload while vnicd stops): the new mode cannot be set, so neither
+    the log level nor the hooks of the same file are taken."""
+    path = tmp_path / "vnicd.yml"
+    path.write_text(f"state_dir: {tmp_path}\nrpc: {{unix_socket: {tmp_path / 'gone.sock'}}}\n")
+    daemon = Daemon(load(path), path)
+    daemon._server = cast(Any, object())  # serving, as far as a reload looks
+    path.write_text(
+        path.read_text() + "log_level: DEBUG\nhooks: {timeout: 5}\n"
+        "rpc: {unix_socket: " + str(tmp_path / "gone.sock") + ", socket_mode: '0660'}\n"
+    )
+    level = logging.getLogger().level
+    with caplog.at_level(logging.INFO, logger="vnicd.daemon"):
+        daemon.reload()
+    assert "reload refused: rpc.socket_mode cannot be set" in caplog.text
+    assert daemon.config.log_level == "INFO" and daemon.hooks.timeout == 30.0
+    assert logging.getLogger().level == level and "reload: log_level" not in caplog.text

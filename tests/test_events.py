@@ -1,10 +1,18 @@
-"""Events from VM info: only what changed, in VDSM's notification shape. Pure logic."""
+"""Events from VM info: only what changed, in VDSM's notification shape; the resync that
+feeds them. Pure logic."""
 
 from __future__ import annotations
 
+import asyncio
 import json
-from typing import Any
+import logging
+from pathlib import Path
+from typing import Any, cast
 
+import pytest
+
+from vnicd.config import Config, EngineConfig
+from vnicd.daemon import Daemon
 from vnicd.events import Events, devices_hash
 
 VM = "6ba7b810-9dad-11d1-80b4-00c04fd430c8"
@@ -118,3 +126,31 @@ def test_hash_ignores_order_and_changes_with_any_field() -> None:
     assert devices_hash([a, b]) == devices_hash([b, a])
     assert devices_hash([a]) != devices_hash([nic(pciAddress="0000:00:04.0")])
     assert int(devices_hash([a])) != 0
+
+
+def test_a_resync_failing_for_long_is_logged_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """libvirtd away for minutes: one warning, not one every resync_interval, and a line
+    once the looks work again."""
+    daemon = Daemon(Config(state_dir=tmp_path, engine=EngineConfig(resync_interval=0.01)))
+    daemon.service = cast(Any, object())  # only looked at for being there
+    looks = iter([False] * 5 + [True] + [False])
+
+    async def resync_once() -> None:
+        if not next(looks, True):
+            raise ConnectionError("libvirtd is down")
+
+    monkeypatch.setattr(daemon, "resync_once", resync_once)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(daemon._resync())
+        await asyncio.sleep(0.3)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    with caplog.at_level(logging.INFO, logger="vnicd.daemon"):
+        asyncio.run(scenario())
+    said = [r.getMessage() for r in caplog.records if r.name == "vnicd.daemon"]
+    down, again = "resync for events failed: libvirtd is down", "resync for events works again"
+    assert said == [down, again, down, again], said

@@ -226,11 +226,20 @@ class Daemon:
             )
         if fixed:
             return
+        if self._server is not None and new.socket_mode != self.config.socket_mode:
+            try:  # first: the one part that can fail, so that nothing is applied half
+                os.chmod(new.unix_socket, new.socket_mode)
+            except OSError as e:
+                log.error(
+                    "reload refused: rpc.socket_mode cannot be set on %s (%s); keeping the "
+                    "running configuration",
+                    new.unix_socket,
+                    e.strerror or e,
+                )
+                return
         for key, (was, now) in diff.items():
             log.info("reload: %s %r -> %r", key, was, now)
         logs.set_level(new.log_level)
-        if self._server is not None and new.socket_mode != self.config.socket_mode:
-            os.chmod(new.unix_socket, new.socket_mode)
         self.hooks.configure(new.hooks_dir, new.hooks_timeout)
         self.config = new
         log.info("configuration reloaded from %s", self.config_path)
@@ -317,12 +326,22 @@ class Daemon:
         task.add_done_callback(self._event_tasks.discard)
 
     async def _resync(self) -> None:
-        """Look at every VM now and then: libvirt emits no event for a device update."""
+        """Look at every VM now and then: libvirt emits no event for a device update. A
+        failure is logged once until a look works again (libvirtd away for minutes must
+        not fill the log)."""
+        failing = False
         while self.service is not None:
             try:
                 await self.resync_once()
             except Exception as e:
-                log.warning("resync for events failed: %s", e)
+                log.log(
+                    logging.DEBUG if failing else logging.WARNING, "resync for events failed: %s", e
+                )
+                failing = True
+            else:
+                if failing:
+                    log.info("resync for events works again")
+                failing = False
             await asyncio.sleep(self.config.engine.resync_interval)
 
     async def resync_once(self) -> None:
