@@ -131,15 +131,18 @@ def test_hash_ignores_order_and_changes_with_any_field() -> None:
 def test_a_resync_failing_for_long_is_logged_once(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
-    """libvirtd away for minutes: one warning, not one every resync_interval, and a line
-    once the looks work again."""
+    """libvirtd away for minutes: one warning, not one every resync_interval; another for a
+    failure of another kind, and a line once the looks work again."""
     daemon = Daemon(Config(state_dir=tmp_path, engine=EngineConfig(resync_interval=0.01)))
     daemon.service = cast(Any, object())  # only looked at for being there
-    looks = iter([False] * 5 + [True] + [False])
+    looks = iter(["down"] * 5 + [""] + ["down", "bug", "bug"])
 
     async def resync_once() -> None:
-        if not next(looks, True):
+        failure = next(looks, "")
+        if failure == "down":
             raise ConnectionError("libvirtd is down")
+        if failure:
+            raise KeyError("vmName")
 
     monkeypatch.setattr(daemon, "resync_once", resync_once)
 
@@ -153,4 +156,5 @@ def test_a_resync_failing_for_long_is_logged_once(
         asyncio.run(scenario())
     said = [r.getMessage() for r in caplog.records if r.name == "vnicd.daemon"]
     down, again = "resync for events failed: libvirtd is down", "resync for events works again"
-    assert said == [down, again, down, again], said
+    bug = "resync for events failed: 'vmName'"
+    assert said == [down, again, down, bug, again], "each new failure told once"

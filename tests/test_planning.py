@@ -244,6 +244,15 @@ def test_plug_comes_back_as_stored() -> None:
     assert err.value.fields["cause"] == "alreadyPlugged"
 
 
+def test_a_copy_stored_with_a_made_up_tap_name_plugs_back_without_it() -> None:
+    """One stored before stored copies dropped libvirt's tap names: libvirt picks anew."""
+    old = StoredNic("net4", Interface.from_xml(nic(B, slot=4).replace("tap4", "vnet3")), False)
+    s = snap(domain(nic(A), stored=[old]), domain(nic(A, live=False)))
+    attach = plan_plug(s, NicRef(mac=B), namer).steps[0]
+    assert isinstance(attach, LiveAttach) and attach.iface.tap is None
+    assert str(attach.iface.address) == "0000:00:04.0", "the rest as stored"
+
+
 def test_plug_on_the_network_and_link_asked() -> None:
     s = snap(domain(nic(A), stored=[stored(B, 4)]), domain(nic(A, live=False)))
     change = NicChange(link_up=False, network="br-b")

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vnicd import errors
+from vnicd import bulk, errors
 from vnicd.dispatcher import Dispatcher
 from vnicd.domxml import Interface, Source
 from vnicd.hypervisor import HypervisorError
@@ -35,7 +35,7 @@ from vnicd.schema import Schema
 from vnicd.service import VmLocks
 from vnicd.transaction import Failed, Pending, Refused, Transaction, Waiting, repeatable
 from vnicd.unplugged import Store
-from vnicd.verbs import HANDLERS
+from vnicd.verbs import HANDLERS, _outcome_wire
 
 VM = "0b7e3f34-3d68-4cb8-a7ea-c9d04be1a0e1"
 MAC = "52:54:00:00:00:0b"
@@ -701,33 +701,62 @@ def test_a_cut_step_that_cannot_be_repeated_is_left_to_settle() -> None:
     assert not repeatable(error.undo), "settled once libvirt answers, not undone blindly"
 
 
-class _NoSuchVnic:
-    """A service that knows no vNIC: the core names the field it looked by ("mac")."""
+class _Refusing:
+    """A service that refuses every vNIC change, naming the core's field (``field``)."""
+
+    def __init__(self, field: str) -> None:
+        self.field = field
+
+    def _refused(self, req: Any) -> errors.VnicdError:
+        if self.field == "mac":
+            return errors.NoSuchNic(VM, str(req.nic), "mac")
+        return errors.UnsupportedChange(VM, str(req.nic), self.field, "refused")
 
     async def update_device(self, req: Any) -> Any:
-        raise errors.NoSuchNic(VM, str(req.nic), "mac")
+        raise self._refused(req)
 
     async def hotunplug(self, req: Any) -> Any:
-        raise errors.NoSuchNic(VM, str(req.nic), "mac")
-
-    async def update_each(self, *_a: Any, **_k: Any) -> Any:
-        raise AssertionError("not asked")
+        raise self._refused(req)
 
 
 @pytest.mark.parametrize(
-    ("verb", "params", "field"),
+    ("verb", "params", "core", "field"),
     [
-        ("VM.updateDevice", {"deviceType": "interface", "macAddr": MAC}, "params.macAddr"),
-        ("VM.hotunplugNic", {"nic": {"macAddr": MAC}}, "params.nic.macAddr"),
-        ("VM.updateDevice", {"deviceType": "interface", "xml": NIC}, "params.xml"),
+        ("VM.updateDevice", {"deviceType": "interface", "macAddr": MAC}, "mac", "params.macAddr"),
+        ("VM.hotunplugNic", {"nic": {"macAddr": MAC}}, "mac", "params.nic.macAddr"),
+        ("VM.updateDevice", {"deviceType": "interface", "xml": NIC}, "mac", "params.xml"),
+        ("VM.updateDevice", {"deviceType": "interface", "xml": NIC}, "model", "params.xml"),
+        (
+            "VM.updateDevice",
+            {"deviceType": "interface", "macAddr": MAC, "nicModel": "e1000"},
+            "model",
+            "params.nicModel",
+        ),
     ],
 )
 def test_an_error_names_the_field_where_the_request_put_it(
-    verb: str, params: dict[str, Any], field: str
+    verb: str, params: dict[str, Any], core: str, field: str
 ) -> None:
     """The plain shape, an older engine's ``params.nic``, and a vNIC named by its XML."""
     request = {"jsonrpc": "2.0", "method": verb, "params": {"vmID": VM, "params": params}, "id": 1}
+    service = _Refusing(core)
     reply = json.loads(
-        asyncio.run(Dispatcher(_SCHEMA, _NoSuchVnic(), HANDLERS).handle(json.dumps(request)))
+        asyncio.run(Dispatcher(_SCHEMA, service, HANDLERS).handle(json.dumps(request)))
     )
     assert reply["error"]["data"]["field"] == field, reply
+
+
+@pytest.mark.parametrize(
+    ("error", "field"),
+    [
+        (errors.UnsupportedChange(VM, MAC, "link", "unwired"), "change.linkActive"),
+        (errors.UnsupportedChange(VM, MAC, "only_on", "moved off"), "match.network"),
+        (errors.NoSuchNic(VM, MAC, "mac"), "macAddr"),
+    ],
+)
+def test_a_bulk_result_names_the_field_in_its_own_terms(
+    error: errors.VnicdError, field: str
+) -> None:
+    """A bulk call names no vNIC: its results name its change, its match, or their vNIC."""
+    wire = _outcome_wire(bulk.Outcome(VM, None, error=error))
+    assert wire["error"]["data"]["field"] == field, wire

@@ -172,3 +172,11 @@ def test_a_body_in_many_reads_is_parsed_once_it_can_end(monkeypatch: pytest.Monk
     with_length = Frame("SEND", {"destination": "q"}, b"a\x00b" * 1000).encode()
     frames = [f for i in range(len(with_length)) for f in parser.feed(with_length[i : i + 1])]
     assert [f.body for f in frames] == [b"a\x00b" * 1000], "a NUL inside a counted body"
+
+
+def test_a_counted_body_not_ended_by_nul_is_refused_at_once() -> None:
+    """A body with a content-length is checked at its length at every read, NUL or not."""
+    parser = Parser()
+    assert parser.feed(b"SEND\ndestination:q\ncontent-length:2\n\n") == []
+    with pytest.raises(FrameError, match="NUL"):
+        parser.feed(b"abX")

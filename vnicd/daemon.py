@@ -327,21 +327,20 @@ class Daemon:
 
     async def _resync(self) -> None:
         """Look at every VM now and then: libvirt emits no event for a device update. A
-        failure is logged once until a look works again (libvirtd away for minutes must
-        not fill the log)."""
-        failing = False
+        failure is logged once until a look works again or fails otherwise (libvirtd away
+        for minutes must not fill the log)."""
+        failing = ""  # the failure last logged
         while self.service is not None:
             try:
                 await self.resync_once()
             except Exception as e:
-                log.log(
-                    logging.DEBUG if failing else logging.WARNING, "resync for events failed: %s", e
-                )
-                failing = True
+                said = f"resync for events failed: {e}"
+                log.log(logging.DEBUG if said == failing else logging.WARNING, "%s", said)
+                failing = said
             else:
                 if failing:
                     log.info("resync for events works again")
-                failing = False
+                failing = ""
             await asyncio.sleep(self.config.engine.resync_interval)
 
     async def resync_once(self) -> None:

@@ -217,7 +217,7 @@ def _check_update(
         current.kind not in WIRABLE or namer(current.source) != change.only_on
     ):
         raise errors.UnsupportedChange(
-            snap.uuid, nic, "network", f"it is no longer on network {change.only_on!r}"
+            snap.uuid, nic, "only_on", f"it is no longer on network {change.only_on!r}"
         )
     if change.model is not None and change.model != current.model:
         raise errors.UnsupportedChange(

@@ -193,10 +193,11 @@ def _body(
     return Frame(command, headers, bytes(data[start:end])), end + 1
 
 
-def _headers_end(data: Buffer) -> int:
-    """Where the blank line that ends a frame's headers is, -1 before it came."""
+def _awaits_nul(data: Buffer) -> bool:
+    """The buffered frame has all its headers, none of them a ``content-length``: only a
+    NUL can end it. (A counted body is checked at its length, cheaply, at every read.)"""
     found = [i for i in (data.find(b"\n\n"), data.find(b"\n\r\n")) if i >= 0]
-    return min(found) if found else -1
+    return bool(found) and data.find(b"\ncontent-length:", 0, min(found) + 1) < 0
 
 
 class Parser:
@@ -205,7 +206,7 @@ class Parser:
     def __init__(self, limits: Limits = Limits()) -> None:
         self.limits = limits
         self._buffer = bytearray()
-        self._in_body = False  # the buffer holds a frame's headers whole, not its NUL yet
+        self._in_body = False  # the buffered frame waits for its NUL (see _awaits_nul)
 
     @property
     def partial(self) -> bool:
@@ -231,5 +232,5 @@ class Parser:
             if frame is not None:
                 frames.append(frame)
         if consumed or not self._in_body:  # a new frame begins: are its headers whole?
-            self._in_body = bool(self._buffer) and _headers_end(self._buffer) >= 0
+            self._in_body = _awaits_nul(self._buffer)
         return frames

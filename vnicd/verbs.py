@@ -63,9 +63,18 @@ NIC_FIELDS = {
     "link": "params.nic.linkActive",
 }
 # The same where ``params.xml`` (an ``<interface>`` or VDSM's ``<hotplug>``) names the vNIC.
-XML_FIELDS = {**WIRE_FIELDS, **dict.fromkeys(("alias", "mac", "network", "link"), "params.xml")}
-# A bulk change's, in its ``change``.
-BULK_FIELDS = {"network": "change.network", "link": "change.linkActive"}
+XML_FIELDS = {
+    **WIRE_FIELDS,
+    **dict.fromkeys(("alias", "mac", "network", "link", "model"), "params.xml"),
+}
+# A bulk change's: its ``change``, its ``match``, and each result's own vNIC.
+BULK_FIELDS = {
+    "network": "change.network",
+    "link": "change.linkActive",
+    "only_on": "match.network",
+    "mac": "macAddr",
+    "alias": "alias",
+}
 
 
 def _fields_of(p: Params) -> dict[str, str]:
