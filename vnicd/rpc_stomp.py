@@ -185,7 +185,7 @@ class StompServer:
         for writer in list(self._handshakes):
             writer.transport.abort()
         connections = list(self._connections)
-        serving = [t for c in connections if (t := c.abort(now=False)) is not None]
+        serving = [t for c in connections if (t := c.stop_serving()) is not None]
         if serving:  # each ends at once: calls past their time are not waited for
             await asyncio.wait(serving)
         await close_all(c.writer for c in connections)
@@ -239,7 +239,7 @@ class StompServer:
         try:
             await conn.serve()
         except asyncio.CancelledError:
-            pass  # dropped by abort(): the connection's end, not this task's failure
+            pass  # see stop_serving(): the connection's end, not this task's failure
         finally:
             self._connections.discard(conn)
 
@@ -276,19 +276,19 @@ class _Connection:
             await asyncio.wait_for(self._writer.drain(), 1)
         self._writer.close()
 
-    def abort(self, *, now: bool = True) -> asyncio.Task[Any] | None:
-        """Stop serving the connection: its peer does not read (``now``: dropped with what
-        it has not sent), or vnicd stops after its calls had their time (closed, what it
-        holds still sent). Returns the task serving it, which ends without waiting for
-        calls still running: they go on, unanswered."""
+    def stop_serving(self) -> asyncio.Task[Any] | None:
+        """Serve the connection no more (vnicd stops after its calls had their time, or
+        its peer does not read); returns the task serving it, which ends, closing it,
+        without waiting for calls still running: they go on, unanswered."""
         self._dropped = True
         if self._serving is not None and self._serving is not asyncio.current_task():
             self._serving.cancel()
-        if now:
-            self._writer.transport.abort()
-        else:
-            self._writer.close()
         return self._serving
+
+    def abort(self) -> None:
+        """Drop the connection now, with what it has not sent: its peer does not read."""
+        self.stop_serving()
+        self._writer.transport.abort()
 
     async def serve(self) -> None:
         self._serving = asyncio.current_task()

@@ -840,16 +840,13 @@ class Service:
         except (HypervisorError, hostnet.HostNetError) as e:
             raise _Unanswered(e) from e
         # a change the caller asked for gets its audit line (see sitehooks.audit): this one
-        # is for a settling, or for debugging
-        settled = plan.action is Action.RECONCILE
-        log.log(
-            logging.INFO if settled else logging.DEBUG,
-            "VM %s vNIC %s: %s done (%s)",
-            plan.vm,
-            plan.nic,
-            plan.action.value,
-            _summary(plan),
-        )
+        # is for a settling, or for debugging (its summary made only then: a hot path)
+        level = logging.INFO if plan.action is Action.RECONCILE else logging.DEBUG
+        if log.isEnabledFor(level):
+            summary = _summary(plan)
+            log.log(
+                level, "VM %s vNIC %s: %s done (%s)", plan.vm, plan.nic, plan.action.value, summary
+            )
         return result
 
     def _answer(
