@@ -279,6 +279,8 @@ def test_libvirt_network_moved_to_a_bridge_and_back(
             params = {"deviceType": "interface", "macAddr": mac, "network": f"{net}m"}
             call(sock, "VM.updateDevice", vmID=vm_id, params=params)
         assert refused.value.data.get("reason") == "noNetwork", refused.value
+        assert master(tap) == bridge, "the refused move changed nothing"
+        assert f"<source network='{net}'" in libvirtd.virsh("dumpxml", vm_id).stdout
 
         for network, kind, where in (("vt-b", "bridge", "vt-b"), ("lab", "network", bridge)):
             params = {"deviceType": "interface", "macAddr": mac, "network": network}
