@@ -7,9 +7,12 @@ takes every change in its definition.)
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
+import libvirt
+import libvirt_qemu
 import pytest
 
 from tests.conftest import Nic, Vms, nic_xml
@@ -90,6 +93,44 @@ def test_stopped_vm_takes_changes_and_boots_with_them(
     assert (got_b.kernel_bridge, got_b.link_up, got_b.pci) == ("vt-c", True, slots[b.mac])
     assert nic_info(rpc, vm_id, b.mac)["plugged"] is True
     assert pci_of(saved_interfaces(vnicd, vm_id)[b.mac]) == slots[b.mac]
+
+
+def crash(dom: libvirt.virDomain) -> None:
+    """What a guest kernel's panic does: write to the pvpanic device's port."""
+    hmp = libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
+    libvirt_qemu.qemuMonitorCommand(dom, "o /b 0x505 1", hmp)
+    deadline = time.monotonic() + 10
+    while dom.state()[0] != libvirt.VIR_DOMAIN_CRASHED:
+        assert time.monotonic() < deadline, f"no crash: state {dom.state()}"
+        time.sleep(0.05)
+
+
+def test_a_crashed_vm_kept_for_its_dump_takes_changes_live(
+    vnicd: DaemonThread, vms: Vms, rpc: SchemaClient
+) -> None:
+    """on_crash=preserve keeps a panicked guest's QEMU (for a memory dump): the VM is not
+    stopped, so a change must reach its live vNIC and its definition both."""
+    a = Nic("vt-a")
+    vm_id, xml = vms.xml(a)
+    xml = xml.replace(
+        "<on_poweroff>destroy</on_poweroff>",
+        "<on_poweroff>destroy</on_poweroff><on_crash>preserve</on_crash>",
+    )
+    panic = "<panic model='isa'><address type='isa' iobase='0x505'/></panic>"
+    xml = xml.replace("</devices>", f"{panic}</devices>")
+    rpc.call("VM.create", vmID=vm_id, vmParams={"xml": xml, "persistent": True})
+    vms.created.append(vm_id)
+    before = seen(vnicd, vm_id, a.mac)
+    crash(vnicd.domain(vm_id))
+    assert rpc.call("VM.getInfo", vmID=vm_id)["status"] == "Paused"
+
+    update(rpc, vm_id, macAddr=a.mac, network="vt-b", linkActive=False)
+    after = seen(vnicd, vm_id, a.mac)
+    assert (after.kernel_bridge, after.link_up, after.pci) == ("vt-b", False, before.pci)
+    saved = saved_interfaces(vnicd, vm_id)[a.mac]
+    assert saved.find("source").get("bridge") == "vt-b"
+    assert saved.find("link").get("state") == "down"
+    assert vnicd.domain(vm_id).state()[0] == libvirt.VIR_DOMAIN_CRASHED
 
 
 def test_running_persistent_vm_keeps_wiring_across_reboot(

@@ -33,7 +33,17 @@ from vnicd.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
-_EVENTS = ["defined", "undefined", "started", "suspended", "resumed", "stopped", "shutdown"]
+_EVENTS = [
+    "defined",
+    "undefined",
+    "started",
+    "suspended",
+    "resumed",
+    "stopped",
+    "shutdown",
+    "pmsuspended",
+    "crashed",
+]
 # After these, a VM's stored vNICs are settled with its domain (a definition may have
 # been replaced, a guest may have released a vNIC while vnicd was away), and a change to
 # undo is undone; what is kept of a VM gone since is dropped.

@@ -42,6 +42,9 @@ _STATES = {
     libvirt.VIR_DOMAIN_PAUSED: VmStatus.PAUSED,
     libvirt.VIR_DOMAIN_PMSUSPENDED: VmStatus.PAUSED,
     libvirt.VIR_DOMAIN_SHUTDOWN: VmStatus.SHUTTING_DOWN,
+    # kept by on_crash=preserve: its QEMU lives on with the vCPUs stopped and takes live
+    # changes as a paused VM does (a crashed VM that stopped is shut off, reason crashed)
+    libvirt.VIR_DOMAIN_CRASHED: VmStatus.PAUSED,
 }
 
 # lifecycle events after which a kept handle may be of a VM that is gone
