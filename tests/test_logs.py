@@ -157,12 +157,13 @@ def test_stderr_text_carries_the_flow_id() -> None:
 def test_journal_detection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sock_path = tmp_path / "journal.sock"
     monkeypatch.setattr(logs, "JOURNAL_SOCKET", sock_path)
-    assert not logs.under_journal({"INVOCATION_ID": "x"}), "no journal socket, no journal"
+    st = os.fstat(sys.stderr.fileno())
+    ours = {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+    assert not logs.under_journal(ours), "no journal socket, no journal"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
         s.bind(str(sock_path))
-        assert logs.under_journal({"INVOCATION_ID": "x"})
-        st = os.fstat(sys.stderr.fileno())
-        assert logs.under_journal({"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
+        assert logs.under_journal(ours)
+        assert not logs.under_journal({"INVOCATION_ID": "x"}), "a service's child, stderr elsewhere"
         assert not logs.under_journal({"JOURNAL_STREAM": "1:2"}), "stderr redirected elsewhere"
         assert not logs.under_journal({})
 

@@ -1,7 +1,7 @@
 """Where vnicd's log lines go, with the fields that let an administrator find them.
 
-Under systemd (its journal socket present and JOURNAL_STREAM naming our stderr, or
-INVOCATION_ID set) records go to the journal with structured fields: the request's flow id
+Under systemd (its journal socket present and JOURNAL_STREAM naming our stderr) records
+go to the journal with structured fields: the request's flow id
 and caller on every record, and the VM, vNIC and verb where a log call passes them with
 ``extra=fields(...)``, as ``VNICD_VM_ID``, ``VNICD_MAC``, ``VNICD_ALIAS``, ``VNICD_VERB``,
 ``VNICD_FLOW_ID``, ``VNICD_CALLER`` (``journalctl VNICD_VM_ID=...``). Elsewhere they go to
@@ -68,11 +68,11 @@ class TextFormatter(logging.Formatter):
 
 
 def under_journal(environ: Mapping[str, str] = os.environ) -> bool:
-    """True when systemd started us and its journal can take structured records."""
+    """True when our stderr goes to systemd's journal, which can take structured records
+    instead. Not merely because a service started us (``INVOCATION_ID``): a shell or a CI
+    runner that is one passes that on, and its stderr is where it reads our lines."""
     if not JOURNAL_SOCKET.is_socket():
         return False
-    if environ.get("INVOCATION_ID"):
-        return True
     stream = environ.get("JOURNAL_STREAM", "")
     try:
         st = os.fstat(sys.stderr.fileno())
