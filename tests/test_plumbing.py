@@ -507,6 +507,17 @@ def test_a_marked_store_write_that_fails_half_way_leaves_it_as_it_was() -> None:
     ]
 
 
+def test_a_store_write_for_both_that_fails_is_written_back_live() -> None:
+    """One write for live and definition: libvirt writes live first, so its failure may
+    have changed the live store; it is written back."""
+    moved = StoreWrite(_KEPT, Store().put("net9", _NIC_C, pending=True))
+    dom, error = _write((moved,), running=True, persistent=True, fail=frozenset({1}))
+    assert isinstance(error, Failed) and not error.problems
+    assert dom.writes == [(moved.after.format(), True, True), (_KEPT.format(), True, False)]
+    dom, error = _write((moved,), running=True, persistent=False, fail=frozenset({1}))
+    assert isinstance(error, Failed) and dom.writes == [(moved.after.format(), True, False)]
+
+
 class _CutDomain:
     """A running VM whose last change (br-old -> br-new) libvirt carried out after the
     connection was lost; br-old is gone since, so libvirt refuses to go back."""

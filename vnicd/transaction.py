@@ -463,21 +463,22 @@ class Transaction:
     def _write_store(self, store: Store, replacing: Store) -> None:
         """Live and in the definition, which keeps no bounce mark (one is of the running
         guest: a VM that boots with one was not in a bounce): one write for both, but for a
-        marked store two, the second left out when only marks change; when it fails, the
-        first is undone, so a failed write leaves the store as it was."""
+        marked store two, the second left out when only marks change. When a write to the
+        definition fails, the live store is written back: libvirt writes live first, also
+        in one call for both, so a failed write leaves the store as it was."""
         active, persistent, kept = self._snap.active, self._snap.persistent, store.unmarked()
         marked = kept is not store
-        if active:
-            both = persistent and not marked
-            self._dom.set_metadata(store.format(), KEY, NAMESPACE, live=True, persistent=both)
-        if not persistent:
-            return
-        if active and (not marked or kept == replacing.unmarked()):
-            return  # written with the live one, or unchanged
         try:
+            if active:
+                both = persistent and not marked
+                self._dom.set_metadata(store.format(), KEY, NAMESPACE, live=True, persistent=both)
+            if not persistent:
+                return
+            if active and (not marked or kept == replacing.unmarked()):
+                return  # written with the live one, or unchanged
             self._dom.set_metadata(kept.format(), KEY, NAMESPACE, live=False, persistent=True)
         except HypervisorError:
-            if active:
+            if active and persistent:
                 xml = replacing.format()
                 with contextlib.suppress(HypervisorError):
                     self._dom.set_metadata(xml, KEY, NAMESPACE, live=True, persistent=False)
