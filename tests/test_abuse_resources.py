@@ -112,7 +112,7 @@ def separate(state: Path) -> Iterator[tuple[subprocess.Popen[str], Target, Path]
         yield proc, Target(sock, PORT, certs, found.nics, tuple(x for _, x in vms)), log_path
         with Client(sock) as c:
             for vm_id, _ in vms:
-                c.call("VM.destroy", vmID=vm_id)
+                c.call("VM.destroy", vmID=vm_id, undefine=True)
     finally:
         stop(proc)
 

@@ -208,7 +208,7 @@ def test_sigkill_with_an_unplugged_vnic_and_a_change_in_flight(
         plugged = nics(sock, vm_id)[b.mac]
         assert plugged["plugged"] is True and master(plugged["tap"]) == "vt-a"
         with Client(sock) as client:
-            client.call("VM.destroy", vmID=vm_id)
+            client.call("VM.destroy", vmID=vm_id, undefine=True)
 
 
 def test_a_bounce_that_cannot_end_does_not_hold_back_recovery(
@@ -244,7 +244,7 @@ def test_a_bounce_that_cannot_end_does_not_hold_back_recovery(
             assert vm.live[c.mac][0] == vm.saved[c.mac] == down, "the definition follows"
             run.start()
             with Client(run.sock) as client:
-                client.call("VM.destroy", vmID=vm_id)
+                client.call("VM.destroy", vmID=vm_id, undefine=True)
     finally:
         subprocess.run(["ip", "link", "del", "dev", bridge], capture_output=True, check=False)
 

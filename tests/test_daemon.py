@@ -117,7 +117,7 @@ def test_serves_stops_and_picks_up_running_vms(state: Path, vnicd: DaemonThread)
                 params={"deviceType": "interface", "alias": "net0", "network": "vt-b"},
             )
             assert master(nic.tap) == "vt-b"
-            c.call("VM.destroy", vmID=vm_id)
+            c.call("VM.destroy", vmID=vm_id, undefine=True)
         assert "found 1 VMs: proc-vm" in stop(proc)
     finally:
         if proc.poll() is None:

@@ -19,7 +19,7 @@ import pytest
 from tests import pki
 from tests.conftest import Nic, Vms, nic_xml
 from tests.engine import EngineClient, read_until_closed, tls_socket
-from tests.evidence import seen
+from tests.evidence import interfaces, seen
 from tests.harness import DaemonThread
 from vnicd.caller import CallerFilter
 from vnicd.client import RpcError
@@ -72,6 +72,27 @@ def test_every_verb(vnicd: DaemonThread, vms: Vms, engine: EngineClient) -> None
     with pytest.raises(RpcError) as e:
         engine.call("VM.getInfo", vmID=vm_id)
     assert e.value.code == 1
+
+
+def test_the_engines_destroy_stops_a_defined_vm_and_keeps_it(
+    vnicd: DaemonThread, vms: Vms, engine: EngineClient
+) -> None:
+    """ovirt-engine sends VM.destroy {vmID} for every VM it hears is Down, its way of
+    saying "stop it": a defined VM keeps its definition, with its vNICs' changes."""
+    vm_id = vms.create(Nic("vt-a"), persistent=True)
+    mac = engine.call("VM.getInfo", vmID=vm_id)["nics"][0]["macAddr"]
+    params = {"deviceType": "interface", "macAddr": mac, "network": "vt-b"}
+    engine.call("VM.updateDevice", vmID=vm_id, params=params)
+    for _ in range(2):  # the second finds it stopped: nothing to do
+        assert engine.call("VM.destroy", vmID=vm_id) == {}
+        dom = vnicd.domain(vm_id)
+        assert not dom.isActive() and dom.isPersistent()
+        saved = interfaces(str(dom.XMLDesc(2)))[mac]  # VIR_DOMAIN_XML_INACTIVE
+        assert saved.find("source").get("bridge") == "vt-b"  # type: ignore[union-attr]
+        assert engine.call("VM.getInfo", vmID=vm_id)["status"] == "Down"
+    assert engine.call("VM.destroy", vmID=vm_id, undefine=True) == {}
+    with pytest.raises(libvirt.libvirtError):
+        vnicd.domain(vm_id)
 
 
 def interfaces_macs(domain_xml: str) -> list[str]:

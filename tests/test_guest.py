@@ -156,7 +156,7 @@ def destroy(vnicd: DaemonThread, vm_id: str) -> None:
     """Destroy a VM through vnicd; one that is already gone (crashed guest) is fine."""
     with vnicd.client() as client:
         try:
-            client.call("VM.destroy", vmID=vm_id)
+            client.call("VM.destroy", vmID=vm_id, undefine=True)
         except RpcError as e:
             if e.code != NO_VM:
                 raise

@@ -145,7 +145,7 @@ def test_libvirtd_killed_and_restarted_while_vnicd_serves(
             params={"deviceType": "interface", "alias": "net0", "network": "vt-b"},
         )
         assert master(nic.tap) == "vt-b"
-        call(sock, "VM.destroy", vmID=vm_id)
+        call(sock, "VM.destroy", vmID=vm_id, undefine=True)
         wait_for(log_path, f"VM {vm_id} ({name}): stopped")  # events resumed
 
         proc.send_signal(signal.SIGTERM)
@@ -218,7 +218,7 @@ def test_hung_libvirtd_is_noticed_by_keepalive(libvirtd: PrivateLibvirtd, workdi
         libvirtd.pause(False)
         until("vnicd serves again", lambda: call(sock, "VM.getInfo", vmID=vm_id) == before)
         assert master(nic.tap) == "vt-a"
-        call(sock, "VM.destroy", vmID=vm_id)
+        call(sock, "VM.destroy", vmID=vm_id, undefine=True)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     finally:
@@ -309,7 +309,7 @@ def test_libvirt_network_moved_to_a_bridge_and_back(
             for r, t in zip(done["results"], (tap, tap2), strict=True):
                 assert (r["nic"]["sourceType"], r["nic"]["bridge"]) == (kind, where), r
                 assert master(t) == where
-        call(sock, "VM.destroy", vmID=vm_id)
+        call(sock, "VM.destroy", vmID=vm_id, undefine=True)
     finally:
         stop(proc)
         log.close()

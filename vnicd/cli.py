@@ -232,8 +232,9 @@ def _short_forms(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p = sub.add_parser("create", help="create and start a VM from a libvirt domain XML file")
     p.add_argument("xml", type=Path)
     p.add_argument("--persistent", action="store_true", help="define it, not transient")
-    p = sub.add_parser("destroy", help="stop a VM and remove it")
+    p = sub.add_parser("destroy", help="stop a VM (a transient one is gone then)")
     p.add_argument("vm", help="VM name or UUID")
+    p.add_argument("--undefine", action="store_true", help="also remove its definition")
     sub.add_parser("caps", help="vnicd version and the networks of this host")
     p = sub.add_parser("bulk", help="relink or move every vNIC on a network and/or of some VMs")
     p.add_argument("--network", help="the vNICs on this network ('' for the unwired ones)")
@@ -273,8 +274,9 @@ def _run_short(client: RpcClient, args: argparse.Namespace) -> tuple[Any, Callab
         vm_params = {"xml": text, "persistent": args.persistent}
         return client.call("VM.create", vmID=uuid, vmParams=vm_params), nics
     if args.command == "destroy":
-        client.call("VM.destroy", vmID=_vm_id(client, args.vm))
-        return {}, lambda _r: "destroyed"
+        vm_id = _vm_id(client, args.vm)
+        client.call("VM.destroy", vmID=vm_id, **({"undefine": True} if args.undefine else {}))
+        return {}, lambda _r: "destroyed and undefined" if args.undefine else "destroyed"
     if args.command == "bulk":
         return _bulk(client, args), _bulk_table
     caps = client.call("Host.getCapabilities")

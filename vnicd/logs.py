@@ -115,18 +115,18 @@ def audit(vm_id: str, nic: str, before: Any, after: Any, *, mac: str | None = No
     ``nic`` names the vNIC (its alias); ``before``/``after`` are its states, printed as given
     (a dict prints its keys in order). The caller comes from the request being served.
     """
-    who = callers.current.get()
+    who, old, new = callers.current.get(), _state(before), _state(after)
     audit_log.info(
         "VM %s vNIC %s: %s -> %s (asked by %s)",
         vm_id,
         nic,
-        _state(before),
-        _state(after),
+        old,
+        new,
         who,
         extra={
             **fields(vm_id=vm_id, alias=nic, mac=mac),
-            "VNICD_AUDIT_BEFORE": _state(before),
-            "VNICD_AUDIT_AFTER": _state(after),
+            "VNICD_AUDIT_BEFORE": old,
+            "VNICD_AUDIT_AFTER": new,
         },
     )
 

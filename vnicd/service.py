@@ -1030,17 +1030,23 @@ class Service:
         except HypervisorError as e:
             raise errors.CreateError(str(e), vmID=vm_id, cause=e.cause) from e
 
-    async def destroy(self, vm_id: str) -> None:
+    async def destroy(self, vm_id: str, *, undefine: bool = False) -> None:
+        """Stop the VM; with ``undefine``, also remove its definition. A definition is
+        never removed otherwise: ovirt-engine destroys each VM it hears is Down, meaning
+        "stop it" (VDSM's VMs are all transient)."""
         async with self.locks.hold(vm_id):
-            await self._blocking(self._destroy, vm_id)
-        self._forget(vm_id)
+            gone = await self._blocking(self._destroy, vm_id, undefine)
+        if gone:
+            self._forget(vm_id)
 
-    def _destroy(self, vm_id: str) -> None:
+    def _destroy(self, vm_id: str, undefine: bool) -> bool:
+        """Whether the VM is gone now."""
         dom, _status, persistent = self._present(vm_id)
         if dom.is_active():  # a crashed VM kept for a dump is still active
             dom.destroy()  # a transient VM is gone then
-        if persistent:
+        if persistent and undefine:
             dom.undefine()
+        return undefine or not persistent
 
 
 _DEFINITION = (DefinitionUpdate, DefinitionAttach, DefinitionDetach)

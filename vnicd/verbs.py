@@ -237,7 +237,7 @@ async def _create(svc: Service, p: Params) -> Any:
 
 
 async def _destroy(svc: Service, p: Params) -> Any:
-    await svc.destroy(_vm_id(p))
+    await svc.destroy(_vm_id(p), undefine=bool(p.get("undefine", False)))
     return {}
 
 
