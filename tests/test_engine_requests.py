@@ -13,16 +13,18 @@ deviceId, network, ...}}`` plus ``filter``/``filterParameters`` from
 
 from __future__ import annotations
 
+import subprocess
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from lxml import etree
 
 from tests import pki
 from tests.conftest import Nic, Vms
 from tests.engine import EngineClient
-from tests.evidence import interfaces, seen
+from tests.evidence import interfaces, pci_of, seen
 from tests.harness import DaemonThread
 from tests.test_states import stopped_vm
 from vnicd.client import RpcError
@@ -215,6 +217,55 @@ def test_update_device_as_todays_engine_sends_it(
     assert seen(vnicd, vm_id, nic.mac).kernel_bridge == vnicd.config.unwired_bridge
 
 
+FILTER = """<filter name='vnicd-test-no-mac-spoofing' chain='mac'>
+  <rule action='return' direction='out' priority='-650'><mac srcmacaddr='$MAC'/></rule>
+  <rule action='drop' direction='out' priority='-600'><mac/></rule>
+</filter>"""
+
+
+def test_the_engine_sends_the_profile_the_vnic_has_with_every_update(
+    vnicd: DaemonThread, vms: Vms, engine: EngineClient
+) -> None:
+    """The engine's update XML carries the vNIC's whole profile (on its default profile,
+    a network filter against MAC spoofing): the same as the vNIC has is no change, and
+    stays in force on the tap; another is refused."""
+    if vnicd.libvirtd is None:
+        pytest.skip("libvirt's embedded QEMU driver has no network filter (nwfilter) driver")
+    nwfilter = vnicd.conn.nwfilterDefineXML(FILTER)
+    alias = f"ua-{uuid.uuid4()}"
+    filterref = "<filterref filter='vnicd-test-no-mac-spoofing'/>"
+    nic = Nic("vt-a", extra=f"<alias name='{alias}'/>{filterref}")
+    try:
+        vm_id = vms.create(nic)
+        tap = seen(vnicd, vm_id, nic.mac).tap
+        assert filtered(tap)
+
+        def update(bridge: str, extra: str) -> Any:
+            xml = engine_update_xml(alias, nic.mac, bridge, False, extra=extra)
+            params = {"deviceType": "interface", "xml": xml}
+            return engine.call("VM.updateDevice", vmID=vm_id, params=params)
+
+        update("vt-b", '<filterref filter="vnicd-test-no-mac-spoofing"/>')
+        after = seen(vnicd, vm_id, nic.mac)
+        assert (after.kernel_bridge, after.link_up) == ("vt-b", False)
+        assert filtered(tap), "the filter still holds on the tap, on its new bridge"
+
+        with pytest.raises(RpcError) as e:
+            update("vt-a", "")
+        assert e.value.code == 44 and "removing the network filter" in e.value.message
+        assert e.value.data["field"] == "params.xml"
+        assert seen(vnicd, vm_id, nic.mac) == after and filtered(tap)
+    finally:
+        vms.cleanup()
+        nwfilter.undefine()
+
+
+def filtered(tap: str) -> bool:
+    """The kernel's word: ebtables holds a chain for the tap's outgoing frames."""
+    out = subprocess.run(["ebtables", "-t", "nat", "-L"], capture_output=True, text=True)
+    return f"-i {tap}" in out.stdout
+
+
 def test_hot_unplug_as_todays_engine_sends_it(
     vnicd: DaemonThread, vms: Vms, engine: EngineClient
 ) -> None:
@@ -230,3 +281,48 @@ def test_hot_unplug_as_todays_engine_sends_it(
     assert {n["macAddr"]: n["plugged"] for n in info["nics"]} == {a.mac: True, b.mac: False}
     saved = interfaces(str(vnicd.domain(vm_id).XMLDesc(2)))  # VIR_DOMAIN_XML_INACTIVE
     assert a.mac in saved and b.mac not in saved, "the definition no longer has it"
+
+
+def test_hot_plug_as_todays_engine_sends_it(
+    vnicd: DaemonThread, vms: Vms, engine: EngineClient
+) -> None:
+    """HotPlugNicVDSCommand: {vmId, xml}. The engine names a network in <source bridge>,
+    ;vdsmdummy; for none; a vNIC whose model or MAC it edited while unplugged comes back
+    under its alias (ua-<device id>) as edited, at its PCI address."""
+    alias_b, alias_c = f"ua-{uuid.uuid4()}", f"ua-{uuid.uuid4()}"
+    a = Nic("vt-a")
+    b = Nic("vt-a", model="e1000", extra=f"<alias name='{alias_b}'/>")
+    c = Nic("vt-a", extra=f"<alias name='{alias_c}'/>")
+    vm_id = stopped_vm(vms, a, b, c)
+    saved = interfaces(str(vnicd.domain(vm_id).XMLDesc(2)))  # VIR_DOMAIN_XML_INACTIVE
+    slot_b, slot_c = pci_of(saved[b.mac]), pci_of(saved[c.mac])
+    address_c = etree.tostring(saved[c.mac].find("address")).decode()  # type: ignore[arg-type]
+    for alias in (alias_b, alias_c):
+        xml = f"<hotunplug><devices><interface><alias name='{alias}'/></interface></devices>"
+        xml += "</hotunplug>"
+        engine.call("VM.hotunplugNic", vmID=vm_id, params={"vmId": vm_id, "xml": xml})
+
+    linked = engine_update_xml(alias_b, b.mac, ";vdsmdummy;", True)
+    with pytest.raises(RpcError) as e:
+        engine.call("VM.hotplugNic", vmID=vm_id, params={"vmId": vm_id, "xml": linked})
+    assert "cannot be linked" in e.value.message and e.value.data.get("field") == "params.xml"
+    assert b.mac not in interfaces(str(vnicd.domain(vm_id).XMLDesc(2)))
+
+    unwired = engine_update_xml(alias_b, b.mac, ";vdsmdummy;", False)  # and now a virtio
+    engine.call("VM.hotplugNic", vmID=vm_id, params={"vmId": vm_id, "xml": unwired})
+    new_mac = vms.nic(Nic("vt-a")).mac
+    moved = engine_update_xml(alias_c, new_mac, "lab", True, extra=address_c)
+    info = engine.call("VM.hotplugNic", vmID=vm_id, params={"vmId": vm_id, "xml": moved})
+    assert {n["macAddr"]: n["plugged"] for n in info["nics"]} == {
+        a.mac: True,
+        b.mac: True,
+        new_mac: True,
+    }, "the vNIC edited to a new MAC replaced the one it was"
+
+    vnicd.domain(vm_id).create()
+    got_b, got_c = seen(vnicd, vm_id, b.mac), seen(vnicd, vm_id, new_mac)
+    assert (got_b.kernel_bridge, got_b.link_up) == (vnicd.config.unwired_bridge, False)
+    assert (got_b.model, got_b.pci) == ("virtio", slot_b)
+    assert (got_c.kernel_bridge, got_c.link_up, got_c.pci) == ("vt-c", True, slot_c)
+    qemu = vnicd.query_pci(vm_id)
+    assert qemu[got_b.alias].device == 0x1000, "QEMU's virtio-net, no longer an e1000"

@@ -267,6 +267,28 @@ def test_plug_on_the_network_and_link_asked() -> None:
         plan_plug(s, NicRef(mac=B), namer, change=up, wiring=unwired)
 
 
+def test_a_request_may_send_the_profile_the_vnic_has_not_another() -> None:
+    """vnicd keeps a vNIC's profile parts as they are: an update or a plug-back that sends
+    the same (as ovirt-engine does with every request) goes ahead; another is refused,
+    before any step, naming the part."""
+    filtered = nic(A).replace("<model", "<filterref filter='f'/><model")
+    kept = StoredNic("net4", Interface.from_xml(nic(B, slot=4, live=False)))
+    s = snap(domain(filtered, stored=[kept]), None, persistent=False)
+    same = Interface.from_xml(filtered).profile
+    plan = plan_update(
+        s, NicRef(mac=A), NicChange(link_up=False, profile=same), None, namer, persist_running=True
+    )
+    assert [type(step) for step in plan.steps] == [LiveUpdate]
+    for ref, profile in ((NicRef(mac=A), ()), (NicRef(mac=B), same)):
+        with pytest.raises(errors.NotImplementedFeature, match="network filter") as e:
+            change = NicChange(link_up=False, profile=profile)
+            plan_update(s, ref, change, None, namer, persist_running=True)
+        assert e.value.fields["field"] == "profile"
+    with pytest.raises(errors.NotImplementedFeature, match="network filter"):
+        plan_plug(s, NicRef(mac=B), namer, change=NicChange(profile=same))
+    assert plan_plug(s, NicRef(mac=B), namer, change=NicChange(profile=())).steps
+
+
 def test_new_vnic_checks() -> None:
     s = snap(domain(nic(A), stored=[stored(B, 4)]), None, persistent=False)
 

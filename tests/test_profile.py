@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from vnicd import errors
+from vnicd.domxml import Interface
 from vnicd.profile import device_params
 from vnicd.schema import Schema
 
@@ -122,39 +123,55 @@ def test_engine_xml_update_becomes_fields() -> None:
         "linkActive": False,
         "network": "ovirtmgmt",
         "nicModel": "virtio",
+        "profile": (),
     }
     unwired = engine_xml(IFACE.format(bridge=";vdsmdummy;", extra=""))
     assert device_params({"xml": unwired}, "update")["network"] == ""
 
 
 @pytest.mark.parametrize(
-    ("extra", "metadata", "problem"),
+    ("metadata", "problem"),
     [
-        ('<filterref filter="vdsm-no-mac-spoofing"/>', "", "network filter"),
-        ('<port isolated="yes"/>', "", "port isolation"),
-        ('<teaming type="persistent"/>', "", "teaming"),
         (
-            "",
             "<ovirt-vm:portMirroring><ovirt-vm:network>n</ovirt-vm:network>"
             "</ovirt-vm:portMirroring>",
             "port mirroring",
         ),
-        ("", "<ovirt-vm:custom><ovirt-vm:k>v</ovirt-vm:k></ovirt-vm:custom>", "custom"),
+        ("<ovirt-vm:custom><ovirt-vm:k>v</ovirt-vm:k></ovirt-vm:custom>", "custom"),
     ],
 )
-def test_engine_xml_features_vnicd_lacks(extra: str, metadata: str, problem: str) -> None:
-    xml = engine_xml(IFACE.format(bridge="b", extra=extra), metadata or "<ovirt-vm:custom/>")
+def test_engine_xml_features_vnicd_lacks(metadata: str, problem: str) -> None:
+    xml = engine_xml(IFACE.format(bridge="b", extra=""), metadata)
     with pytest.raises(errors.NotImplementedFeature, match=problem) as e:
         device_params({"xml": xml}, "update")
     assert e.value.fields["field"] == "params.xml"
 
 
-def test_engine_xml_qos_and_hostdev() -> None:
-    qos = IFACE.format(bridge="b", extra="").replace(
+def test_engine_xml_profile_parts_are_carried_to_be_compared() -> None:
+    """The engine sends a vNIC's whole profile with every update (its default profile has
+    a network filter): the parts go along, for the core to hold against the vNIC's own."""
+    extra = '<filterref filter="vdsm-no-mac-spoofing"/><port isolated="yes"/><teaming type="x"/>'
+    qos = IFACE.format(bridge="b", extra=extra).replace(
         "<bandwidth/>", '<bandwidth><inbound average="1" burst="1" peak="1"/></bandwidth>'
     )
-    with pytest.raises(errors.NotImplementedFeature, match="inbound"):
-        device_params({"xml": engine_xml(qos)}, "update")
+    parts = device_params({"xml": engine_xml(qos)}, "update")["profile"]
+    assert [what for what, _ in parts] == [
+        "network filter (<filterref>)",
+        "network QoS (<bandwidth>)",
+        "port isolation (<port>)",
+        "failover teaming (<teaming>)",
+    ]
+    libvirts = Interface.from_xml(
+        "<interface type='bridge'><source bridge='b'/><teaming type='x'/>"
+        "<bandwidth><inbound peak='1' burst='1' average='1'/></bandwidth>"
+        "<filterref filter='vdsm-no-mac-spoofing'/><port isolated='yes'/></interface>"
+    )
+    assert libvirts.profile == parts, "the same parts, in libvirt's order and quotes"
+    none = Interface.from_xml("<interface><bandwidth/><port isolated='no'/></interface>")
+    assert none.profile == ()
+
+
+def test_engine_xml_hostdev() -> None:
     hostdev = IFACE.format(bridge="b", extra="").replace('type="bridge"', 'type="hostdev"')
     with pytest.raises(errors.NotImplementedFeature, match="hostdev"):
         device_params({"xml": engine_xml(hostdev)}, "update")

@@ -128,6 +128,36 @@ class Link:
         el.set("state", "up" if self.up else "down")
 
 
+# The vNIC-profile parts of an <interface> vnicd keeps as they are, by what they do.
+_PROFILE_PARTS = {
+    "filterref": "network filter",
+    "bandwidth": "network QoS",
+    "port": "port isolation",
+    "teaming": "failover teaming",
+}
+Profile = tuple[tuple[str, str], ...]
+
+
+def profile_of(iface: etree._Element) -> Profile:
+    """What an interface's profile parts ask for, comparable between the engine's XML and
+    libvirt's (attribute and child order aside): (what, canonical form) for each part that
+    asks for something; an empty ``<bandwidth/>`` or ``<port isolated='no'/>`` does not."""
+    found = []
+    for tag, what in _PROFILE_PARTS.items():
+        el = iface.find(tag)
+        if el is None or (tag == "bandwidth" and len(el) == 0):
+            continue
+        if tag == "port" and el.get("isolated") != "yes":
+            continue
+        found.append((f"{what} (<{tag}>)", repr(_canonical(el))))
+    return tuple(found)
+
+
+def _canonical(el: etree._Element) -> tuple[Any, ...]:
+    children = sorted(repr(_canonical(c)) for c in el if isinstance(c.tag, str))
+    return (el.tag, tuple(sorted(el.attrib.items())), tuple(children))
+
+
 class Interface:
     """One ``<interface>`` element: read accessors plus edits of the parts vnicd owns.
 
@@ -236,6 +266,13 @@ class Interface:
             self.element.insert(0, el)
         el.set("address", mac.lower())
 
+    def set_model(self, model: str) -> None:
+        self._forget()
+        el = self.element.find("model")
+        if el is None:
+            el = etree.SubElement(self.element, "model")
+        el.set("type", model)
+
     def matches(self, *, alias: str | None = None, mac: str | None = None) -> bool:
         return (alias is None or self.alias == alias) and (mac is None or self.mac == mac.lower())
 
@@ -261,6 +298,10 @@ class Interface:
         if source is not None:
             kept.source = source
         return kept
+
+    @property
+    def profile(self) -> Profile:
+        return profile_of(self.element)
 
     def has_any(self, *tags: str) -> str | None:
         """The first of ``tags`` this interface has as a child, if any."""
@@ -428,10 +469,8 @@ class EngineDevice:
     model: str | None
     link_up: bool | None
     bridge: str | None
-    filter: str | None
-    bandwidth: list[str]  # the directions with a limit: "inbound", "outbound"
-    isolated: bool
-    teaming: bool
+    network: str | None  # a libvirt network's name (type network)
+    profile: Profile
     port_mirroring: list[str]
     custom: dict[str, str]
 
@@ -456,8 +495,6 @@ def engine_device(xml: str) -> EngineDevice:
     )
     mirrored = [] if meta is None else meta.findall(f"{{{OVIRT_VM}}}portMirroring/*")
     custom = [] if meta is None else list(meta.iterfind(f"{{{OVIRT_VM}}}custom/*"))
-    filterref = iface.find("filterref")
-    port = iface.find("port")
     return EngineDevice(
         kind=iface.get("type"),
         mac=_attr(iface, "mac", "address"),
@@ -465,10 +502,8 @@ def engine_device(xml: str) -> EngineDevice:
         model=_attr(iface, "model", "type"),
         link_up=None if link is None else link.get("state") != "down",
         bridge=None if source is None else source.get("bridge"),
-        filter=None if filterref is None else filterref.get("filter"),
-        bandwidth=[d for d in ("inbound", "outbound") if iface.find(f"bandwidth/{d}") is not None],
-        isolated=port is not None and port.get("isolated") == "yes",
-        teaming=iface.find("teaming") is not None,
+        network=None if source is None else source.get("network"),
+        profile=profile_of(iface),
         port_mirroring=[str(n.text or "") for n in mirrored],
         custom={etree.QName(c).localname: str(c.text or "") for c in custom},
     )

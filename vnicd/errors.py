@@ -187,4 +187,4 @@ class NotImplementedFeature(RequestError):
     reason = "noimpl"
 
     def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"{field}: {problem} is not implemented by vnicd", field=field)
+        super().__init__(f"{{field}}: {problem} is not implemented by vnicd", field=field)

@@ -36,13 +36,16 @@ class NicRef:
 class NicChange:
     """What to change; None keeps the current value. ``bounce``: seconds the link stays
     down around a move of a linked vNIC (None: no bounce). ``only_on``: change it only if
-    it is still on this network when its turn comes (a bulk change matched it by network)."""
+    it is still on this network when its turn comes (a bulk change matched it by network).
+    ``profile``: the profile parts the vNIC must already have, as (what, canonical form):
+    vnicd keeps them as they are, so a request that sends them may not change them."""
 
     link_up: bool | None = None
     network: str | None = None
     model: str | None = None
     bounce: float | None = None
     only_on: str | None = None
+    profile: tuple[tuple[str, str], ...] | None = None
 
 
 @dataclass(frozen=True)

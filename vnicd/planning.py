@@ -226,6 +226,14 @@ def _check_update(
             "model",
             f"the model is {current.model}; a live update cannot make it {change.model}",
         )
+    if change.profile is not None and change.profile != current.profile:
+        has, wanted = dict(current.profile), dict(change.profile)
+        what = next(w for w in (*wanted, *has) if wanted.get(w) != has.get(w))
+        verb = {(True, True): "changing", (False, True): "adding", (True, False): "removing"}[
+            (what in has, what in wanted)
+        ]
+        problem = f"{verb} the {what} of vNIC {ref} of VM {snap.uuid}"
+        raise errors.NotImplementedFeature("profile", problem)
     if change.network is not None and current.kind not in WIRABLE:
         raise errors.UnsupportedChange(
             snap.uuid,
@@ -356,13 +364,14 @@ def plan_plug(
     snap: Snapshot,
     ref: NicRef,
     namer: Namer,
-    wired_as: Interface | None = None,
     change: NicChange | None = None,
     wiring: Wiring | None = None,
+    model: str | None = None,
 ) -> Plan:
     """Attach a stored vNIC again (same MAC, model, address, network, link); with
-    ``wired_as`` (the engine's XML of the vNIC it plugs back) on its source and link, with
-    ``change`` (and ``wiring``, its network resolved) on the network and link it names."""
+    ``change`` (and ``wiring``, its network resolved) on the network and link it names;
+    with ``model`` as that model (a plug attaches a device anew: ovirt-engine changes a
+    vNIC's model by unplugging it, editing it and plugging it)."""
     _usable(snap)
     store = snap.store
     if snap.find(ref) is not None:
@@ -376,11 +385,9 @@ def plan_plug(
     if change is not None:
         _check_update(snap, ref, iface, change, namer)
         iface = edit(iface, change, wiring)
-    if wired_as is not None:
+    if model is not None and model != iface.model:
         iface = iface.copy()
-        if wired_as.source is not None:
-            iface.source = wired_as.source
-        iface.link_up = wired_as.link_up
+        iface.set_model(model)
     assert iface.mac is not None
     steps: list[Step] = []
     stale = snap.saved_nic(iface.mac) if snap.active else None
@@ -409,42 +416,58 @@ def check_names(iface: Interface, field: str) -> None:
             raise errors.InvalidParameter(field, f"<{where}> {value[:64]!r} is not {what}")
 
 
-def plan_plug_new(snap: Snapshot, iface: Interface, namer: Namer) -> Plan:
-    """Plug a vNIC the VM never had. Only vNICs that reach a bridge or a libvirt network,
-    with a free MAC and PCI address; without a MAC one is chosen here. The XML of a vNIC
-    vnicd keeps unplugged (how ovirt-engine plugs back the vNIC it unplugged) plugs that
-    one back, where it was, wired as the XML says."""
+def plan_plug_new(
+    snap: Snapshot,
+    iface: Interface,
+    namer: Namer,
+    change: NicChange | None = None,
+    wiring: Wiring | None = None,
+) -> Plan:
+    """Plug a vNIC the VM never had, from its XML, on the network and link ``change``
+    names (``wiring``: that network resolved; the XML's own source is a network's name).
+    Only vNICs that reach a bridge or a libvirt network, with a free MAC and PCI address;
+    without a MAC one is chosen here.
+
+    The XML of a vNIC vnicd keeps unplugged, by its MAC, plugs that one back, where it
+    was (how ovirt-engine plugs back the vNIC it unplugged). By its user alias (``ua-``,
+    the engine's device id) with another MAC, it replaces that one: the engine edited
+    the vNIC while it was unplugged."""
     _usable(snap)
     if iface.kind not in WIRABLE:
         raise errors.InvalidParameter("xml", f"a vNIC of type {iface.kind!r} (bridge or network)")
     forbidden = iface.has_any(*HOTPLUG_FORBIDDEN)
     if forbidden is not None:
         raise errors.InvalidParameter("xml", f"<{forbidden}> is not accepted in a vNIC")
-    check_names(iface, "xml")
     mac = iface.mac
     stored = snap.store.find(mac=mac) if mac is not None else None
     if stored is not None and snap.find(NicRef(mac=mac)) is None:
-        if iface.model is not None and iface.model != stored.iface.model:
-            raise errors.InvalidParameter(
-                "xml", f"vNIC {mac} is kept unplugged as a {stored.iface.model}, not {iface.model}"
-            )
-        return plan_plug(snap, NicRef(mac=mac), namer, wired_as=iface)
+        return plan_plug(snap, NicRef(mac=mac), namer, change, wiring, iface.model)
+    base = snap.store
+    alias = iface.alias
+    edited = base.find(alias=alias) if alias and alias.startswith("ua-") else None
+    if edited is not None and snap.find(NicRef(alias=alias)) is None:
+        assert edited.iface.mac is not None
+        base = base.remove(edited.iface.mac)
     domain = snap.current
-    macs = {i.mac for i in domain.interfaces} | {e.iface.mac for e in snap.store}
+    macs = {i.mac for i in domain.interfaces} | {e.iface.mac for e in base}
     iface = iface.copy()
     if iface.mac is None:
         iface.set_mac(random_mac(macs))
     name = str(iface.mac)
+    if change is not None:
+        _check_update(snap, NicRef(mac=iface.mac), iface, change, namer)
+        iface = edit(iface, change, wiring)
+    check_names(iface, "xml")
     if iface.mac in macs:
         raise _plug_error(snap, name, "macInUse", f"MAC {iface.mac} belongs to another vNIC", "xml")
-    taken = domain.pci_addresses | {e.iface.address for e in snap.store if e.iface.address}
+    taken = domain.pci_addresses | {e.iface.address for e in base if e.iface.address}
     if iface.address is not None and iface.address in taken:
         raise _plug_error(
             snap, name, "addressInUse", f"PCI address {iface.address} is taken", "xml"
         )
     assert iface.mac is not None
     steps = _attach(snap, iface)
-    after_store = snap.store.bounced(iface.mac)  # a mark left by a vNIC gone since goes
+    after_store = base.bounced(iface.mac)  # a mark left by a vNIC gone since goes
     if snap.active and snap.persistent:
         # Kept first: a crash between the live attach and the definition leaves a record
         # that settling completes, instead of a live-only vNIC a restart would lose.

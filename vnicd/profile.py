@@ -6,10 +6,12 @@ LibvirtVmXmlBuilder.writeInterface); before that as fields (``UpdateVmInterfaceV
 ``VmInfoBuildUtils.addProfileDataToNic``/``addQosForDevice``/``addNetworkFiltersToNic``)
 with QoS in ``specParams.inbound``/``outbound``, port mirroring, a network filter and
 custom properties next to the fields vnicd acts on, hot(un)plugged vNICs wrapped in
-``params.nic``. vnicd does none of those profile features yet: an empty value asks for
-nothing and is accepted; a value that asks for something is refused with ``noimpl`` (44)
-before anything changes. Pure: validated params in, the fields vnicd acts on out (and,
-for a plug, the result with the ``devices`` the engine reads).
+``params.nic``. vnicd changes none of those profile features yet. In the XML the parts of
+the ``<interface>`` (filter, QoS, port isolation, teaming) go to the core as ``profile``,
+which must equal the vNIC's own: the engine sends them with every request. Elsewhere an
+empty value asks for nothing and is accepted; a value that asks for something is refused
+with ``noimpl`` (44) before anything changes. Pure: validated params in, the fields vnicd
+acts on out (and, for a plug, the result with the ``devices`` the engine reads).
 """
 
 from __future__ import annotations
@@ -46,6 +48,23 @@ def device_params(params: Params, action: Action) -> Params:
     if action != "unplug":
         refuse_unsupported(dev, prefix)
     return {k: v for k, v in dev.items() if k not in _PROFILE and k not in _DESCRIPTIVE}
+
+
+def plug_fields(xml: str) -> Params:
+    """The network and link a plug's XML names, as the same plug in fields would carry
+    them (the engine names a network in ``<source bridge>``: VDSM's bridges are named
+    after their networks; ``;vdsmdummy;`` for none), and its profile parts."""
+    try:
+        dev = engine_device(xml)
+    except XMLError as e:
+        raise InvalidParameter("params.xml", str(e)) from e
+    fields: Params = {"profile": dev.profile}
+    if dev.link_up is not None:
+        fields["linkActive"] = dev.link_up
+    source = {"bridge": dev.bridge, "network": dev.network}.get(str(dev.kind))
+    if source is not None:
+        fields["network"] = _network(source)
+    return fields
 
 
 def refuse_unsupported(dev: Params, prefix: str = "params.") -> None:
@@ -98,6 +117,7 @@ def _from_xml(xml: str, action: Action) -> Params:
     if action == "unplug":
         return fields
     _refuse_xml_features(dev)
+    fields["profile"] = dev.profile
     if dev.link_up is not None:
         fields["linkActive"] = dev.link_up
     if dev.bridge is not None:
@@ -119,14 +139,6 @@ def _refuse_xml_features(dev: EngineDevice) -> None:
     field = "params.xml"
     if dev.kind != "bridge":
         raise NotImplementedFeature(field, f"a vNIC of type {dev.kind!r} (vnicd wires bridges)")
-    if dev.filter:
-        raise NotImplementedFeature(field, f"network filter {dev.filter!r} (<filterref>)")
-    if dev.bandwidth:
-        raise NotImplementedFeature(field, f"network QoS (<bandwidth> {', '.join(dev.bandwidth)})")
-    if dev.isolated:
-        raise NotImplementedFeature(field, "port isolation")
-    if dev.teaming:
-        raise NotImplementedFeature(field, "failover teaming")
     if dev.port_mirroring:
         raise NotImplementedFeature(field, "port mirroring")
     if dev.custom:

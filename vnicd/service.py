@@ -85,7 +85,7 @@ class PlugNic:
     nic: NicRef | None = None
     xml: str | None = None
     dry_run: bool = False
-    change: NicChange | None = None  # with ``nic``: the network and link to plug it on
+    change: NicChange | None = None  # the network and link to plug it on
 
 
 @dataclass(frozen=True)
@@ -509,6 +509,10 @@ class Service:
             raise errors.UnknownNetwork(vm, nic, network)
         return wiring
 
+    async def _wiring(self, req: PlugNic, nic: str) -> Wiring | None:
+        network = req.change.network if req.change is not None else None
+        return None if network is None else await self.resolve(network, req.vm_id, nic)
+
     async def hotplug(self, req: PlugNic) -> VmState | DryRun:
         namer = self._networks.name_of
         if req.xml is not None:
@@ -516,14 +520,15 @@ class Service:
                 iface = hotplug_interface(req.xml)
             except XMLError as e:
                 raise errors.InvalidParameter("xml", str(e)) from e
+            wiring = await self._wiring(req, iface.mac or "")
             return await self._change(
-                req.vm_id, lambda s: planning.plan_plug_new(s, iface, namer), req.dry_run
+                req.vm_id,
+                lambda s: planning.plan_plug_new(s, iface, namer, req.change, wiring),
+                req.dry_run,
             )
         nic, change = req.nic, req.change
         assert nic is not None
-        wiring = None
-        if change is not None and change.network is not None:
-            wiring = await self.resolve(change.network, req.vm_id, str(nic))
+        wiring = await self._wiring(req, str(nic))
         return await self._change(
             req.vm_id,
             lambda s: planning.plan_plug(s, nic, namer, change=change, wiring=wiring),

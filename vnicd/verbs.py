@@ -23,7 +23,7 @@ from vnicd.planning import (
     Step,
     StoreWrite,
 )
-from vnicd.profile import device_params, with_devices
+from vnicd.profile import device_params, plug_fields, with_devices
 from vnicd.service import (
     Capabilities,
     CreateVM,
@@ -65,7 +65,7 @@ NIC_FIELDS = {
 # The same where ``params.xml`` (an ``<interface>`` or VDSM's ``<hotplug>``) names the vNIC.
 XML_FIELDS = {
     **WIRE_FIELDS,
-    **dict.fromkeys(("alias", "mac", "network", "link", "model"), "params.xml"),
+    **dict.fromkeys(("alias", "mac", "network", "link", "model", "profile"), "params.xml"),
 }
 # A bulk change's: its ``change``, its ``match``, and each result's own vNIC.
 BULK_FIELDS = {
@@ -196,7 +196,10 @@ async def _update_device(svc: Service, p: Params) -> Any:
         vm_id=_vm_id(p),
         nic=_nic(dev),
         change=NicChange(
-            link_up=dev.get("linkActive"), network=dev.get("network"), model=dev.get("nicModel")
+            link_up=dev.get("linkActive"),
+            network=dev.get("network"),
+            model=dev.get("nicModel"),
+            profile=dev.get("profile"),
         ),
         bounce=dev.get("linkBounce"),
         dry_run=dev.get("dryRun", False),
@@ -208,13 +211,16 @@ async def _hotplug(svc: Service, p: Params) -> Any:
     dev = device_params(p["params"], "plug")
     _check_vm_id(p)
     dry_run = dev.get("dryRun", False)
+    wired = plug_fields(dev["xml"]) if "xml" in dev else dev
+    link, network, profile = wired.get("linkActive"), wired.get("network"), wired.get("profile")
+    change = (
+        None
+        if link is None and network is None and profile is None
+        else NicChange(link_up=link, network=network, profile=profile)
+    )
     if "xml" in dev:
-        req = PlugNic(_vm_id(p), xml=dev["xml"], dry_run=dry_run)
+        req = PlugNic(_vm_id(p), xml=dev["xml"], dry_run=dry_run, change=change)
     else:
-        link, network = dev.get("linkActive"), dev.get("network")
-        change = (
-            None if link is None and network is None else NicChange(link_up=link, network=network)
-        )
         req = PlugNic(_vm_id(p), nic=_nic(dev), dry_run=dry_run, change=change)
     try:
         outcome = await svc.hotplug(req)
