@@ -58,6 +58,10 @@ def test_every_verb(vnicd: DaemonThread, vms: Vms, engine: EngineClient) -> None
     assert info["nics"][0]["network"] == "vt-b"
     after = seen(vnicd, vm_id, mac)
     assert (after.kernel_bridge, after.source, after.pci) == ("vt-b", "vt-b", before.pci)
+    # where the engine reads a VM's devices once their hash (in VM_status) changed
+    xmls = engine.call("Host.dumpxmls", vmList=[vm_id, str(uuid.uuid4())])
+    assert list(xmls) == [vm_id], "a VM that is not there is left out"
+    assert xmls[vm_id] == vnicd.live_xml(vm_id)
 
     new = vms.nic(Nic("vt-a"))
     info = engine.call("VM.hotplugNic", vmID=vm_id, params={"vmId": vm_id, "xml": nic_xml(new)})
@@ -90,6 +94,7 @@ def test_the_engines_destroy_stops_a_defined_vm_and_keeps_it(
         saved = interfaces(str(dom.XMLDesc(2)))[mac]  # VIR_DOMAIN_XML_INACTIVE
         assert saved.find("source").get("bridge") == "vt-b"  # type: ignore[union-attr]
         assert engine.call("VM.getInfo", vmID=vm_id)["status"] == "Down"
+        assert engine.call("Host.dumpxmls", vmList=[vm_id]) == {vm_id: dom.XMLDesc(2)}
     assert engine.call("VM.destroy", vmID=vm_id, undefine=True) == {}
     with pytest.raises(libvirt.libvirtError):
         vnicd.domain(vm_id)

@@ -18,7 +18,7 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
@@ -337,6 +337,24 @@ class Service:
             found = self._consistent(vm_id, epoch, state)
             if found is not None:
                 return found
+
+    async def domain_xmls(self, vm_ids: Sequence[str]) -> dict[str, str]:
+        """Each VM's libvirt domain XML, live when it runs, else its definition: where
+        ovirt-engine reads a VM's devices once their hash changed. One gone is left out."""
+        return await self._blocking(self._domain_xmls, list(dict.fromkeys(vm_ids)))
+
+    def _domain_xmls(self, vm_ids: list[str]) -> dict[str, str]:
+        found = {}
+        for vm_id in vm_ids:
+            try:
+                dom, status, _persistent = self._present(vm_id)
+                found[vm_id] = dom.xml(inactive=status is VmStatus.STOPPED)
+            except errors.NoSuchVM:
+                continue
+            except HypervisorError as e:
+                if not e.gone:
+                    raise
+        return found
 
     async def vm_list(self) -> list[VmState]:
         """Every VM: its XML fetched by a few workers (one by one, a host's worth of round

@@ -259,6 +259,10 @@ async def _vm_list(svc: Service, p: Params) -> Any:
     return [vm_wire(vm) for vm in vms]
 
 
+async def _dump_xmls(svc: Service, p: Params) -> Any:
+    return await svc.domain_xmls([v.lower() for v in p.get("vmList", [])])
+
+
 async def _capabilities(svc: Service, _p: Params) -> Any:
     return capabilities_wire(await svc.capabilities())
 
@@ -322,6 +326,7 @@ HANDLERS: dict[str, Handler] = {
         "Host.ping2": _ping,
         "Host.getCapabilities": _capabilities,
         "Host.getVMList": _vm_list,
+        "Host.dumpxmls": _dump_xmls,
         "Host.bulkUpdateNics": _bulk,
         "VM.getInfo": _get_info,
         "VM.create": _create,
