@@ -296,6 +296,21 @@ def test_libvirt_network_moved_to_a_bridge_and_back(
             assert f"<interface type='{kind}'>" in live
             assert master(tap2) == bridge, "the other vNIC stays"
 
+        # a relink on the libvirt network sends back the port libvirt allocated for it
+        for linked in (False, True):
+            body: dict[str, Any] = {"deviceType": "interface", "macAddr": mac, "linkActive": linked}
+            now, _ = cast(Any, call(sock, "VM.updateDevice", vmID=vm_id, params=body))["nics"]
+            assert (now["linkActive"], now["network"], now["bridge"]) == (linked, "lab", bridge)
+            assert master(tap) == bridge
+            live = libvirtd.virsh("dumpxml", vm_id).stdout
+            assert f"<link state='{'up' if linked else 'down'}'/>" in live
+        # a bounced move onto it: link down, moved, link up again
+        for network, where in (("vt-b", "vt-b"), ("lab", bridge)):
+            body = {"deviceType": "interface", "macAddr": mac, "network": network}
+            body["linkBounce"] = True
+            now, _ = cast(Any, call(sock, "VM.updateDevice", vmID=vm_id, params=body))["nics"]
+            assert (now["linkActive"], now["bridge"]) == (True, where) and master(tap) == where
+
         # both, one after the other in one hold: the second is planned on what libvirt
         # made of the first (a network's port and bridge), and answered as the kernel has it
         for network, kind, where in (("vt-b", "bridge", "vt-b"), ("lab", "network", bridge)):
