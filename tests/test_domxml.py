@@ -197,3 +197,37 @@ def test_a_definition_drops_a_tap_name_libvirt_made_up(tap: str, kept: bool) -> 
     iface = Interface.from_xml(LIVE.replace("vnet7", tap))
     assert (iface.definition().tap == tap) is kept
     assert iface.tap == tap, "the live copy is left as it is"
+
+
+def _addr(bus: int, slot: int) -> str:
+    return (
+        f"<address type='pci' domain='0x0000' bus='{bus:#04x}' slot='{slot:#04x}' function='0x0'/>"
+    )
+
+
+def test_a_free_pci_address_for_a_new_vnic() -> None:
+    """Where a new vNIC may go without taking an unplugged one's address: a free slot of
+    i440fx's root bus (from 3), or a free PCIe root port's one slot (q35)."""
+    pc = Domain(
+        "<domain><devices><controller type='pci' index='0' model='pci-root'/>"
+        f"<interface type='bridge'>{_addr(0, 3)}</interface><video>{_addr(0, 2)}</video>"
+        "</devices></domain>"
+    )
+    assert pc.free_pci_address({PciAddress(0, 0, 4, 0)}) == PciAddress(0, 0, 5, 0)
+    ports = "".join(
+        f"<controller type='pci' index='{i}' model='pcie-root-port'{off}>{_addr(0, i)}</controller>"
+        for i, off in ((1, ""), (2, ""), (3, " hotplug='off'"), (4, ""), (5, ""))
+    )
+    q35 = Domain(
+        f"<domain><devices><controller type='pci' index='0' model='pcie-root'/>{ports}"
+        f"<interface type='bridge'>{_addr(1, 0)}</interface></devices></domain>"
+    )
+    assert q35.free_pci_address({PciAddress(0, 2, 0, 0)}) == PciAddress(0, 4, 0, 0)
+    full = {PciAddress(0, bus, 0, 0) for bus in (2, 4, 5)}
+    assert q35.free_pci_address(full) is None
+
+
+def test_pci_address_numbers_read_as_libvirt_reads_them() -> None:
+    el = etree.fromstring("<address type='pci' domain='0' bus='010' slot='0x1f' function='7'/>")
+    assert PciAddress.read(el) == PciAddress(0, 8, 31, 7)  # a leading 0 is octal, as in C
+    assert PciAddress.read(PciAddress(0, 8, 31, 7).format()) == PciAddress(0, 8, 31, 7)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from lxml import etree
 
 from vnicd import errors
 from vnicd.domxml import Interface, Source, StoredNic, XMLError
@@ -242,6 +243,23 @@ def test_plug_comes_back_as_stored() -> None:
     with pytest.raises(errors.HotplugNicError) as err:
         plan_plug(s, NicRef(mac=A), namer)
     assert err.value.fields["cause"] == "alreadyPlugged"
+
+
+def test_unplugged_vnics_keep_their_pci_addresses() -> None:
+    """A new vNIC without an address is given a free one, not an unplugged vNIC's (which
+    libvirt would pick first); a plug-back whose address another device took since is
+    refused before any step."""
+    s = snap(domain(nic(A), stored=[stored(B, 4)]), None, persistent=False)
+    s.current.element.find("devices").append(  # type: ignore[union-attr]
+        etree.fromstring("<controller type='pci' index='0' model='pci-root'/>")
+    )
+    new = Interface.from_xml("<interface type='bridge'><source bridge='br-a'/></interface>")
+    attach = plan_plug_new(s, new, namer).steps[0]
+    assert isinstance(attach, LiveAttach) and str(attach.iface.address) == "0000:00:05.0"
+    taken = snap(domain(nic(A, slot=4), stored=[stored(B, 4)]), None, persistent=False)
+    with pytest.raises(errors.HotplugNicError) as err:
+        plan_plug(taken, NicRef(mac=B), namer)
+    assert err.value.fields["cause"] == "addressInUse"
 
 
 def test_a_copy_stored_with_a_made_up_tap_name_plugs_back_without_it() -> None:

@@ -308,6 +308,30 @@ def test_new_vnic_without_mac_or_address(vnicd: DaemonThread, vms: Vms, rpc: Sch
     assert seen(vnicd, vm_id, new["macAddr"]).kernel_bridge == "vt-b"
 
 
+def test_a_new_vnic_leaves_an_unplugged_ones_pci_slot(
+    vnicd: DaemonThread, vms: Vms, rpc: SchemaClient
+) -> None:
+    """A new vNIC plugged without an address goes to a free slot, not to the one an
+    unplugged vNIC keeps (libvirt would take the lowest free): that one comes back there."""
+    a, b = Nic("vt-a"), Nic("vt-a")
+    vm_id = stopped_vm(vms, a, b)
+    slot = pci_of(saved_interfaces(vnicd, vm_id)[b.mac])
+    call(rpc, "VM.hotunplugNic", vm_id, macAddr=b.mac)
+    vnicd.domain(vm_id).create()
+    c = vms.nic(Nic("vt-b"))
+    call(rpc, "VM.hotplugNic", vm_id, xml=nic_xml(c).replace(f"<mac address='{c.mac}'/>", ""))
+    (new,) = [n for n in rpc.call("VM.getInfo", vmID=vm_id)["nics"] if n["tap"] == c.tap]
+    got_c = seen(vnicd, vm_id, new["macAddr"])
+    assert got_c.pci != slot and got_c.kernel_bridge == "vt-b"
+    call(rpc, "VM.hotplugNic", vm_id, macAddr=b.mac)
+    got_b = seen(vnicd, vm_id, b.mac)
+    assert (got_b.pci, got_b.kernel_bridge) == (slot, "vt-a")
+    assert {d.slot for d in vnicd.query_pci(vm_id).values()} >= {
+        int(got_b.pci.split(":")[1]),
+        int(got_c.pci.split(":")[1]),
+    }
+
+
 def test_engine_plugs_back_what_it_unplugged(
     vnicd: DaemonThread, vms: Vms, rpc: SchemaClient
 ) -> None:

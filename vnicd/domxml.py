@@ -64,12 +64,27 @@ class PciAddress:
         if el is None or el.get("type") != "pci":
             return None
         try:
-            return cls(*(int(el.get(k, "0"), 0) for k in ("domain", "bus", "slot", "function")))
+            return cls(*(_number(el.get(k, "0")) for k in ("domain", "bus", "slot", "function")))
         except ValueError as e:
             raise XMLError(f"bad PCI address: {e}") from e
 
+    def format(self) -> etree._Element:
+        el = etree.Element("address", type="pci")
+        for key, value in (("domain", f"{self.domain:#06x}"), ("bus", f"{self.bus:#04x}")):
+            el.set(key, value)
+        el.set("slot", f"{self.slot:#04x}")
+        el.set("function", f"{self.function:#x}")
+        return el
+
     def __str__(self) -> str:
         return f"{self.domain:04x}:{self.bus:02x}:{self.slot:02x}.{self.function:x}"
+
+
+def _number(text: str) -> int:
+    """A number as libvirt reads it (C's strtoul, base 0): 0x.. hex, 0.. octal, decimal."""
+    if text.lower().startswith("0x"):
+        return int(text, 16)
+    return int(text, 8) if text.startswith("0") and len(text) > 1 else int(text, 10)
 
 
 @dataclass(frozen=True)
@@ -156,6 +171,17 @@ def profile_of(iface: etree._Element) -> Profile:
 def _canonical(el: etree._Element) -> tuple[Any, ...]:
     children = sorted(repr(_canonical(c)) for c in el if isinstance(c.tag, str))
     return (el.tag, tuple(sorted(el.attrib.items())), tuple(children))
+
+
+# PCI controllers a vNIC can be hot-plugged on, by model: the first slot a device may
+# take (a PCIe port has that one slot only; on i440fx's root bus slots 0 and 1 are the
+# chipset's and 2 the video's by libvirt's rule).
+_HOTPLUG_SLOTS = {
+    "pcie-root-port": 0,
+    "pcie-switch-downstream-port": 0,
+    "pci-root": 3,
+    "pci-bridge": 1,
+}
 
 
 class Interface:
@@ -266,6 +292,13 @@ class Interface:
             self.element.insert(0, el)
         el.set("address", mac.lower())
 
+    def set_address(self, address: PciAddress) -> None:
+        self._forget()
+        old = self.element.find("address")
+        if old is not None:
+            self.element.remove(old)
+        self.element.append(address.format())
+
     def set_model(self, model: str) -> None:
         self._forget()
         el = self.element.find("model")
@@ -366,6 +399,22 @@ class Domain:
         """Every guest PCI address a device of this domain holds."""
         found = (PciAddress.parse(dev) for dev in self.element.iterfind("devices/*"))
         return {a for a in found if a is not None}
+
+    def free_pci_address(self, taken: set[PciAddress]) -> PciAddress | None:
+        """A guest PCI address where a vNIC can be plugged that no device of this domain
+        and none of ``taken`` holds: the one slot of a free PCIe root or downstream port
+        (q35), or a free slot of a conventional PCI bus (i440fx); None if there is none."""
+        used = {(a.bus, a.slot) for a in taken | self.pci_addresses if a.domain == 0}
+        for el in self.element.iterfind("devices/controller[@type='pci']"):
+            first = _HOTPLUG_SLOTS.get(str(el.get("model")))
+            if first is None or el.get("hotplug") == "off":
+                continue
+            bus = _number(el.get("index", "0"))
+            last = 0 if first == 0 else 31
+            for slot in range(first, last + 1):
+                if (bus, slot) not in used:
+                    return PciAddress(0, bus, slot, 0)
+        return None
 
     def set_uuid(self, uuid: str) -> None:
         assert not self._replaced, "a view of another domain is not edited"

@@ -382,6 +382,13 @@ def plan_plug(
             snap, str(ref), "noNic", "there is no such unplugged vNIC", _ref_field(ref)
         )
     iface = entry.iface.definition()  # one stored before tap names were dropped, too
+    if iface.address is not None and iface.address in snap.current.pci_addresses:
+        raise _plug_error(
+            snap,
+            str(ref),
+            "addressInUse",
+            f"its PCI address {iface.address} is another device's since it was unplugged",
+        )
     if change is not None:
         _check_update(snap, ref, iface, change, namer)
         iface = edit(iface, change, wiring)
@@ -460,11 +467,16 @@ def plan_plug_new(
     check_names(iface, "xml")
     if iface.mac in macs:
         raise _plug_error(snap, name, "macInUse", f"MAC {iface.mac} belongs to another vNIC", "xml")
-    taken = domain.pci_addresses | {e.iface.address for e in base if e.iface.address}
+    stored_at = {e.iface.address for e in base if e.iface.address}
+    taken = domain.pci_addresses | stored_at
     if iface.address is not None and iface.address in taken:
         raise _plug_error(
             snap, name, "addressInUse", f"PCI address {iface.address} is taken", "xml"
         )
+    if iface.address is None and stored_at:  # libvirt would pick an unplugged vNIC's first
+        free = domain.free_pci_address(stored_at)
+        if free is not None:
+            iface.set_address(free)
     assert iface.mac is not None
     steps = _attach(snap, iface)
     after_store = base.bounced(iface.mac)  # a mark left by a vNIC gone since goes
