@@ -262,6 +262,24 @@ def test_unplugged_vnics_keep_their_pci_addresses() -> None:
     assert err.value.fields["cause"] == "addressInUse"
 
 
+def test_a_plug_by_an_alias_libvirt_gave_again_is_of_the_unplugged_vnic() -> None:
+    """libvirt names a new vNIC net4 after the one unplugged as net4: a plug by that alias
+    is of the unplugged one; two unplugged as net4 must be named by MAC."""
+    once = [StoredNic("net4", stored(B, 5).iface)]
+    s = snap(domain(nic(A, slot=4), stored=once), None, persistent=False)
+    plan = plan_plug(s, NicRef(alias="net4"), namer)
+    assert plan.mac == B
+    with pytest.raises(errors.HotplugNicError) as err:
+        plan_plug(s, NicRef(mac=A), namer)
+    assert err.value.fields["cause"] == "alreadyPlugged"
+    c = "52:54:00:00:00:0c"
+    twice = [StoredNic("net4", stored(m, slot).iface) for m, slot in ((B, 5), (c, 6))]
+    s = snap(domain(nic(A, slot=3), stored=twice), None, persistent=False)
+    with pytest.raises(errors.HotplugNicError, match="name it by MAC"):
+        plan_plug(s, NicRef(alias="net4"), namer)
+    assert plan_plug(s, NicRef(mac=c), namer).mac == c
+
+
 def test_a_copy_stored_with_a_made_up_tap_name_plugs_back_without_it() -> None:
     """One stored before stored copies dropped libvirt's tap names: libvirt picks anew."""
     old = StoredNic("net4", Interface.from_xml(nic(B, slot=4).replace("tap4", "vnet3")), False)

@@ -374,9 +374,16 @@ def plan_plug(
     vNIC's model by unplugging it, editing it and plugging it)."""
     _usable(snap)
     store = snap.store
-    if snap.find(ref) is not None:
-        raise _plug_error(snap, str(ref), "alreadyPlugged", "it is already plugged")
     entry = store.find(alias=ref.alias, mac=ref.mac)
+    plugged = snap.find(ref)
+    # an alias libvirt made up (netN) may be a plugged vNIC's by now, and have been
+    # several unplugged ones': the plug is of the one unplugged vNIC it names, if one
+    if plugged is not None and (entry is None or entry.iface.mac == plugged.mac):
+        raise _plug_error(snap, str(ref), "alreadyPlugged", "it is already plugged")
+    if ref.mac is None and sum(e.alias == ref.alias for e in store) > 1:
+        raise _plug_error(
+            snap, str(ref), "noNic", "several unplugged vNICs had that alias: name it by MAC", ALIAS
+        )
     if entry is None:
         raise _plug_error(
             snap, str(ref), "noNic", "there is no such unplugged vNIC", _ref_field(ref)
