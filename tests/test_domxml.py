@@ -208,15 +208,19 @@ def _addr(bus: int, slot: int) -> str:
 def test_a_free_pci_address_for_a_new_vnic() -> None:
     """Where a new vNIC may go without taking an unplugged one's address: a free slot of
     i440fx's root bus (from 3), or a free PCIe root port's one slot (q35)."""
-    pc = Domain(
-        "<domain><devices><controller type='pci' index='0' model='pci-root'/>"
-        f"<interface type='bridge'>{_addr(0, 3)}</interface><video>{_addr(0, 2)}</video>"
-        "</devices></domain>"
-    )
+    devices = f"<interface type='bridge'>{_addr(0, 3)}</interface><video>{_addr(0, 2)}</video>"
+    root = "<controller type='pci' index='0' model='pci-root'>{}</controller>"
+    pc = Domain(f"<domain><devices>{root.format('')}{devices}</devices></domain>")
     assert pc.free_pci_address({PciAddress(0, 0, 4, 0)}) == PciAddress(0, 0, 5, 0)
+    off = root.format("<target hotplug='off'/>")
+    assert (
+        Domain(f"<domain><devices>{off}{devices}</devices></domain>").free_pci_address(set())
+        is None
+    ), "hot-plug off, as libvirt writes it"
     ports = "".join(
-        f"<controller type='pci' index='{i}' model='pcie-root-port'{off}>{_addr(0, i)}</controller>"
-        for i, off in ((1, ""), (2, ""), (3, " hotplug='off'"), (4, ""), (5, ""))
+        f"<controller type='pci' index='{i}' model='pcie-root-port'>{target}{_addr(0, i)}"
+        "</controller>"
+        for i, target in ((1, ""), (2, ""), (3, "<target hotplug='off'/>"), (4, ""), (5, ""))
     )
     q35 = Domain(
         f"<domain><devices><controller type='pci' index='0' model='pcie-root'/>{ports}"

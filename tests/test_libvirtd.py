@@ -324,6 +324,15 @@ def test_libvirt_network_moved_to_a_bridge_and_back(
             for r, t in zip(done["results"], (tap, tap2), strict=True):
                 assert (r["nic"]["sourceType"], r["nic"]["bridge"]) == (kind, where), r
                 assert master(t) == where
+        # a new vNIC's XML naming the libvirt network that vnicd maps under another name
+        tap3, mac3 = f"vo{os.getpid() % 100000}", "52:54:00:7f:03:03"
+        xml = (
+            f"<interface type='network'><mac address='{mac3}'/><source network='{net}'/>"
+            f"<target dev='{tap3}'/><model type='virtio'/></interface>"
+        )
+        plugged: Any = call(sock, "VM.hotplugNic", vmID=vm_id, params={"xml": xml})
+        [new] = [n for n in plugged["nics"] if n["macAddr"] == mac3]
+        assert (new["network"], new["bridge"]) == ("lab", bridge) and master(tap3) == bridge
         call(sock, "VM.destroy", vmID=vm_id, undefine=True)
     finally:
         stop(proc)

@@ -278,6 +278,10 @@ def test_a_plug_by_an_alias_libvirt_gave_again_is_of_the_unplugged_vnic() -> Non
     with pytest.raises(errors.HotplugNicError, match="name it by MAC"):
         plan_plug(s, NicRef(alias="net4"), namer)
     assert plan_plug(s, NicRef(mac=c), namer).mac == c
+    # one of them still plugged, its unplug awaited: the other is the one
+    awaited = [StoredNic("net4", stored(B, 4).iface, pending=True), twice[1]]
+    s = snap(domain(nic(B, slot=4), stored=awaited), None, persistent=False)
+    assert plan_plug(s, NicRef(alias="net4"), namer).mac == c
 
 
 def test_a_copy_stored_with_a_made_up_tap_name_plugs_back_without_it() -> None:
@@ -323,6 +327,24 @@ def test_a_request_may_send_the_profile_the_vnic_has_not_another() -> None:
     with pytest.raises(errors.NotImplementedFeature, match="network filter"):
         plan_plug(s, NicRef(mac=B), namer, change=NicChange(profile=same))
     assert plan_plug(s, NicRef(mac=B), namer, change=NicChange(profile=())).steps
+
+
+def test_an_edited_vnic_replaces_the_unplugged_one_once_its_unplug_is_done() -> None:
+    """ovirt-engine plugs a vNIC it edited while unplugged under its alias, another MAC:
+    it replaces the stored one, unless that one's unplug still waits for the guest."""
+    edited = nic("52:54:00:00:00:0c", slot=4, live=False).replace(
+        "</interface>", "<alias name='ua-b'/></interface>"
+    )
+    for pending, replaced in ((False, True), (True, False)):
+        kept = StoredNic("ua-b", stored(B, 4).iface, pending)
+        s = snap(domain(nic(A), stored=[kept]), domain(nic(A, live=False), nic(B, slot=4)))
+        if replaced:
+            plan = plan_plug_new(s, Interface.from_xml(edited), namer)
+            assert plan.store.find(mac=B) is None and plan.mac == "52:54:00:00:00:0c"
+            continue
+        with pytest.raises(errors.HotplugNicError) as err:
+            plan_plug_new(s, Interface.from_xml(edited), namer)
+        assert err.value.fields["cause"] == "addressInUse"
 
 
 def test_new_vnic_checks() -> None:

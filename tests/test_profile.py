@@ -8,7 +8,7 @@ import pytest
 
 from vnicd import errors
 from vnicd.domxml import Interface
-from vnicd.profile import device_params
+from vnicd.profile import device_params, plug_fields
 from vnicd.schema import Schema
 
 SCHEMA = Schema.load()
@@ -145,6 +145,11 @@ def test_engine_xml_features_vnicd_lacks(metadata: str, problem: str) -> None:
     with pytest.raises(errors.NotImplementedFeature, match=problem) as e:
         device_params({"xml": xml}, "update")
     assert e.value.fields["field"] == "params.xml"
+    with pytest.raises(errors.NotImplementedFeature, match=problem):
+        plug_fields(xml)  # a plug's too: libvirt would not do it either
+    by_mac = xml.replace('alias="ua-1" ', "")  # some engines key the metadata by MAC only
+    with pytest.raises(errors.NotImplementedFeature, match=problem):
+        device_params({"xml": by_mac}, "update")
 
 
 def test_engine_xml_profile_parts_are_carried_to_be_compared() -> None:
@@ -169,6 +174,12 @@ def test_engine_xml_profile_parts_are_carried_to_be_compared() -> None:
     assert libvirts.profile == parts, "the same parts, in libvirt's order and quotes"
     none = Interface.from_xml("<interface><bandwidth/><port isolated='no'/></interface>")
     assert none.profile == ()
+    # libvirt prints numbers plainly and leaves out a zero rate
+    zeros = "<interface><bandwidth><outbound average='0100' peak='0' burst='5'/></bandwidth>"
+    plain = "<interface><bandwidth><outbound burst='5' average='100'/></bandwidth>"
+    assert Interface.from_xml(zeros + "</interface>").profile == (
+        Interface.from_xml(plain + "</interface>").profile
+    )
 
 
 def test_engine_xml_hostdev() -> None:

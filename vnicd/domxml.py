@@ -169,8 +169,17 @@ def profile_of(iface: etree._Element) -> Profile:
 
 
 def _canonical(el: etree._Element) -> tuple[Any, ...]:
+    """Order aside, and numbers as libvirt prints them: a QoS rate of 0 is none (libvirt
+    leaves out a zero ``peak``, ``burst`` or ``floor``), ``0100`` is ``100``."""
+    attrs = []
+    for key, value in el.attrib.items():
+        if value.isdigit():
+            value = str(int(value))
+            if value == "0" and el.tag in ("inbound", "outbound"):
+                continue
+        attrs.append((str(key), value))
     children = sorted(repr(_canonical(c)) for c in el if isinstance(c.tag, str))
-    return (el.tag, tuple(sorted(el.attrib.items())), tuple(children))
+    return (el.tag, tuple(sorted(attrs)), tuple(children))
 
 
 # PCI controllers a vNIC can be hot-plugged on, by model: the first slot a device may
@@ -407,7 +416,7 @@ class Domain:
         used = {(a.bus, a.slot) for a in taken | self.pci_addresses if a.domain == 0}
         for el in self.element.iterfind("devices/controller[@type='pci']"):
             first = _HOTPLUG_SLOTS.get(str(el.get("model")))
-            if first is None or el.get("hotplug") == "off":
+            if first is None or el.find("target[@hotplug='off']") is not None:
                 continue
             bus = _number(el.get("index", "0"))
             last = 0 if first == 0 else 31
@@ -534,11 +543,13 @@ def engine_device(xml: str) -> EngineDevice:
     link = iface.find("link")
     source = iface.find("source")
     name = alias.get("name") if alias is not None else None
+    mac = _attr(iface, "mac", "address")
     meta = next(
         (
             d
             for d in root.iterfind(f"metadata/{{{OVIRT_VM}}}vm/{{{OVIRT_VM}}}device")
-            if d.get("alias") == name
+            if (name is not None and d.get("alias") == name)
+            or (mac is not None and str(d.get("mac_address", "")).lower() == mac.lower())
         ),
         None,
     )
@@ -546,7 +557,7 @@ def engine_device(xml: str) -> EngineDevice:
     custom = [] if meta is None else list(meta.iterfind(f"{{{OVIRT_VM}}}custom/*"))
     return EngineDevice(
         kind=iface.get("type"),
-        mac=_attr(iface, "mac", "address"),
+        mac=mac,
         alias=name,
         model=_attr(iface, "model", "type"),
         link_up=None if link is None else link.get("state") != "down",

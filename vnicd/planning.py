@@ -374,16 +374,22 @@ def plan_plug(
     vNIC's model by unplugging it, editing it and plugging it)."""
     _usable(snap)
     store = snap.store
-    entry = store.find(alias=ref.alias, mac=ref.mac)
-    plugged = snap.find(ref)
     # an alias libvirt made up (netN) may be a plugged vNIC's by now, and have been
     # several unplugged ones': the plug is of the one unplugged vNIC it names, if one
-    if plugged is not None and (entry is None or entry.iface.mac == plugged.mac):
-        raise _plug_error(snap, str(ref), "alreadyPlugged", "it is already plugged")
-    if ref.mac is None and sum(e.alias == ref.alias for e in store) > 1:
+    unplugged = [
+        e
+        for e in store
+        if (ref.alias is None or e.alias == ref.alias)
+        and e.iface.matches(mac=ref.mac)
+        and snap.find(NicRef(mac=e.iface.mac)) is None
+    ]
+    if len(unplugged) > 1:
         raise _plug_error(
             snap, str(ref), "noNic", "several unplugged vNICs had that alias: name it by MAC", ALIAS
         )
+    entry = unplugged[0] if unplugged else None
+    if entry is None and snap.find(ref) is not None:
+        raise _plug_error(snap, str(ref), "alreadyPlugged", "it is already plugged")
     if entry is None:
         raise _plug_error(
             snap, str(ref), "noNic", "there is no such unplugged vNIC", _ref_field(ref)
@@ -459,7 +465,7 @@ def plan_plug_new(
     base = snap.store
     alias = iface.alias
     edited = base.find(alias=alias) if alias and alias.startswith("ua-") else None
-    if edited is not None and snap.find(NicRef(alias=alias)) is None:
+    if edited is not None and not edited.pending and snap.find(NicRef(alias=alias)) is None:
         assert edited.iface.mac is not None
         base = base.remove(edited.iface.mac)
     domain = snap.current

@@ -58,6 +58,7 @@ def plug_fields(xml: str) -> Params:
         dev = engine_device(xml)
     except XMLError as e:
         raise InvalidParameter("params.xml", str(e)) from e
+    _refuse_metadata_features(dev)
     fields: Params = {"profile": dev.profile}
     if dev.link_up is not None:
         fields["linkActive"] = dev.link_up
@@ -131,14 +132,21 @@ def _network(bridge: str) -> str:
     if bridge == UNWIRED_BRIDGE:
         return ""
     if not names.is_ifname(bridge):
-        raise InvalidParameter("params.xml", f"source bridge {bridge!r} is not a network name")
+        raise InvalidParameter("params.xml", f"<source> {bridge!r} is not a network name")
     return bridge
 
 
 def _refuse_xml_features(dev: EngineDevice) -> None:
-    field = "params.xml"
     if dev.kind != "bridge":
-        raise NotImplementedFeature(field, f"a vNIC of type {dev.kind!r} (vnicd wires bridges)")
+        raise NotImplementedFeature(
+            "params.xml", f"a vNIC of type {dev.kind!r} (vnicd wires bridges)"
+        )
+    _refuse_metadata_features(dev)
+
+
+def _refuse_metadata_features(dev: EngineDevice) -> None:
+    """What the engine asks for in its ``ovirt-vm`` metadata: libvirt does none of it."""
+    field = "params.xml"
     if dev.port_mirroring:
         raise NotImplementedFeature(field, "port mirroring")
     if dev.custom:

@@ -538,10 +538,14 @@ class Service:
                 iface = hotplug_interface(req.xml)
             except XMLError as e:
                 raise errors.InvalidParameter("xml", str(e)) from e
+            if iface.kind == "network" and iface.source is not None and req.change is not None:
+                # a libvirt network, as vnicd names it (mapped under another name, maybe)
+                req = replace(req, change=replace(req.change, network=namer(iface.source)))
             wiring = await self._wiring(req, iface.mac or "")
+            change = req.change
             return await self._change(
                 req.vm_id,
-                lambda s: planning.plan_plug_new(s, iface, namer, req.change, wiring),
+                lambda s: planning.plan_plug_new(s, iface, namer, change, wiring),
                 req.dry_run,
             )
         nic, change = req.nic, req.change
