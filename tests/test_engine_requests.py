@@ -158,12 +158,16 @@ def test_hot_unplug_and_plug_as_older_engines_send_them(
         engine.call("VM.hotplugNic", vmID=vm_id, params=nowhere)
     assert e.value.code == 49 and e.value.data["field"] == "params.nic.network"
     assert e.value.data["cause"] == "noNetwork"
-    # plugged back on the network and link the engine names, not as it was unplugged
-    plug["nic"] = engine_nic(b, "vt-b", linkActive="false", filter="", filterParameters=[])
+    # plugged back on the network and link the engine names, not as it was unplugged, and
+    # as the model it names (edited while unplugged; "pv" is VDSM's name for virtio)
+    plug["nic"] = engine_nic(
+        b, "vt-b", linkActive="false", filter="", filterParameters=[], nicModel="e1000"
+    )
     info = engine.call("VM.hotplugNic", vmID=vm_id, params=plug)
     assert [n["plugged"] for n in info["nics"] if n["macAddr"] == b.mac] == [True]
     got = seen(vnicd, vm_id, b.mac)
     assert (got.kernel_bridge, got.link_up, got.tap) == ("vt-b", False, b.tap)
+    assert got.model == "e1000" and vnicd.query_pci(vm_id)[got.alias].device == 0x100E
     assert got.alias in vnicd.query_pci(vm_id)
     # ActivateDeactivateVmNicCommand reads the new vNIC's alias from result.devices
     [device] = [d for d in info["devices"] if d["macAddr"] == b.mac]

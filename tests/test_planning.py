@@ -17,6 +17,7 @@ from vnicd.planning import (
     LiveDetach,
     LiveUpdate,
     Pause,
+    Plan,
     StoreWrite,
     plan_bounce_ends,
     plan_plug,
@@ -305,6 +306,8 @@ def test_plug_on_the_network_and_link_asked() -> None:
     with pytest.raises(errors.UnsupportedChange):  # linked on no network: refused, as an update
         up = NicChange(link_up=True, network=UNWIRED)
         plan_plug(s, NicRef(mac=B), namer, change=up, wiring=unwired)
+    attach = plan_plug(s, NicRef(mac=B), namer, model="e1000").steps[0]
+    assert isinstance(attach, LiveAttach) and attach.iface.model == "e1000", "edited unplugged"
 
 
 def test_a_request_may_send_the_profile_the_vnic_has_not_another() -> None:
@@ -337,7 +340,8 @@ def test_an_edited_vnic_replaces_the_unplugged_one_once_its_unplug_is_done() -> 
     )
     for pending, replaced in ((False, True), (True, False)):
         kept = StoredNic("ua-b", stored(B, 4).iface, pending)
-        s = snap(domain(nic(A), stored=[kept]), domain(nic(A, live=False), nic(B, slot=4)))
+        saved = [nic(A, live=False)] + ([nic(B, slot=4, live=False)] if pending else [])
+        s = snap(domain(nic(A), stored=[kept]), domain(*saved))
         if replaced:
             plan = plan_plug_new(s, Interface.from_xml(edited), namer)
             assert plan.store.find(mac=B) is None and plan.mac == "52:54:00:00:00:0c"
@@ -345,6 +349,32 @@ def test_an_edited_vnic_replaces_the_unplugged_one_once_its_unplug_is_done() -> 
         with pytest.raises(errors.HotplugNicError) as err:
             plan_plug_new(s, Interface.from_xml(edited), namer)
         assert err.value.fields["cause"] == "addressInUse"
+
+
+def test_new_vnic_refusals_before_libvirt_sees_it() -> None:
+    """What libvirt would refuse only after the store was written, or get wrong."""
+    kept = [stored(B, 4)]
+    hidden = nic("52:54:00:00:00:0f", slot=5, live=False)  # attached to the definition only
+    root = "<controller type='pci' index='0' model='pci-root'/>"
+    s = snap(domain(nic(A).replace("net3", "ua-a"), root, stored=kept), domain(nic(A), hidden))
+    new = "<interface type='{}'>{}</interface>"
+
+    def plug(xml: str, wiring: Wiring | None = None) -> Plan:
+        return plan_plug_new(s, Interface.from_xml(xml), namer, NicChange(), wiring)
+
+    with pytest.raises(errors.HotplugNicError) as err:
+        plug(new.format("bridge", "<source bridge='br-a'/><alias name='ua-a'/>"))
+    assert err.value.fields["cause"] == "aliasInUse"
+    with pytest.raises(errors.InvalidParameter, match="needs a <source>"):
+        plug(new.format("bridge", ""))
+    with pytest.raises(errors.HotplugNicError) as err:
+        plug(new.format("bridge", "<mac address='52:54:00:00:00:0f'/><source bridge='br-a'/>"))
+    assert err.value.fields["cause"] == "macInUse"
+    attach = plug(new.format("bridge", "<source bridge='br-a'/>")).steps[1]
+    assert isinstance(attach, LiveAttach) and str(attach.iface.address) == "0000:00:06.0"
+    # a libvirt network that vnicd's name for it (its own) does not lead to: a bridge
+    with pytest.raises(errors.UnknownNetwork):
+        plug(new.format("network", "<source network='br-b'/>"), BR_B)
 
 
 def test_new_vnic_checks() -> None:

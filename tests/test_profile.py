@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from vnicd import errors
+from vnicd import errors, verbs
 from vnicd.domxml import Interface
 from vnicd.profile import device_params, plug_fields
 from vnicd.schema import Schema
@@ -180,6 +180,8 @@ def test_engine_xml_profile_parts_are_carried_to_be_compared() -> None:
     assert Interface.from_xml(zeros + "</interface>").profile == (
         Interface.from_xml(plain + "</interface>").profile
     )
+    odd = "<interface><bandwidth><inbound average='²'/></bandwidth></interface>"
+    assert Interface.from_xml(odd).profile, "a digit that is no number is text"
 
 
 def test_engine_xml_hostdev() -> None:
@@ -204,3 +206,9 @@ def test_engine_xml_unplug_and_bad_xml() -> None:
 def test_plug_keeps_xml_as_the_new_vnic() -> None:
     xml = engine_xml(IFACE.format(bridge="b", extra=""))
     assert device_params({"vmId": VM, "xml": xml}, "plug") == {"vmId": VM, "xml": xml}
+
+
+def test_older_engines_name_virtio_pv() -> None:
+    """VmInterfaceType's internal names, as HotPlugOrUnplugNicVDSCommand sends them."""
+    assert verbs._model({"nicModel": "pv"}) == "virtio"
+    assert verbs._model({"nicModel": "e1000"}) == "e1000" and verbs._model({}) is None

@@ -173,7 +173,7 @@ def _canonical(el: etree._Element) -> tuple[Any, ...]:
     leaves out a zero ``peak``, ``burst`` or ``floor``), ``0100`` is ``100``."""
     attrs = []
     for key, value in el.attrib.items():
-        if value.isdigit():
+        if value.isascii() and value.isdigit():
             value = str(int(value))
             if value == "0" and el.tag in ("inbound", "outbound"):
                 continue

@@ -426,11 +426,12 @@ def plan_plug(
     )
 
 
-def check_names(iface: Interface, field: str) -> None:
+def check_names(iface: Interface, field: str, *, source: bool = True) -> None:
     """A vNIC's XML names what reaches libvirt and the kernel: the same rules as the fields
-    that name them, checked before libvirt sees it."""
-    source = iface.source
-    values = (source.name if source else None, iface.mac, iface.tap, iface.alias)
+    that name them, checked before libvirt sees it (``source``: its source's name too,
+    unless that is still the name of a network to resolve)."""
+    named = iface.source if source else None
+    values = (named.name if named else None, iface.mac, iface.tap, iface.alias)
     for (where, what, valid), value in zip(_NAMES, values, strict=True):
         if value is not None and not valid(value):
             raise errors.InvalidParameter(field, f"<{where}> {value[:64]!r} is not {what}")
@@ -458,10 +459,16 @@ def plan_plug_new(
     forbidden = iface.has_any(*HOTPLUG_FORBIDDEN)
     if forbidden is not None:
         raise errors.InvalidParameter("xml", f"<{forbidden}> is not accepted in a vNIC")
+    check_names(iface, "xml", source=False)
     mac = iface.mac
     stored = snap.store.find(mac=mac) if mac is not None else None
     if stored is not None and snap.find(NicRef(mac=mac)) is None:
         return plan_plug(snap, NicRef(mac=mac), namer, change, wiring, iface.model)
+    if iface.source is None:
+        raise errors.InvalidParameter("xml", "a new vNIC needs a <source>: its network")
+    if iface.kind == "network" and wiring is not None and wiring.source != iface.source:
+        # vnicd's name for that libvirt network leads elsewhere (a bridge of that name)
+        raise errors.UnknownNetwork(snap.uuid, mac or "(new)", iface.source.name)
     base = snap.store
     alias = iface.alias
     edited = base.find(alias=alias) if alias and alias.startswith("ua-") else None
@@ -469,7 +476,11 @@ def plan_plug_new(
         assert edited.iface.mac is not None
         base = base.remove(edited.iface.mac)
     domain = snap.current
-    macs = {i.mac for i in domain.interfaces} | {e.iface.mac for e in base}
+    # a running VM's definition may hold a vNIC that is not live (attached there only)
+    defined = [snap.saved] if snap.active and snap.saved is not None else []
+    macs = {i.mac for d in (domain, *defined) for i in d.interfaces} | {e.iface.mac for e in base}
+    if alias is not None and snap.find(NicRef(alias=alias)) is not None:
+        raise _plug_error(snap, alias, "aliasInUse", f"alias {alias} is another vNIC's", "xml")
     iface = iface.copy()
     if iface.mac is None:
         iface.set_mac(random_mac(macs))
@@ -481,6 +492,7 @@ def plan_plug_new(
     if iface.mac in macs:
         raise _plug_error(snap, name, "macInUse", f"MAC {iface.mac} belongs to another vNIC", "xml")
     stored_at = {e.iface.address for e in base if e.iface.address}
+    stored_at |= {a for d in defined for a in d.pci_addresses}  # kept from libvirt's pick too
     taken = domain.pci_addresses | stored_at
     if iface.address is not None and iface.address in taken:
         raise _plug_error(

@@ -86,6 +86,7 @@ class PlugNic:
     xml: str | None = None
     dry_run: bool = False
     change: NicChange | None = None  # the network and link to plug it on
+    model: str | None = None  # with ``nic``: the model to plug it as
 
 
 @dataclass(frozen=True)
@@ -538,22 +539,24 @@ class Service:
                 iface = hotplug_interface(req.xml)
             except XMLError as e:
                 raise errors.InvalidParameter("xml", str(e)) from e
+            planning.check_names(iface, "xml", source=False)  # before they reach an error
+            named = iface.mac or "(new)"
             if iface.kind == "network" and iface.source is not None and req.change is not None:
                 # a libvirt network, as vnicd names it (mapped under another name, maybe)
                 req = replace(req, change=replace(req.change, network=namer(iface.source)))
-            wiring = await self._wiring(req, iface.mac or "")
+            wiring = await self._wiring(req, named)
             change = req.change
             return await self._change(
                 req.vm_id,
                 lambda s: planning.plan_plug_new(s, iface, namer, change, wiring),
                 req.dry_run,
             )
-        nic, change = req.nic, req.change
+        nic, change, model = req.nic, req.change, req.model
         assert nic is not None
         wiring = await self._wiring(req, str(nic))
         return await self._change(
             req.vm_id,
-            lambda s: planning.plan_plug(s, nic, namer, change=change, wiring=wiring),
+            lambda s: planning.plan_plug(s, nic, namer, change, wiring, model),
             req.dry_run,
         )
 

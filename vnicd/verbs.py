@@ -44,6 +44,8 @@ STATUS = {
     VmStatus.SHUTTING_DOWN: "Powering down",
     VmStatus.STOPPED: "Down",
 }
+# VDSM's vNIC model names (ovirt-engine's VmInterfaceType) that libvirt names otherwise.
+ENGINE_MODELS = {"pv": "virtio"}
 # The core's names for request fields -> where the caller put them.
 WIRE_FIELDS = {
     "alias": "params.alias",
@@ -75,6 +77,12 @@ BULK_FIELDS = {
     "mac": "macAddr",
     "alias": "alias",
 }
+
+
+def _model(dev: Params) -> str | None:
+    """``nicModel`` as libvirt names it: older engines send VDSM's names ("pv")."""
+    model = dev.get("nicModel")
+    return None if model is None else ENGINE_MODELS.get(model, model)
 
 
 def _fields_of(p: Params) -> dict[str, str]:
@@ -198,7 +206,7 @@ async def _update_device(svc: Service, p: Params) -> Any:
         change=NicChange(
             link_up=dev.get("linkActive"),
             network=dev.get("network"),
-            model=dev.get("nicModel"),
+            model=_model(dev),
             profile=dev.get("profile"),
         ),
         bounce=dev.get("linkBounce"),
@@ -221,7 +229,7 @@ async def _hotplug(svc: Service, p: Params) -> Any:
     if "xml" in dev:
         req = PlugNic(_vm_id(p), xml=dev["xml"], dry_run=dry_run, change=change)
     else:
-        req = PlugNic(_vm_id(p), nic=_nic(dev), dry_run=dry_run, change=change)
+        req = PlugNic(_vm_id(p), nic=_nic(dev), dry_run=dry_run, change=change, model=_model(dev))
     try:
         outcome = await svc.hotplug(req)
     except errors.UpdateDeviceError as e:  # the network or link the plug asks for
