@@ -491,15 +491,16 @@ def plan_plug_new(
     check_names(iface, "xml")
     if iface.mac in macs:
         raise _plug_error(snap, name, "macInUse", f"MAC {iface.mac} belongs to another vNIC", "xml")
-    stored_at = {e.iface.address for e in base if e.iface.address}
-    stored_at |= {a for d in defined for a in d.pci_addresses}  # kept from libvirt's pick too
-    taken = domain.pci_addresses | stored_at
+    # held for unplugged vNICs and in the definition, where libvirt's pick would not look
+    reserved = {e.iface.address for e in base if e.iface.address}
+    reserved |= {a for d in defined for a in d.pci_addresses}
+    taken = domain.pci_addresses | reserved
     if iface.address is not None and iface.address in taken:
         raise _plug_error(
             snap, name, "addressInUse", f"PCI address {iface.address} is taken", "xml"
         )
-    if iface.address is None and stored_at:  # libvirt would pick an unplugged vNIC's first
-        free = domain.free_pci_address(stored_at)
+    if iface.address is None and reserved:
+        free = domain.free_pci_address(reserved)
         if free is not None:
             iface.set_address(free)
     assert iface.mac is not None
