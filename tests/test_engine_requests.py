@@ -96,12 +96,12 @@ def test_update_device_as_the_engine_sends_it(
     [
         (
             {"specParams": {"inbound": {"average": 1000, "peak": 2000, "burst": 1024}}},
-            "params.specParams.inbound",
+            "params.specParams: adding the network QoS",
         ),
-        ({"specParams": {"outbound": {"average": 10, "peak": 10, "burst": 10}}}, "outbound"),
+        ({"specParams": {"outbound": {"average": 10, "peak": 10, "burst": 10}}}, "network QoS"),
         ({"portMirroring": ["vt-b"]}, "params.portMirroring"),
         ({"custom": {"security_groups": "web"}}, "params.custom"),
-        ({"filter": "vdsm-no-mac-spoofing"}, "params.filter"),
+        ({"filter": "vdsm-no-mac-spoofing"}, "params.filter: adding the network filter"),
     ],
 )
 def test_profile_features_vnicd_lacks_change_nothing(
@@ -259,6 +259,11 @@ def test_the_engine_sends_the_profile_the_vnic_has_with_every_update(
         assert e.value.code == 44 and "removing the network filter" in e.value.message
         assert e.value.data["field"] == "params.xml"
         assert seen(vnicd, vm_id, nic.mac) == after and filtered(tap)
+        # an older engine names the filter in fields: the same holds
+        fields = update_device(alias, True, "vt-a", filter="vnicd-test-no-mac-spoofing")
+        engine.call("VM.updateDevice", vmID=vm_id, params=fields)
+        back = seen(vnicd, vm_id, nic.mac)
+        assert (back.kernel_bridge, back.link_up) == ("vt-a", True) and filtered(tap)
     finally:
         vms.cleanup()
         nwfilter.undefine()

@@ -326,10 +326,13 @@ def test_a_request_may_send_the_profile_the_vnic_has_not_another() -> None:
         with pytest.raises(errors.NotImplementedFeature, match="network filter") as e:
             change = NicChange(link_up=False, profile=profile)
             plan_update(s, ref, change, None, namer, persist_running=True)
-        assert e.value.fields["field"] == "profile"
+        assert e.value.fields["field"] == "profile.filter"
     with pytest.raises(errors.NotImplementedFeature, match="network filter"):
         plan_plug(s, NicRef(mac=B), namer, change=NicChange(profile=same))
     assert plan_plug(s, NicRef(mac=B), namer, change=NicChange(profile=())).steps
+    # an older engine's fields speak of the parts they name only: no QoS, filter unsaid
+    said = NicChange(link_up=False, profile=(), profile_parts=frozenset({"qos"}))
+    assert plan_update(s, NicRef(mac=A), said, None, namer, persist_running=True).steps
 
 
 def test_an_edited_vnic_replaces_the_unplugged_one_once_its_unplug_is_done() -> None:

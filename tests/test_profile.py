@@ -32,6 +32,8 @@ def test_nothing_asked_is_dropped() -> None:
         "alias": "net0",
         "linkActive": False,
         "network": "n",
+        "profile": (),  # no filter, no QoS: held against the vNIC's own by the core
+        "profileParts": frozenset({"filter", "qos"}),
     }
 
 
@@ -42,17 +44,15 @@ def test_older_engines_nic_is_unwrapped() -> None:
         "vmId": VM,
         "macAddr": "52:54:00:00:00:01",
         "network": "n",
+        "profile": (),
+        "profileParts": frozenset({"qos"}),
     }
 
 
 @pytest.mark.parametrize(
     ("params", "field"),
     [
-        ({"specParams": {"inbound": {"average": 1}}}, "params.specParams.inbound"),
-        ({"specParams": {"outbound": {"peak": 1}}}, "params.specParams.outbound"),
         ({"portMirroring": ["x"]}, "params.portMirroring"),
-        ({"filter": "clean-traffic"}, "params.filter"),
-        ({"filterParameters": [{"name": "IP", "value": "1.2.3.4"}]}, "params.filterParameters"),
         ({"custom": {"k": "v"}}, "params.custom"),
         ({"nic": {"macAddr": "52:54:00:00:00:01", "custom": {"k": "v"}}}, "params.nic.custom"),
     ],
@@ -62,6 +62,22 @@ def test_asking_for_a_missing_feature_is_noimpl(params: dict[str, Any], field: s
         device_params(params, "update")
     assert e.value.code == 44 and e.value.fields["field"] == field
     assert field in e.value.message
+
+
+def test_an_older_engines_filter_and_qos_are_profile_parts() -> None:
+    """Held against the vNIC's own in the core, as the XML's <filterref> and <bandwidth>."""
+    ip = [{"name": "IP", "value": "1.2.3.4"}]
+    fields: dict[str, Any] = {"filter": "clean-traffic", "filterParameters": ip}
+    fields |= {"specParams": {"inbound": {"average": 1}, "outbound": {}}}
+    dev = device_params(fields, "update")
+    xml = (
+        "<interface><filterref filter='clean-traffic'><parameter name='IP' value='1.2.3.4'/>"
+        "</filterref><bandwidth><inbound average='1'/></bandwidth></interface>"
+    )
+    assert dev["profile"] == Interface.from_xml(xml).profile
+    assert dev["profileParts"] == {"filter", "qos"}
+    with pytest.raises(errors.InvalidParameter, match="parameters of no network filter"):
+        device_params({"filterParameters": ip}, "update")
 
 
 def test_unplug_ignores_what_describes_the_leaving_vnic() -> None:
@@ -160,12 +176,7 @@ def test_engine_xml_profile_parts_are_carried_to_be_compared() -> None:
         "<bandwidth/>", '<bandwidth><inbound average="1" burst="1" peak="1"/></bandwidth>'
     )
     parts = device_params({"xml": engine_xml(qos)}, "update")["profile"]
-    assert [what for what, _ in parts] == [
-        "network filter (<filterref>)",
-        "network QoS (<bandwidth>)",
-        "port isolation (<port>)",
-        "failover teaming (<teaming>)",
-    ]
+    assert [part for part, _ in parts] == ["filter", "qos", "isolation", "teaming"]
     libvirts = Interface.from_xml(
         "<interface type='bridge'><source bridge='b'/><teaming type='x'/>"
         "<bandwidth><inbound peak='1' burst='1' average='1'/></bandwidth>"

@@ -143,29 +143,46 @@ class Link:
         el.set("state", "up" if self.up else "down")
 
 
-# The vNIC-profile parts of an <interface> vnicd keeps as they are, by what they do.
-_PROFILE_PARTS = {
-    "filterref": "network filter",
-    "bandwidth": "network QoS",
-    "port": "port isolation",
-    "teaming": "failover teaming",
+# The vNIC-profile parts of an <interface> vnicd keeps as they are: part -> (element, what).
+PROFILE_PARTS = {
+    "filter": ("filterref", "network filter"),
+    "qos": ("bandwidth", "network QoS"),
+    "isolation": ("port", "port isolation"),
+    "teaming": ("teaming", "failover teaming"),
 }
-Profile = tuple[tuple[str, str], ...]
+Profile = tuple[tuple[str, str], ...]  # (part, canonical form)
 
 
 def profile_of(iface: etree._Element) -> Profile:
     """What an interface's profile parts ask for, comparable between the engine's XML and
-    libvirt's (attribute and child order aside): (what, canonical form) for each part that
+    libvirt's (attribute and child order aside): (part, canonical form) for each part that
     asks for something; an empty ``<bandwidth/>`` or ``<port isolated='no'/>`` does not."""
     found = []
-    for tag, what in _PROFILE_PARTS.items():
+    for part, (tag, _what) in PROFILE_PARTS.items():
         el = iface.find(tag)
         if el is None or (tag == "bandwidth" and len(el) == 0):
             continue
         if tag == "port" and el.get("isolated") != "yes":
             continue
-        found.append((f"{what} (<{tag}>)", repr(_canonical(el))))
+        found.append((part, repr(_canonical(el))))
     return tuple(found)
+
+
+def fields_profile(
+    filter_name: str | None, parameters: list[dict[str, Any]], qos: dict[str, dict[str, Any]]
+) -> Profile:
+    """The profile parts an older engine names in fields (a network filter with its
+    parameters, QoS by direction), as :func:`profile_of` gives them from XML."""
+    iface = etree.Element("interface")
+    if filter_name:
+        ref = etree.SubElement(iface, "filterref", filter=filter_name)
+        for p in parameters:
+            etree.SubElement(ref, "parameter", name=str(p["name"]), value=str(p["value"]))
+    if qos:
+        bandwidth = etree.SubElement(iface, "bandwidth")
+        for direction, limits in qos.items():
+            etree.SubElement(bandwidth, direction, {k: str(v) for k, v in limits.items()})
+    return profile_of(iface)
 
 
 def _canonical(el: etree._Element) -> tuple[Any, ...]:

@@ -37,8 +37,9 @@ class NicChange:
     """What to change; None keeps the current value. ``bounce``: seconds the link stays
     down around a move of a linked vNIC (None: no bounce). ``only_on``: change it only if
     it is still on this network when its turn comes (a bulk change matched it by network).
-    ``profile``: the profile parts the vNIC must already have, as (what, canonical form):
-    vnicd keeps them as they are, so a request that sends them may not change them."""
+    ``profile``: the profile parts the vNIC must already have, as (part, canonical form):
+    vnicd keeps them as they are, so a request that sends them may not change them;
+    ``profile_parts``: the parts the request speaks of (None: all, as an XML does)."""
 
     link_up: bool | None = None
     network: str | None = None
@@ -46,6 +47,7 @@ class NicChange:
     bounce: float | None = None
     only_on: str | None = None
     profile: tuple[tuple[str, str], ...] | None = None
+    profile_parts: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from vnicd import errors, names
-from vnicd.domxml import Interface
+from vnicd.domxml import PROFILE_PARTS, Interface
 from vnicd.model import NicChange, NicRef, NicState, Snapshot
 from vnicd.networks import UNWIRED, Wiring
 from vnicd.report import WIRABLE, Namer, nic_state
@@ -226,14 +226,16 @@ def _check_update(
             "model",
             f"the model is {current.model}; a live update cannot make it {change.model}",
         )
-    if change.profile is not None and change.profile != current.profile:
+    if change.profile is not None:
         has, wanted = dict(current.profile), dict(change.profile)
-        what = next(w for w in (*wanted, *has) if wanted.get(w) != has.get(w))
-        verb = {(True, True): "changing", (False, True): "adding", (True, False): "removing"}[
-            (what in has, what in wanted)
-        ]
-        problem = f"{verb} the {what} of vNIC {ref} of VM {snap.uuid}"
-        raise errors.NotImplementedFeature("profile", problem)
+        parts = PROFILE_PARTS.keys() if change.profile_parts is None else change.profile_parts
+        for part in (p for p in PROFILE_PARTS if p in parts and wanted.get(p) != has.get(p)):
+            verb = {(True, True): "changing", (False, True): "adding", (True, False): "removing"}[
+                (part in has, part in wanted)
+            ]
+            tag, what = PROFILE_PARTS[part]
+            problem = f"{verb} the {what} (<{tag}>) of vNIC {ref} of VM {snap.uuid}"
+            raise errors.NotImplementedFeature(f"profile.{part}", problem)
     if change.network is not None and current.kind not in WIRABLE:
         raise errors.UnsupportedChange(
             snap.uuid,

@@ -6,11 +6,11 @@ LibvirtVmXmlBuilder.writeInterface); before that as fields (``UpdateVmInterfaceV
 ``VmInfoBuildUtils.addProfileDataToNic``/``addQosForDevice``/``addNetworkFiltersToNic``)
 with QoS in ``specParams.inbound``/``outbound``, port mirroring, a network filter and
 custom properties next to the fields vnicd acts on, hot(un)plugged vNICs wrapped in
-``params.nic``. vnicd changes none of those profile features yet. In the XML the parts of
-the ``<interface>`` (filter, QoS, port isolation, teaming) go to the core as ``profile``,
-which must equal the vNIC's own: the engine sends them with every request. Elsewhere an
-empty value asks for nothing and is accepted; a value that asks for something is refused
-with ``noimpl`` (44) before anything changes. Pure: validated params in, the fields vnicd
+``params.nic``. vnicd changes none of those profile features yet. The parts an
+``<interface>`` carries (filter, QoS, port isolation, teaming), and the filter and QoS
+fields, go to the core as ``profile``, which must equal the vNIC's own: the engine sends
+them with every request. Port mirroring and custom properties that ask for something are
+refused with ``noimpl`` (44) before anything changes. Pure: validated params in, the fields vnicd
 acts on out (and, for a plug, the result with the ``devices`` the engine reads).
 """
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from vnicd import names
-from vnicd.domxml import EngineDevice, XMLError, engine_device
+from vnicd.domxml import EngineDevice, XMLError, engine_device, fields_profile
 from vnicd.errors import InvalidParameter, NotImplementedFeature
 
 Params = dict[str, Any]
@@ -45,8 +45,8 @@ def device_params(params: Params, action: Action) -> Params:
     if action != "plug" and "xml" in dev:
         fields = _from_xml(dev.pop("xml"), action)
         dev.update(fields)
-    if action != "unplug":
-        refuse_unsupported(dev, prefix)
+    if action != "unplug" and "profile" not in dev:
+        dev.update(field_profile(dev, prefix))
     return {k: v for k, v in dev.items() if k not in _PROFILE and k not in _DESCRIPTIVE}
 
 
@@ -68,20 +68,25 @@ def plug_fields(xml: str) -> Params:
     return fields
 
 
-def refuse_unsupported(dev: Params, prefix: str = "params.") -> None:
-    """Raise NotImplementedFeature for the first profile feature that asks for something."""
-    spec = dev.get("specParams") or {}
-    for direction in ("inbound", "outbound"):
-        if spec.get(direction):
-            raise NotImplementedFeature(f"{prefix}specParams.{direction}", "network QoS")
+def field_profile(dev: Params, prefix: str = "params.") -> Params:
+    """An older engine's profile fields: port mirroring and custom properties that ask for
+    something are refused (44); a network filter and QoS become the profile parts the
+    request speaks of, held against the vNIC's own (a filter of "" and an empty QoS are
+    none), as the XML's parts are."""
     if dev.get("portMirroring"):
         raise NotImplementedFeature(f"{prefix}portMirroring", "port mirroring")
-    if dev.get("filter"):
-        raise NotImplementedFeature(f"{prefix}filter", f"network filter {dev['filter']!r}")
-    if dev.get("filterParameters"):
-        raise NotImplementedFeature(f"{prefix}filterParameters", "network filter parameters")
     if dev.get("custom"):
         raise NotImplementedFeature(f"{prefix}custom", f"custom properties {sorted(dev['custom'])}")
+    if dev.get("filterParameters") and not dev.get("filter"):
+        raise InvalidParameter(f"{prefix}filterParameters", "parameters of no network filter")
+    spoken = {"filter": ("filter", "filterParameters"), "qos": ("specParams",)}
+    parts = frozenset(part for part, keys in spoken.items() if any(k in dev for k in keys))
+    if not parts:
+        return {}
+    spec = dev.get("specParams") or {}
+    qos = {d: spec[d] for d in ("inbound", "outbound") if spec.get(d)}
+    profile = fields_profile(dev.get("filter") or None, dev.get("filterParameters") or [], qos)
+    return {"profile": profile, "profileParts": parts}
 
 
 def with_devices(vm: Params) -> Params:

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from vnicd import bulk, errors
+from vnicd.domxml import PROFILE_PARTS
 from vnicd.model import NicChange, NicRef, NicState, VmState, VmStatus
 from vnicd.names import normalize_mac
 from vnicd.planning import (
@@ -55,6 +56,8 @@ WIRE_FIELDS = {
     "model": "params.nicModel",
     "xml": "params.xml",
     "vm.xml": "vmParams.xml",
+    "profile.filter": "params.filter",
+    "profile.qos": "params.specParams",
 }
 # The same in an older engine's ``params.nic``.
 NIC_FIELDS = {
@@ -63,11 +66,14 @@ NIC_FIELDS = {
     "mac": "params.nic.macAddr",
     "network": "params.nic.network",
     "link": "params.nic.linkActive",
+    "profile.filter": "params.nic.filter",
+    "profile.qos": "params.nic.specParams",
 }
 # The same where ``params.xml`` (an ``<interface>`` or VDSM's ``<hotplug>``) names the vNIC.
 XML_FIELDS = {
     **WIRE_FIELDS,
-    **dict.fromkeys(("alias", "mac", "network", "link", "model", "profile"), "params.xml"),
+    **dict.fromkeys(("alias", "mac", "network", "link", "model"), "params.xml"),
+    **{f"profile.{part}": "params.xml" for part in PROFILE_PARTS},
 }
 # A bulk change's: its ``change``, its ``match``, and each result's own vNIC.
 BULK_FIELDS = {
@@ -208,6 +214,7 @@ async def _update_device(svc: Service, p: Params) -> Any:
             network=dev.get("network"),
             model=_model(dev),
             profile=dev.get("profile"),
+            profile_parts=dev.get("profileParts"),
         ),
         bounce=dev.get("linkBounce"),
         dry_run=dev.get("dryRun", False),
@@ -224,7 +231,9 @@ async def _hotplug(svc: Service, p: Params) -> Any:
     change = (
         None
         if link is None and network is None and profile is None
-        else NicChange(link_up=link, network=network, profile=profile)
+        else NicChange(
+            link_up=link, network=network, profile=profile, profile_parts=wired.get("profileParts")
+        )
     )
     if "xml" in dev:
         req = PlugNic(_vm_id(p), xml=dev["xml"], dry_run=dry_run, change=change)
