@@ -44,8 +44,8 @@ def test_older_engines_nic_is_unwrapped() -> None:
         "vmId": VM,
         "macAddr": "52:54:00:00:00:01",
         "network": "n",
-        "profile": (),
-        "profileParts": frozenset({"qos"}),
+        "profile": (),  # no filter: an older engine's plug writes one only if there is one
+        "profileParts": frozenset({"filter", "qos"}),
     }
 
 
@@ -78,6 +78,18 @@ def test_an_older_engines_filter_and_qos_are_profile_parts() -> None:
     assert dev["profileParts"] == {"filter", "qos"}
     with pytest.raises(errors.InvalidParameter, match="parameters of no network filter"):
         device_params({"filterParameters": ip}, "update")
+
+
+def test_profile_fields_beside_an_xml_are_refused() -> None:
+    """The XML carries the profile: fields that ask for one beside it are no second say."""
+    xml = engine_xml(IFACE.format(bridge="b", extra=""))
+    with pytest.raises(errors.InvalidParameter, match=r"params\.xml only") as e:
+        device_params({"xml": xml, "filter": "f"}, "update")
+    assert e.value.fields["field"] == "params.filter"
+    with pytest.raises(errors.NotImplementedFeature) as no:
+        device_params({"xml": xml, "custom": {"k": "v"}}, "update")
+    assert no.value.fields["field"] == "params.custom"
+    assert "profile" in device_params({"xml": xml, "filter": "", "specParams": {}}, "update")
 
 
 def test_unplug_ignores_what_describes_the_leaving_vnic() -> None:

@@ -28,6 +28,7 @@ UNWIRED_BRIDGE = ";vdsmdummy;"  # the engine's bridge for a vNIC without a netwo
 # Fields that describe the device rather than ask for a change.
 _DESCRIPTIVE = ("type", "device", "address", "deviceId")
 _PROFILE = ("specParams", "portMirroring", "filter", "filterParameters", "custom")
+_PROFILE_FIELDS = ("filter", "filterParameters", "specParams")  # what an XML carries itself
 
 
 def device_params(params: Params, action: Action) -> Params:
@@ -45,8 +46,14 @@ def device_params(params: Params, action: Action) -> Params:
     if action != "plug" and "xml" in dev:
         fields = _from_xml(dev.pop("xml"), action)
         dev.update(fields)
-    if action != "unplug" and "profile" not in dev:
-        dev.update(field_profile(dev, prefix))
+    if action != "unplug":
+        _refuse_field_features(dev, prefix)
+        if "profile" in dev or "xml" in dev:  # the profile is the XML's
+            stray = next((k for k in _PROFILE_FIELDS if dev.get(k)), None)
+            if stray is not None:
+                raise InvalidParameter(f"{prefix}{stray}", "give the profile in params.xml only")
+        else:
+            dev.update(field_profile(dev, prefix, every=action == "plug" and "nic" in params))
     return {k: v for k, v in dev.items() if k not in _PROFILE and k not in _DESCRIPTIVE}
 
 
@@ -68,19 +75,22 @@ def plug_fields(xml: str) -> Params:
     return fields
 
 
-def field_profile(dev: Params, prefix: str = "params.") -> Params:
-    """An older engine's profile fields: port mirroring and custom properties that ask for
-    something are refused (44); a network filter and QoS become the profile parts the
-    request speaks of, held against the vNIC's own (a filter of "" and an empty QoS are
-    none), as the XML's parts are."""
+def _refuse_field_features(dev: Params, prefix: str) -> None:
     if dev.get("portMirroring"):
         raise NotImplementedFeature(f"{prefix}portMirroring", "port mirroring")
     if dev.get("custom"):
         raise NotImplementedFeature(f"{prefix}custom", f"custom properties {sorted(dev['custom'])}")
+
+
+def field_profile(dev: Params, prefix: str, *, every: bool) -> Params:
+    """An older engine's network filter and QoS fields as the profile parts they speak
+    of, held against the vNIC's own (a filter of "" and an empty QoS are none), as the
+    XML's parts are. ``every``: the fields are a vNIC's whole profile, a missing one is
+    none (an older engine's plug: it writes a filter only when the profile has one)."""
     if dev.get("filterParameters") and not dev.get("filter"):
         raise InvalidParameter(f"{prefix}filterParameters", "parameters of no network filter")
     spoken = {"filter": ("filter", "filterParameters"), "qos": ("specParams",)}
-    parts = frozenset(part for part, keys in spoken.items() if any(k in dev for k in keys))
+    parts = frozenset(part for part, keys in spoken.items() if every or any(k in dev for k in keys))
     if not parts:
         return {}
     spec = dev.get("specParams") or {}
