@@ -274,8 +274,7 @@ def _run_short(client: RpcClient, args: argparse.Namespace) -> tuple[Any, Callab
         vm_params = {"xml": text, "persistent": args.persistent}
         return client.call("VM.create", vmID=uuid, vmParams=vm_params), nics
     if args.command == "destroy":
-        vm_id = _vm_id(client, args.vm)
-        client.call("VM.destroy", vmID=vm_id, **({"undefine": True} if args.undefine else {}))
+        client.call("VM.destroy", vmID=_vm_id(client, args.vm), undefine=args.undefine)
         return {}, lambda _r: "destroyed and undefined" if args.undefine else "destroyed"
     if args.command == "bulk":
         return _bulk(client, args), _bulk_table

@@ -69,12 +69,14 @@ class PciAddress:
             raise XMLError(f"bad PCI address: {e}") from e
 
     def format(self) -> etree._Element:
-        el = etree.Element("address", type="pci")
-        for key, value in (("domain", f"{self.domain:#06x}"), ("bus", f"{self.bus:#04x}")):
-            el.set(key, value)
-        el.set("slot", f"{self.slot:#04x}")
-        el.set("function", f"{self.function:#x}")
-        return el
+        return etree.Element(
+            "address",
+            type="pci",
+            domain=f"{self.domain:#06x}",
+            bus=f"{self.bus:#04x}",
+            slot=f"{self.slot:#04x}",
+            function=f"{self.function:#x}",
+        )
 
     def __str__(self) -> str:
         return f"{self.domain:04x}:{self.bus:02x}:{self.slot:02x}.{self.function:x}"

@@ -461,7 +461,6 @@ def plan_plug_new(
     forbidden = iface.has_any(*HOTPLUG_FORBIDDEN)
     if forbidden is not None:
         raise errors.InvalidParameter("xml", f"<{forbidden}> is not accepted in a vNIC")
-    check_names(iface, "xml", source=False)
     mac = iface.mac
     stored = snap.store.find(mac=mac) if mac is not None else None
     if stored is not None and snap.find(NicRef(mac=mac)) is None:
@@ -471,18 +470,18 @@ def plan_plug_new(
     if iface.kind == "network" and wiring is not None and wiring.source != iface.source:
         # vnicd's name for that libvirt network leads elsewhere (a bridge of that name)
         raise errors.UnknownNetwork(snap.uuid, mac or "(new)", iface.source.name)
-    base = snap.store
     alias = iface.alias
+    if alias is not None and snap.find(NicRef(alias=alias)) is not None:
+        raise _plug_error(snap, alias, "aliasInUse", f"alias {alias} is another vNIC's", "xml")
+    base = snap.store
     edited = base.find(alias=alias) if alias and alias.startswith("ua-") else None
-    if edited is not None and not edited.pending and snap.find(NicRef(alias=alias)) is None:
+    if edited is not None and not edited.pending:
         assert edited.iface.mac is not None
         base = base.remove(edited.iface.mac)
     domain = snap.current
     # a running VM's definition may hold a vNIC that is not live (attached there only)
     defined = [snap.saved] if snap.active and snap.saved is not None else []
     macs = {i.mac for d in (domain, *defined) for i in d.interfaces} | {e.iface.mac for e in base}
-    if alias is not None and snap.find(NicRef(alias=alias)) is not None:
-        raise _plug_error(snap, alias, "aliasInUse", f"alias {alias} is another vNIC's", "xml")
     iface = iface.copy()
     if iface.mac is None:
         iface.set_mac(random_mac(macs))

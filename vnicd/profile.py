@@ -61,18 +61,9 @@ def plug_fields(xml: str) -> Params:
     """The network and link a plug's XML names, as the same plug in fields would carry
     them (the engine names a network in ``<source bridge>``: VDSM's bridges are named
     after their networks; ``;vdsmdummy;`` for none), and its profile parts."""
-    try:
-        dev = engine_device(xml)
-    except XMLError as e:
-        raise InvalidParameter("params.xml", str(e)) from e
+    dev = _engine_device(xml)
     _refuse_metadata_features(dev)
-    fields: Params = {"profile": dev.profile}
-    if dev.link_up is not None:
-        fields["linkActive"] = dev.link_up
-    source = {"bridge": dev.bridge, "network": dev.network}.get(str(dev.kind))
-    if source is not None:
-        fields["network"] = _network(source)
-    return fields
+    return _wired(dev)
 
 
 def _refuse_field_features(dev: Params, prefix: str) -> None:
@@ -119,10 +110,7 @@ def with_devices(vm: Params) -> Params:
 
 def _from_xml(xml: str, action: Action) -> Params:
     """The fields of the engine's device XML, as the same request in fields would carry."""
-    try:
-        dev = engine_device(xml)
-    except XMLError as e:
-        raise InvalidParameter("params.xml", str(e)) from e
+    dev = _engine_device(xml)
     if dev.alias is not None and not names.is_alias(dev.alias):
         raise InvalidParameter("params.xml", f"alias {dev.alias!r} is not a device alias")
     if dev.mac is not None and not names.is_mac(dev.mac):
@@ -133,13 +121,27 @@ def _from_xml(xml: str, action: Action) -> Params:
     if action == "unplug":
         return fields
     _refuse_xml_features(dev)
-    fields["profile"] = dev.profile
-    if dev.link_up is not None:
-        fields["linkActive"] = dev.link_up
-    if dev.bridge is not None:
-        fields["network"] = _network(dev.bridge)
+    fields.update(_wired(dev))
     if dev.model is not None:
         fields["nicModel"] = dev.model
+    return fields
+
+
+def _engine_device(xml: str) -> EngineDevice:
+    try:
+        return engine_device(xml)
+    except XMLError as e:
+        raise InvalidParameter("params.xml", str(e)) from e
+
+
+def _wired(dev: EngineDevice) -> Params:
+    """The profile parts, link and network the engine's XML gives its vNIC."""
+    fields: Params = {"profile": dev.profile}
+    if dev.link_up is not None:
+        fields["linkActive"] = dev.link_up
+    source = {"bridge": dev.bridge, "network": dev.network}.get(str(dev.kind))
+    if source is not None:
+        fields["network"] = _network(source)
     return fields
 
 
