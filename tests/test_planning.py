@@ -310,29 +310,56 @@ def test_plug_on_the_network_and_link_asked() -> None:
     assert isinstance(attach, LiveAttach) and attach.iface.model == "e1000", "edited unplugged"
 
 
-def test_a_request_may_send_the_profile_the_vnic_has_not_another() -> None:
-    """vnicd keeps a vNIC's profile parts as they are: an update or a plug-back that sends
-    the same (as ovirt-engine does with every request) goes ahead; another is refused,
-    before any step, naming the part."""
+def test_a_request_sets_the_network_filter_and_keeps_the_other_profile_parts() -> None:
+    """The engine sends a vNIC's whole profile with every update and plug: the same parts
+    are no change; a network filter that differs is set (live, in the definition, in the
+    stored copy); another QoS, port isolation or failover team is refused before any
+    step, naming the part."""
     filtered = nic(A).replace("<model", "<filterref filter='f'/><model")
     kept = StoredNic("net4", Interface.from_xml(nic(B, slot=4, live=False)))
-    s = snap(domain(filtered, stored=[kept]), None, persistent=False)
+    s = snap(domain(filtered, stored=[kept]), domain(filtered), persistent=True)
     same = Interface.from_xml(filtered).profile
+    link = NicChange(link_up=False, profile=same)
+    plan = plan_update(s, NicRef(mac=A), link, None, namer, persist_running=True)
+    assert [type(step) for step in plan.steps] == [LiveUpdate, DefinitionUpdate]
+    assert [step.after.profile for step in plan.steps] == [same, same]  # type: ignore[union-attr]
+    other = Interface.from_xml(
+        "<interface><filterref filter='g'><parameter name='IP' value='10.0.0.1'/></filterref>"
+        "</interface>"
+    ).profile
+    for profile in (other, ()):
+        plan = plan_update(
+            s, NicRef(mac=A), NicChange(profile=profile), None, namer, persist_running=True
+        )
+        assert [type(step) for step in plan.steps] == [LiveUpdate, DefinitionUpdate]
+        for step in plan.steps:
+            assert isinstance(step, LiveUpdate | DefinitionUpdate)
+            assert step.after.profile == profile and step.before.profile == same
+            assert step.after.link_up and step.after.bridge == "br-a"
     plan = plan_update(
-        s, NicRef(mac=A), NicChange(link_up=False, profile=same), None, namer, persist_running=True
+        s, NicRef(mac=B), NicChange(profile=other), None, namer, persist_running=True
     )
-    assert [type(step) for step in plan.steps] == [LiveUpdate]
-    for ref, profile in ((NicRef(mac=A), ()), (NicRef(mac=B), same)):
-        with pytest.raises(errors.NotImplementedFeature, match="network filter") as e:
-            change = NicChange(link_up=False, profile=profile)
-            plan_update(s, ref, change, None, namer, persist_running=True)
-        assert e.value.fields["field"] == "profile.filter"
-    with pytest.raises(errors.NotImplementedFeature, match="network filter"):
-        plan_plug(s, NicRef(mac=B), namer, change=NicChange(profile=same))
-    assert plan_plug(s, NicRef(mac=B), namer, change=NicChange(profile=())).steps
+    assert plan.store.find(mac=B).iface.profile == other  # type: ignore[union-attr]
+    attach = plan_plug(s, NicRef(mac=B), namer, change=NicChange(profile=same)).steps[0]
+    assert isinstance(attach, LiveAttach) and attach.iface.profile == same
+    for part, element in (
+        ("qos", "<bandwidth><inbound average='100'/></bandwidth>"),
+        ("isolation", "<port isolated='yes'/>"),
+        ("teaming", "<teaming type='persistent'/>"),
+    ):
+        part_xml = Interface.from_xml(f"<interface>{element}</interface>").profile
+        for ref in (NicRef(mac=A), NicRef(mac=B)):
+            with pytest.raises(
+                errors.NotImplementedFeature, match=f"adding the .*<{element[1:5]}"
+            ) as e:
+                plan_update(
+                    s, ref, NicChange(profile=same + part_xml), None, namer, persist_running=True
+                )
+            assert e.value.fields["field"] == f"profile.{part}"
     # an older engine's fields speak of the parts they name only: no QoS, filter unsaid
     said = NicChange(link_up=False, profile=(), profile_parts=frozenset({"qos"}))
-    assert plan_update(s, NicRef(mac=A), said, None, namer, persist_running=True).steps
+    plan = plan_update(s, NicRef(mac=A), said, None, namer, persist_running=True)
+    assert plan.steps and all(step.after.profile == same for step in plan.steps)  # type: ignore[union-attr]
 
 
 def test_an_edited_vnic_replaces_the_unplugged_one_once_its_unplug_is_done() -> None:

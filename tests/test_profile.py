@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from vnicd import errors, verbs
-from vnicd.domxml import Interface
+from vnicd.domxml import PROFILE_PARTS, Interface, profile_changes
 from vnicd.profile import device_params, plug_fields
 from vnicd.schema import Schema
 
@@ -32,7 +32,7 @@ def test_nothing_asked_is_dropped() -> None:
         "alias": "net0",
         "linkActive": False,
         "network": "n",
-        "profile": (),  # no filter, no QoS: held against the vNIC's own by the core
+        "profile": (),  # no filter, no QoS: for the core, as the XML's parts
         "profileParts": frozenset({"filter", "qos"}),
     }
 
@@ -65,7 +65,7 @@ def test_asking_for_a_missing_feature_is_noimpl(params: dict[str, Any], field: s
 
 
 def test_an_older_engines_filter_and_qos_are_profile_parts() -> None:
-    """Held against the vNIC's own in the core, as the XML's <filterref> and <bandwidth>."""
+    """Parts for the core, as the XML's <filterref> and <bandwidth> are."""
     ip = [{"name": "IP", "value": "1.2.3.4"}]
     fields: dict[str, Any] = {"filter": "clean-traffic", "filterParameters": ip}
     fields |= {"specParams": {"inbound": {"average": 1}, "outbound": {}}}
@@ -180,9 +180,10 @@ def test_engine_xml_features_vnicd_lacks(metadata: str, problem: str) -> None:
         device_params({"xml": by_mac}, "update")
 
 
-def test_engine_xml_profile_parts_are_carried_to_be_compared() -> None:
+def test_engine_xml_profile_parts_are_carried_as_libvirt_compares_them() -> None:
     """The engine sends a vNIC's whole profile with every update (its default profile has
-    a network filter): the parts go along, for the core to hold against the vNIC's own."""
+    a network filter): the parts go along, for the core to set where they differ from the
+    vNIC's own, compared as libvirt does."""
     extra = '<filterref filter="vdsm-no-mac-spoofing"/><port isolated="yes"/><teaming type="x"/>'
     qos = IFACE.format(bridge="b", extra=extra).replace(
         "<bandwidth/>", '<bandwidth><inbound average="1" burst="1" peak="1"/></bandwidth>'
@@ -194,15 +195,16 @@ def test_engine_xml_profile_parts_are_carried_to_be_compared() -> None:
         "<bandwidth><inbound peak='1' burst='1' average='1'/></bandwidth>"
         "<filterref filter='vdsm-no-mac-spoofing'/><port isolated='yes'/></interface>"
     )
-    assert libvirts.profile == parts, "the same parts, in libvirt's order and quotes"
+    every = list(PROFILE_PARTS)
+    assert profile_changes(libvirts.profile, parts, every) == [], "libvirt's order and quotes"
     none = Interface.from_xml("<interface><bandwidth/><port isolated='no'/></interface>")
     assert none.profile == ()
+    assert profile_changes(none.profile, parts, ["qos", "teaming"]) == ["qos", "teaming"]
     # libvirt prints numbers plainly and leaves out a zero rate
     zeros = "<interface><bandwidth><outbound average='0100' peak='0' burst='5'/></bandwidth>"
     plain = "<interface><bandwidth><outbound burst='5' average='100'/></bandwidth>"
-    assert Interface.from_xml(zeros + "</interface>").profile == (
-        Interface.from_xml(plain + "</interface>").profile
-    )
+    zero = Interface.from_xml(zeros + "</interface>").profile
+    assert profile_changes(zero, Interface.from_xml(plain + "</interface>").profile, every) == []
     odd = "<interface><bandwidth><inbound average='²'/></bandwidth></interface>"
     assert Interface.from_xml(odd).profile, "a digit that is no number is text"
 

@@ -86,6 +86,20 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     )
 
 
+_NIC_COLUMNS = [
+    "ALIAS",
+    "MAC",
+    "MODEL",
+    "NETWORK",
+    "BRIDGE",
+    "LINK",
+    "PLUGGED",
+    "PCI",
+    "TAP",
+    "FILTER",
+]
+
+
 def _nics_table(vm: dict[str, Any]) -> str:
     rows = [
         [
@@ -98,11 +112,11 @@ def _nics_table(vm: dict[str, Any]) -> str:
             "yes" if n["plugged"] else "no",
             n["pciAddress"] or "-",
             n["tap"] or "-",
+            n["filter"] or "-",
         ]
         for n in vm["nics"]
     ]
-    header = ["ALIAS", "MAC", "MODEL", "NETWORK", "BRIDGE", "LINK", "PLUGGED", "PCI", "TAP"]
-    return f"{vm['vmName']} ({vm['vmID']}) {vm['status']}\n" + _table(rows, header)
+    return f"{vm['vmName']} ({vm['vmID']}) {vm['status']}\n" + _table(rows, _NIC_COLUMNS)
 
 
 def _vms_table(vms: list[dict[str, Any]]) -> str:

@@ -10,7 +10,7 @@ lives here: what "unwiring" means is decided elsewhere.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -145,20 +145,24 @@ class Link:
         el.set("state", "up" if self.up else "down")
 
 
-# The vNIC-profile parts of an <interface> vnicd keeps as they are: part -> (element, what).
+# The vNIC-profile parts of an <interface>: part -> (element, what).
 PROFILE_PARTS = {
     "filter": ("filterref", "network filter"),
     "qos": ("bandwidth", "network QoS"),
     "isolation": ("port", "port isolation"),
     "teaming": ("teaming", "failover teaming"),
 }
-Profile = tuple[tuple[str, str], ...]  # (part, canonical form)
+# The parts vnicd changes, live too: libvirt swaps a tap's filter rules in place and
+# puts the old ones back when the new fail. QoS and port isolation it leaves half set in
+# the kernel when an update fails (a qdisc without its class, a port flag), where resending
+# the old XML does not reach them; a failover team pairs two devices at a plug.
+LIVE_PROFILE_PARTS = frozenset({"filter"})
+Profile = tuple[tuple[str, str], ...]  # (part, its element's XML), for parts that ask
 
 
 def profile_of(iface: etree._Element) -> Profile:
-    """What an interface's profile parts ask for, comparable between the engine's XML and
-    libvirt's (attribute and child order aside): (part, canonical form) for each part that
-    asks for something; an empty ``<bandwidth/>`` or ``<port isolated='no'/>`` does not."""
+    """The profile parts an interface asks for, each as its element's XML; an empty
+    ``<bandwidth/>`` or ``<port isolated='no'/>`` asks for nothing."""
     found = []
     for part, (tag, _what) in PROFILE_PARTS.items():
         el = iface.find(tag)
@@ -166,8 +170,22 @@ def profile_of(iface: etree._Element) -> Profile:
             continue
         if tag == "port" and el.get("isolated") != "yes":
             continue
-        found.append((part, repr(_canonical(el))))
+        el = copy.deepcopy(el)  # without its document's namespaces
+        el.tail = None
+        etree.cleanup_namespaces(el)
+        found.append((part, to_string(el)))
     return tuple(found)
+
+
+def profile_changes(has: Profile, wanted: Profile, parts: Iterable[str]) -> list[str]:
+    """The parts among ``parts`` that ``wanted`` asks for otherwise than ``has`` (as
+    libvirt compares them: attribute and child order aside, numbers as it prints them)."""
+    have, want = dict(has), dict(wanted)
+    return [p for p in PROFILE_PARTS if p in parts and _form(want.get(p)) != _form(have.get(p))]
+
+
+def _form(xml: str | None) -> tuple[Any, ...] | None:
+    return None if xml is None else _canonical(parse(xml, *(t for t, _ in PROFILE_PARTS.values())))
 
 
 def fields_profile(
@@ -290,6 +308,10 @@ class Interface:
         return self._kept("address", lambda: PciAddress.read(self._child("address")))
 
     @property
+    def network_filter(self) -> str | None:
+        return self._attr("filterref", "filter")
+
+    @property
     def bridge(self) -> str | None:
         """The host bridge named in the XML (a live libvirt network source names it too)."""
         return self._attr("source", "bridge")
@@ -333,6 +355,17 @@ class Interface:
         if el is None:
             el = etree.SubElement(self.element, "model")
         el.set("type", model)
+
+    def set_profile(self, wanted: Profile, parts: Iterable[str]) -> None:
+        """The profile ``parts`` as ``wanted`` asks for them; one it lacks goes."""
+        self._forget()
+        asked = dict(wanted)
+        for part in parts:
+            tag = PROFILE_PARTS[part][0]
+            for old in self.element.findall(tag):
+                self.element.remove(old)
+            if part in asked:
+                self.element.append(parse(asked[part], tag))
 
     def matches(self, *, alias: str | None = None, mac: str | None = None) -> bool:
         return (alias is None or self.alias == alias) and (mac is None or self.mac == mac.lower())

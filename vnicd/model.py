@@ -37,8 +37,8 @@ class NicChange:
     """What to change; None keeps the current value. ``bounce``: seconds the link stays
     down around a move of a linked vNIC (None: no bounce). ``only_on``: change it only if
     it is still on this network when its turn comes (a bulk change matched it by network).
-    ``profile``: the profile parts the vNIC must already have, as (part, canonical form):
-    vnicd keeps them as they are, so a request that sends them may not change them;
+    ``profile``: the vNIC profile parts asked for, as (part, element XML): a network
+    filter is set, the other parts must be the vNIC's own (see ``domxml.PROFILE_PARTS``);
     ``profile_parts``: the parts the request speaks of (None: all, as an XML does)."""
 
     link_up: bool | None = None
@@ -65,6 +65,7 @@ class NicState:
     plugged: bool
     pci: str
     tap: str
+    filter: str = ""  # the libvirt network filter on its tap, "" for none
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from vnicd import errors, names
-from vnicd.domxml import PROFILE_PARTS, Interface
+from vnicd.domxml import LIVE_PROFILE_PARTS, PROFILE_PARTS, Interface, profile_changes
 from vnicd.model import NicChange, NicRef, NicState, Snapshot
 from vnicd.networks import UNWIRED, Wiring
 from vnicd.report import WIRABLE, Namer, nic_state
@@ -197,7 +197,18 @@ def edit(current: Interface, change: NicChange, wiring: Wiring | None) -> Interf
         new.link_up = change.link_up
     else:
         new.link_up = current.link_up
+    changed = _profile_changes(current, change)
+    if changed:
+        new.set_profile(change.profile or (), changed)
     return new
+
+
+def _profile_changes(current: Interface, change: NicChange) -> list[str]:
+    """The profile parts ``change`` asks for otherwise than ``current`` has them."""
+    if change.profile is None:
+        return []
+    parts = PROFILE_PARTS.keys() if change.profile_parts is None else change.profile_parts
+    return profile_changes(current.profile, change.profile, parts)
 
 
 def _ref_field(ref: NicRef) -> str:
@@ -226,10 +237,9 @@ def _check_update(
             "model",
             f"the model is {current.model}; a live update cannot make it {change.model}",
         )
-    if change.profile is not None:
-        has, wanted = dict(current.profile), dict(change.profile)
-        parts = PROFILE_PARTS.keys() if change.profile_parts is None else change.profile_parts
-        for part in (p for p in PROFILE_PARTS if p in parts and wanted.get(p) != has.get(p)):
+    has, wanted = dict(current.profile), dict(change.profile or ())
+    for part in _profile_changes(current, change):
+        if part not in LIVE_PROFILE_PARTS:
             verb = {(True, True): "changing", (False, True): "adding", (True, False): "removing"}[
                 (part in has, part in wanted)
             ]

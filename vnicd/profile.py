@@ -6,12 +6,13 @@ LibvirtVmXmlBuilder.writeInterface); before that as fields (``UpdateVmInterfaceV
 ``VmInfoBuildUtils.addProfileDataToNic``/``addQosForDevice``/``addNetworkFiltersToNic``)
 with QoS in ``specParams.inbound``/``outbound``, port mirroring, a network filter and
 custom properties next to the fields vnicd acts on, hot(un)plugged vNICs wrapped in
-``params.nic``. vnicd changes none of those profile features yet. The parts an
-``<interface>`` carries (filter, QoS, port isolation, teaming), and the filter and QoS
-fields, go to the core as ``profile``, which must equal the vNIC's own: the engine sends
-them with every request. Port mirroring and custom properties that ask for something are
-refused with ``noimpl`` (44) before anything changes. Pure: validated params in, the fields vnicd
-acts on out (and, for a plug, the result with the ``devices`` the engine reads).
+``params.nic``. The parts an ``<interface>`` carries (filter, QoS, port isolation,
+teaming), and the filter and QoS fields, go to the core as ``profile``: the engine sends
+them with every request, and the core sets a network filter that differs and holds the
+other parts against the vNIC's own. Port mirroring and custom properties that ask for
+something are refused with ``noimpl`` (44) before anything changes. Pure: validated
+params in, the fields vnicd acts on out (and, for a plug, the result with the
+``devices`` the engine reads).
 """
 
 from __future__ import annotations
@@ -75,9 +76,9 @@ def _refuse_field_features(dev: Params, prefix: str) -> None:
 
 def field_profile(dev: Params, prefix: str, *, every: bool) -> Params:
     """An older engine's network filter and QoS fields as the profile parts they speak
-    of, held against the vNIC's own (a filter of "" and an empty QoS are none), as the
-    XML's parts are. ``every``: the fields are a vNIC's whole profile, a missing one is
-    none (an older engine's plug: it writes a filter only when the profile has one)."""
+    of, for the core as the XML's parts are (a filter of "" and an empty QoS are none).
+    ``every``: the fields are a vNIC's whole profile, a missing one is none (an older
+    engine's plug: it writes a filter only when the profile has one)."""
     if dev.get("filterParameters") and not dev.get("filter"):
         raise InvalidParameter(f"{prefix}filterParameters", "parameters of no network filter")
     spoken = {"filter": ("filter", "filterParameters"), "qos": ("specParams",)}

@@ -37,6 +37,7 @@ def nic_state(
         plugged=plugged,
         pci=str(address) if address else "",
         tap=iface.tap or "",
+        filter=iface.network_filter or "",
     )
 
 

@@ -1149,4 +1149,9 @@ def _summary(plan: Plan) -> str:
         f"network {before.network!r} -> {after.network!r}, "
         f"link {'up' if before.link_up else 'down'} -> {'up' if after.link_up else 'down'}, "
         f"plugged {before.plugged} -> {after.plugged}"
+        + (
+            f", filter {before.filter!r} -> {after.filter!r}"
+            if before.filter != after.filter
+            else ""
+        )
     )

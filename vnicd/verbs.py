@@ -113,6 +113,7 @@ def nic_wire(nic: NicState) -> dict[str, Any]:
         "plugged": nic.plugged,
         "pciAddress": nic.pci,
         "tap": nic.tap,
+        "filter": nic.filter,
     }
 
 
