@@ -268,6 +268,7 @@ def test_the_engine_moves_a_vnic_between_profiles_with_and_without_a_network_fil
         info = update("vt-a", "", linked=True)  # to a profile with no network filter
         now = next(n for n in info["nics"] if n["macAddr"] == nic.mac)
         assert (now["filter"], now["bridge"], now["linkActive"]) == ("", "vt-a", True)
+        assert now["filterParameters"] == []
         assert not filtered(tap), "the tap's filter rules are gone"
         assert filters() == (None, None)
         assert seen(vnicd, vm_id, nic.mac).kernel_bridge == "vt-a"

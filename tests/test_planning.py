@@ -535,6 +535,42 @@ def test_reconcile_at_start_gives_the_definition_the_live_wiring() -> None:
     assert plan_reconcile(snap(None, saved), follow_live=True) is None
 
 
+def test_a_filter_changed_live_reaches_the_definition_at_start_and_ends_a_bounce() -> None:
+    """A network filter is part of what the guest has: vnicd stopped between a change's
+    live and definition updates gives the definition the live filter at start, and a link
+    bounce cut in its pause ends with the filter it was to set."""
+    filtered = nic(A).replace("<model", "<filterref filter='g'/><model")
+    live = domain(filtered, nic(B, slot=4))
+    saved = domain(nic(A, live=False).replace("<model", "<filterref filter='f'/><model"))
+    plan = plan_reconcile(snap(live, saved), follow_live=True)
+    assert plan is not None
+    (step,) = plan.steps
+    assert isinstance(step, DefinitionUpdate) and step.after.network_filter == "g"
+    end = nic(A, bridge="br-b", link="<link state='up'/>")
+    end = end.replace("<model", "<filterref filter='g'/><model")
+    cut = nic(A, bridge="br-b", link=DOWN).replace("<model", "<filterref filter='f'/><model")
+    ends = plan_bounce_ends(snap(domain(cut, bounces=[end]), None, persistent=False))
+    assert ends is not None
+    (up,) = ends.steps
+    assert isinstance(up, LiveUpdate) and up.after.link_up and up.after.network_filter == "g"
+
+
+def test_a_filter_change_leaves_the_definitions_other_profile_parts() -> None:
+    """Only the filter is set, in the definition too: a QoS only the definition has (set
+    there for the next boot) stays, as does one the request leaves out."""
+    filtered = nic(A).replace("<model", "<filterref filter='f'/><model")
+    qos = "<bandwidth><inbound average='100'/></bandwidth>"
+    saved = domain(nic(A, live=False).replace("<model", f"<filterref filter='f'/>{qos}<model"))
+    s = snap(domain(filtered), saved)
+    change = NicChange(profile=(("filter", "<filterref filter='g'/>"),))
+    plan = plan_update(s, NicRef(mac=A), change, None, namer, persist_running=True)
+    live, definition = plan.steps
+    assert isinstance(live, LiveUpdate) and isinstance(definition, DefinitionUpdate)
+    assert live.after.network_filter == definition.after.network_filter == "g"
+    assert "bandwidth" not in live.after.to_xml()
+    assert qos.replace("'", '"') in definition.after.to_xml()
+
+
 DOWN = "<link state='down'/>"
 
 

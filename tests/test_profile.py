@@ -205,6 +205,15 @@ def test_engine_xml_profile_parts_are_carried_as_libvirt_compares_them() -> None
     plain = "<interface><bandwidth><outbound burst='5' average='100'/></bandwidth>"
     zero = Interface.from_xml(zeros + "</interface>").profile
     assert profile_changes(zero, Interface.from_xml(plain + "</interface>").profile, every) == []
+    # a filter's parameters are text, as libvirt compares them
+    ten, oh_ten = (
+        Interface.from_xml(
+            f"<interface><filterref filter='f'><parameter name='P' value='{v}'/></filterref>"
+            "</interface>"
+        ).profile
+        for v in ("10", "010")
+    )
+    assert profile_changes(ten, oh_ten, every) == ["filter"]
     odd = "<interface><bandwidth><inbound average='²'/></bandwidth></interface>"
     assert Interface.from_xml(odd).profile, "a digit that is no number is text"
 

@@ -205,17 +205,19 @@ def fields_profile(
     return profile_of(iface)
 
 
-def _canonical(el: etree._Element) -> tuple[Any, ...]:
-    """Order aside, and numbers as libvirt prints them: a QoS rate of 0 is none (libvirt
-    leaves out a zero ``peak``, ``burst`` or ``floor``), ``0100`` is ``100``."""
+def _canonical(el: etree._Element, numbers: bool = False) -> tuple[Any, ...]:
+    """Order aside; in QoS (``numbers``) numbers as libvirt prints them: a rate of 0 is
+    none (libvirt leaves out a zero ``peak``, ``burst`` or ``floor``), ``0100`` is
+    ``100``. Elsewhere (a filter's parameters) text is text, as libvirt compares it."""
+    numbers = numbers or el.tag == "bandwidth"
     attrs = []
     for key, value in el.attrib.items():
-        if value.isascii() and value.isdigit():
+        if numbers and value.isascii() and value.isdigit():
             value = str(int(value))
             if value == "0" and el.tag in ("inbound", "outbound"):
                 continue
         attrs.append((str(key), value))
-    children = sorted(repr(_canonical(c)) for c in el if isinstance(c.tag, str))
+    children = sorted(repr(_canonical(c, numbers)) for c in el if isinstance(c.tag, str))
     return (el.tag, tuple(sorted(attrs)), tuple(children))
 
 
@@ -310,6 +312,14 @@ class Interface:
     @property
     def network_filter(self) -> str | None:
         return self._attr("filterref", "filter")
+
+    @property
+    def filter_parameters(self) -> tuple[tuple[str, str], ...]:
+        """The network filter's parameters, (name, value) in the XML's order."""
+        ref = self._child("filterref")
+        if ref is None:
+            return ()
+        return tuple((p.get("name", ""), p.get("value", "")) for p in ref.iterfind("parameter"))
 
     @property
     def bridge(self) -> str | None:

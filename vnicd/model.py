@@ -66,6 +66,13 @@ class NicState:
     pci: str
     tap: str
     filter: str = ""  # the libvirt network filter on its tap, "" for none
+    filter_parameters: tuple[tuple[str, str], ...] = ()  # (name, value)
+
+    @property
+    def filter_text(self) -> str:
+        """The filter for a log line: its name, its parameters in parentheses."""
+        parameters = ",".join(f"{k}={v}" for k, v in self.filter_parameters)
+        return f"{self.filter}({parameters})" if parameters else self.filter
 
 
 @dataclass(frozen=True)

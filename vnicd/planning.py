@@ -197,8 +197,8 @@ def edit(current: Interface, change: NicChange, wiring: Wiring | None) -> Interf
         new.link_up = change.link_up
     else:
         new.link_up = current.link_up
-    changed = _profile_changes(current, change)
-    if changed:
+    changed = [p for p in _profile_changes(current, change) if p in LIVE_PROFILE_PARTS]
+    if changed:  # the other parts are kept: the live vNIC's are checked to be as asked
         new.set_profile(change.profile or (), changed)
     return new
 
@@ -267,8 +267,8 @@ def plan_update(
     *,
     persist_running: bool,
 ) -> Plan:
-    """A link and/or network change: live (and the definition), the definition of a VM
-    that is not running, or the stored copy of an unplugged vNIC."""
+    """A link, network and/or network filter change: live (and the definition), the
+    definition of a VM that is not running, or the stored copy of an unplugged vNIC."""
     _usable(snap)
     current = snap.find(ref)
     store = snap.store
@@ -603,7 +603,7 @@ def plan_bounce_ends(snap: Snapshot) -> Plan | None:
     for end in snap.store.bounces:
         now = snap.live.interface(mac=end.mac)
         if now is not None and not now.link_up and now.source == end.source:
-            up = edit(now, NicChange(link_up=True), None)
+            up = edit(now, NicChange(link_up=True, profile=end.profile), None)  # its filter
             steps.append(LiveUpdate(now, up, now.bridge, now.bridge))
     if not steps:
         return None
@@ -621,19 +621,23 @@ def plan_unmarking(snap: Snapshot) -> Plan | None:
 
 
 def _follow_live(snap: Snapshot) -> list[Step]:
-    """The definition updates that give each plugged vNIC its live source and link."""
+    """The definition updates that give each plugged vNIC its live source, link and
+    network filter."""
     assert snap.live is not None
     steps: list[Step] = []
     for live in snap.live.interfaces:
         saved = snap.saved_nic(live.mac) if live.mac else None
         if saved is None or live.kind not in WIRABLE or saved.kind not in WIRABLE:
             continue
-        if saved.source == live.source and saved.link_up == live.link_up:
+        filters = profile_changes(saved.profile, live.profile, LIVE_PROFILE_PARTS)
+        if saved.source == live.source and saved.link_up == live.link_up and not filters:
             continue
         new = saved.copy()
         if live.source is not None:
             new.source = live.source
         new.link_up = live.link_up
+        if filters:
+            new.set_profile(live.profile, filters)
         steps.append(DefinitionUpdate(saved, new))
     return steps
 

@@ -38,6 +38,7 @@ def nic_state(
         pci=str(address) if address else "",
         tap=iface.tap or "",
         filter=iface.network_filter or "",
+        filter_parameters=iface.filter_parameters,
     )
 
 

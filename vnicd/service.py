@@ -1150,8 +1150,8 @@ def _summary(plan: Plan) -> str:
         f"link {'up' if before.link_up else 'down'} -> {'up' if after.link_up else 'down'}, "
         f"plugged {before.plugged} -> {after.plugged}"
         + (
-            f", filter {before.filter!r} -> {after.filter!r}"
-            if before.filter != after.filter
+            f", filter {before.filter_text!r} -> {after.filter_text!r}"
+            if before.filter_text != after.filter_text
             else ""
         )
     )

@@ -111,7 +111,7 @@ def _text(nic: NicState | None) -> str:
     return (
         f"{'plugged' if nic.plugged else 'unplugged'} "
         f"{'linked' if nic.link_up else 'unlinked'} network={network}"
-        + (f" filter={nic.filter}" if nic.filter else "")
+        + (f" filter={nic.filter_text}" if nic.filter else "")
     )
 
 

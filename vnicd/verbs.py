@@ -114,6 +114,7 @@ def nic_wire(nic: NicState) -> dict[str, Any]:
         "pciAddress": nic.pci,
         "tap": nic.tap,
         "filter": nic.filter,
+        "filterParameters": [{"name": k, "value": v} for k, v in nic.filter_parameters],
     }
 
 
