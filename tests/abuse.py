@@ -95,6 +95,7 @@ _SPIED: list[tuple[Any, str]] = [
     (hypervisor.Hypervisor, "create"),
     (hypervisor.Hypervisor, "network_bridge"),
     (hostnet, "set_master"),
+    (hostnet, "set_isolated"),
     (hostnet, "ensure_isolated_bridge"),
     (hooks.Hooks, "run"),
 ]

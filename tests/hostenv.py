@@ -18,6 +18,7 @@ import os
 import re
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +27,8 @@ from pathlib import Path
 from tests.libvirtd import kill_leftovers
 
 CLONE_NEWNET = 0x40000000
+CLONE_NEWNS = 0x00020000
+MS_BIND, MS_MOVE, MS_REC, MS_SLAVE = 0x1000, 0x2000, 0x4000, 0x80000
 PR_SET_CHILD_SUBREAPER = 36
 PREFIX = "vnicd-test-"
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -48,6 +51,31 @@ def master(dev: str) -> str | None:
     assert info is not None, f"no device {dev}"
     value = info.get("master")
     return None if value is None else str(value)
+
+
+def _libc_call(what: str, result: int) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _own_sysfs() -> None:
+    """A mount namespace of this process's own with a sysfs of its network namespace, as
+    ``ip netns exec`` makes one: libvirt reaches bridge ports through /sys/class/net (a
+    port's isolation, for one), which otherwise shows the host's devices. The host's
+    cgroups stay where libvirt finds them. Host mounts still reach it; its own reach
+    nothing outside, and it dies with the process."""
+    _libc_call("unshare(CLONE_NEWNS)", _libc.unshare(CLONE_NEWNS))
+    _libc_call("mount / rslave", _libc.mount(b"none", b"/", None, MS_REC | MS_SLAVE, None))
+    cgroups = tempfile.mkdtemp(prefix="vnicd-test-cgroup-").encode()
+    try:
+        bind = _libc.mount(b"/sys/fs/cgroup", cgroups, None, MS_BIND | MS_REC, None)
+        _libc_call("bind /sys/fs/cgroup", bind)
+        _libc_call("mount sysfs", _libc.mount(b"sysfs", b"/sys", b"sysfs", 0, None))
+        back = _libc.mount(cgroups, b"/sys/fs/cgroup", None, MS_MOVE, None)
+        _libc_call("move /sys/fs/cgroup", back)
+    finally:
+        os.rmdir(cgroups)
 
 
 def _setns(path: str) -> None:
@@ -194,6 +222,7 @@ class TestHost:
             raise RuntimeError("enter the test namespace before any thread starts")
         ip("netns", "add", self.name)
         _setns(f"/run/netns/{self.name}")
+        _own_sysfs()
         self.entered = True
         ip("link", "set", "dev", "lo", "up")
         reap_qemus()

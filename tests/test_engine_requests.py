@@ -13,6 +13,7 @@ deviceId, network, ...}}`` plus ``filter``/``filterParameters`` from
 
 from __future__ import annotations
 
+import json
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from tests.conftest import Nic, Vms
 from tests.engine import EngineClient
 from tests.evidence import interfaces, pci_of, seen
 from tests.harness import DaemonThread
+from tests.hostenv import ip
 from tests.test_states import stopped_vm
 from vnicd.client import RpcError
 
@@ -298,6 +300,57 @@ def test_the_engine_moves_a_vnic_between_profiles_with_and_without_a_network_fil
     finally:
         vms.cleanup()
         nwfilter.undefine()
+
+
+def test_the_engine_isolates_a_vnics_port_and_frees_it(
+    vnicd: DaemonThread, vms: Vms, engine: EngineClient
+) -> None:
+    """A profile with port isolation: the engine's update carries <port isolated='yes'/>;
+    vnicd sets it live and in the definition, confirms it on the tap's bridge port in the
+    kernel, keeps it through a move, and undoes it there too when a change fails after
+    libvirt moved the tap and set the flag (it puts back neither)."""
+    alias = f"ua-{uuid.uuid4()}"
+    nic = Nic("vt-a", extra=f"<alias name='{alias}'/>")
+    vm_id = vms.create(nic, persistent=True)
+    tap = seen(vnicd, vm_id, nic.mac).tap
+    isolation = "<port isolated='yes'/>"
+
+    def update(bridge: str, extra: str) -> Any:
+        xml = engine_update_xml(alias, nic.mac, bridge, True, extra=extra)
+        params = {"deviceType": "interface", "xml": xml}
+        return engine.call("VM.updateDevice", vmID=vm_id, params=params)
+
+    def ports() -> tuple[bool, bool]:
+        """The vNIC's isolation in the live XML and in the definition."""
+        found = []
+        for xml in (vnicd.live_xml(vm_id), str(vnicd.domain(vm_id).XMLDesc(2))):
+            port = interfaces(xml)[nic.mac].find("port")
+            found.append(port is not None and port.get("isolated") == "yes")
+        return found[0], found[1]
+
+    assert port_of(tap) == ("vt-a", False)
+    update("vt-a", isolation)
+    assert port_of(tap) == ("vt-a", True) and ports() == (True, True)
+    update("vt-b", isolation)
+    assert port_of(tap) == ("vt-b", True), "isolated on its new bridge too"
+    before = seen(vnicd, vm_id, nic.mac)
+
+    # libvirt moves the tap (a new port, not isolated), then fails on the filter
+    with pytest.raises(RpcError) as e:
+        update("vt-a", '<filterref filter="vnicd-test-no-such-filter"/>')
+    assert e.value.code == 56 and e.value.data["rolledBack"] is True, e.value.message
+    assert port_of(tap) == ("vt-b", True), "back on its bridge, isolated, in the kernel"
+    assert seen(vnicd, vm_id, nic.mac) == before and ports() == (True, True)
+
+    update("vt-b", "")  # a profile without isolation
+    assert port_of(tap) == ("vt-b", False) and ports() == (False, False)
+
+
+def port_of(tap: str) -> tuple[str | None, bool]:
+    """The kernel's word, as ``ip -d link`` shows it: the tap's bridge, its port isolated."""
+    data = json.loads(ip("-j", "-d", "link", "show", "dev", tap))[0]
+    slave = data.get("linkinfo", {}).get("info_slave_data", {})
+    return data.get("master"), bool(slave.get("isolated"))
 
 
 def filtered(tap: str) -> bool:

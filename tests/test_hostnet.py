@@ -78,8 +78,31 @@ def test_reads_match_iproute2(devices: list[str]) -> None:
     assert hostnet.bridges() == sorted(names)
 
 
+def test_port_isolation_matches_iproute2(devices: list[str]) -> None:
+    """A port's isolation, read and set over netlink, as ``ip -d link`` shows it; a tap
+    moved to another bridge gets a new port, isolated only when asked."""
+    t = tap(devices, f"{TAG}-t4")
+
+    def isolated() -> bool:
+        data = json.loads(ip("-j", "-d", "link", "show", "dev", t))[0]
+        return bool(data["linkinfo"]["info_slave_data"]["isolated"])
+
+    assert hostnet.bridge_port(t) == (None, False)
+    hostnet.set_master(t, "vt-a", isolated=True)
+    assert hostnet.bridge_port(t) == ("vt-a", True) and isolated()
+    hostnet.set_isolated(t, False)
+    assert hostnet.bridge_port(t) == ("vt-a", False) and not isolated()
+    hostnet.set_isolated(t, True)
+    hostnet.set_master(t, "vt-b")
+    assert hostnet.bridge_port(t) == ("vt-b", False) and not isolated()
+    hostnet.set_master(t, "vt-a", isolated=True)
+    assert hostnet.bridge_port(t) == ("vt-a", True) and isolated()
+    assert hostnet.master(t) == "vt-a"
+
+
 def test_missing_devices() -> None:
     assert hostnet.link("nosuch0") is None
+    assert hostnet.bridge_port("nosuch0") == (None, False)
     assert hostnet.master("nosuch0") is None
     assert not hostnet.is_bridge("nosuch0")
     with pytest.raises(hostnet.HostNetError) as e:

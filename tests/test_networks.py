@@ -27,8 +27,14 @@ class Ports:
     def where(self, tap: str) -> str | None:
         return self.taps.get(tap)
 
-    def move(self, tap: str, bridge: str) -> None:
+    def port(self, tap: str) -> tuple[str | None, bool]:
+        return self.taps.get(tap), False
+
+    def move(self, tap: str, bridge: str, isolated: bool) -> None:
         self.taps[tap] = bridge
+
+    def isolate(self, tap: str, isolated: bool) -> None:
+        raise AssertionError("no port is isolated here")
 
     def masters(self) -> dict[str, str]:
         return dict(self.taps)

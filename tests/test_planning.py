@@ -310,10 +310,10 @@ def test_plug_on_the_network_and_link_asked() -> None:
     assert isinstance(attach, LiveAttach) and attach.iface.model == "e1000", "edited unplugged"
 
 
-def test_a_request_sets_the_network_filter_and_keeps_the_other_profile_parts() -> None:
+def test_a_request_sets_the_filter_and_isolation_and_keeps_the_other_profile_parts() -> None:
     """The engine sends a vNIC's whole profile with every update and plug: the same parts
-    are no change; a network filter that differs is set (live, in the definition, in the
-    stored copy); another QoS, port isolation or failover team is refused before any
+    are no change; a network filter or port isolation that differs is set (live, in the
+    definition, in the stored copy); another QoS or failover team is refused before any
     step, naming the part."""
     filtered = nic(A).replace("<model", "<filterref filter='f'/><model")
     kept = StoredNic("net4", Interface.from_xml(nic(B, slot=4, live=False)))
@@ -325,7 +325,7 @@ def test_a_request_sets_the_network_filter_and_keeps_the_other_profile_parts() -
     assert [step.after.profile for step in plan.steps] == [same, same]  # type: ignore[union-attr]
     other = Interface.from_xml(
         "<interface><filterref filter='g'><parameter name='IP' value='10.0.0.1'/></filterref>"
-        "</interface>"
+        "<port isolated='yes'/></interface>"
     ).profile
     for profile in (other, ()):
         plan = plan_update(
@@ -344,7 +344,6 @@ def test_a_request_sets_the_network_filter_and_keeps_the_other_profile_parts() -
     assert isinstance(attach, LiveAttach) and attach.iface.profile == same
     for part, element in (
         ("qos", "<bandwidth><inbound average='100'/></bandwidth>"),
-        ("isolation", "<port isolated='yes'/>"),
         ("teaming", "<teaming type='persistent'/>"),
     ):
         part_xml = Interface.from_xml(f"<interface>{element}</interface>").profile

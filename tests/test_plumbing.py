@@ -408,10 +408,10 @@ class BridgeGoneDomain:
     def xml(self, **_k: Any) -> str:
         return f"<domain><name>vm</name><devices>{self.iface}</devices></domain>"
 
-    def where(self, tap: str) -> str | None:
-        return self.ports[tap]
+    def port(self, tap: str) -> tuple[str | None, bool]:
+        return self.ports[tap], False
 
-    def move(self, tap: str, bridge: str) -> None:
+    def move(self, tap: str, bridge: str, isolated: bool) -> None:
         raise AssertionError(f"no move to {bridge} was needed")
 
 
@@ -568,7 +568,10 @@ class _OneVmHost:
     def where(self, _tap: str) -> str:
         return self.bridge
 
-    def move(self, _tap: str, bridge: str) -> None:
+    def port(self, _tap: str) -> tuple[str, bool]:
+        return self.bridge, False
+
+    def move(self, _tap: str, bridge: str, _isolated: bool) -> None:
         from vnicd import hostnet
 
         raise hostnet.HostNetError(f"no device {bridge}")

@@ -152,11 +152,12 @@ PROFILE_PARTS = {
     "isolation": ("port", "port isolation"),
     "teaming": ("teaming", "failover teaming"),
 }
-# The parts vnicd changes, live too: libvirt swaps a tap's filter rules in place and
-# puts the old ones back when the new fail. QoS and port isolation it leaves half set in
-# the kernel when an update fails (a qdisc without its class, a port flag), where resending
-# the old XML does not reach them; a failover team pairs two devices at a plug.
-LIVE_PROFILE_PARTS = frozenset({"filter"})
+# The parts vnicd changes, live too: libvirt swaps a tap's filter rules in place and puts
+# the old ones back when the new fail; a port's isolation vnicd confirms in the kernel and
+# puts back there. QoS libvirt leaves half set in the kernel when an update fails (a qdisc
+# without its class), where resending the old XML does not reach it; a failover team
+# pairs two devices at a plug.
+LIVE_PROFILE_PARTS = frozenset({"filter", "isolation"})
 Profile = tuple[tuple[str, str], ...]  # (part, its element's XML), for parts that ask
 
 
@@ -308,6 +309,11 @@ class Interface:
     @property
     def address(self) -> PciAddress | None:
         return self._kept("address", lambda: PciAddress.read(self._child("address")))
+
+    @property
+    def isolated(self) -> bool:
+        """Its bridge port reaches only the bridge's ports that are not isolated."""
+        return self._attr("port", "isolated") == "yes"
 
     @property
     def network_filter(self) -> str | None:

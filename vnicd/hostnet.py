@@ -56,14 +56,16 @@ class HostNetError(Exception):
 
 @dataclass(frozen=True)
 class Link:
-    """What vnicd reads of a device: its index, name, master's index and kind, and the
-    kind of device its master is (``bridge`` for a bridge port)."""
+    """What vnicd reads of a device: its index, name, master's index and kind, the kind
+    of device its master is (``bridge`` for a bridge port) and, on a bridge, whether its
+    port is isolated (it reaches only the bridge's ports that are not)."""
 
     index: int
     name: str
     master: int
     kind: str | None
     master_kind: str | None
+    isolated: bool = False
 
 
 _idle: queue.SimpleQueue[IPRSocket] = queue.SimpleQueue()
@@ -78,7 +80,8 @@ _ATTR = struct.Struct("=HH")
 _ERRNO = struct.Struct("=i")
 _U32 = struct.Struct("=I")
 IFLA_IFNAME, IFLA_MASTER, IFLA_LINKINFO = 3, 10, 18
-IFLA_INFO_KIND, IFLA_INFO_SLAVE_KIND = 1, 4
+IFLA_INFO_KIND, IFLA_INFO_SLAVE_KIND, IFLA_INFO_SLAVE_DATA = 1, 4, 5
+IFLA_BRPORT_ISOLATED = 33
 _NESTED = 0x8000 | 0x4000  # NLA_F_NESTED | NLA_F_NET_BYTEORDER
 
 
@@ -179,7 +182,7 @@ def _link(data: bytes, begin: int, end: int) -> Link:
     """Index, name, master, kind and the master's kind; every other attribute is stepped
     over, not decoded."""
     _family, _type, index, _flags, _change = _IFINFO.unpack_from(data, begin)
-    name, master, kind, master_kind = "", 0, None, None
+    name, master, kind, master_kind, isolated = "", 0, None, None, False
     offset = begin + _IFINFO.size
     while offset + 4 <= end:
         length, attr = _ATTR.unpack_from(data, offset)
@@ -191,14 +194,16 @@ def _link(data: bytes, begin: int, end: int) -> Link:
         elif attr == IFLA_MASTER:
             (master,) = _U32.unpack_from(data, offset + 4)
         elif attr == IFLA_LINKINFO:
-            kind, master_kind = _kinds(data, offset + 4, offset + length)
+            kind, master_kind, isolated = _kinds(data, offset + 4, offset + length)
         offset += (length + 3) & ~3
-    return Link(index, name, master, kind, master_kind)
+    return Link(index, name, master, kind, master_kind, isolated)
 
 
-def _kinds(data: bytes, offset: int, end: int) -> tuple[str | None, str | None]:
-    """The device's kind and its master's, from the link info nest in [offset, end)."""
+def _kinds(data: bytes, offset: int, end: int) -> tuple[str | None, str | None, bool]:
+    """The device's kind and its master's, from the link info nest in [offset, end), and
+    whether its bridge port is isolated (from the master's data about it)."""
     kind = master_kind = None
+    isolated = False
     while offset + 4 <= end:
         length, attr = _ATTR.unpack_from(data, offset)
         if length < 4:
@@ -208,8 +213,22 @@ def _kinds(data: bytes, offset: int, end: int) -> tuple[str | None, str | None]:
             kind = _text(data, offset + 4, offset + length)
         elif attr == IFLA_INFO_SLAVE_KIND:
             master_kind = _text(data, offset + 4, offset + length)
+        elif attr == IFLA_INFO_SLAVE_DATA:
+            isolated = _flag(data, offset + 4, offset + length, IFLA_BRPORT_ISOLATED)
         offset += (length + 3) & ~3
-    return kind, master_kind
+    return kind, master_kind, isolated
+
+
+def _flag(data: bytes, offset: int, end: int, wanted: int) -> bool:
+    """A u8 attribute in the nest [offset, end), as a flag (missing: off)."""
+    while offset + 4 <= end:
+        length, attr = _ATTR.unpack_from(data, offset)
+        if length < 4:
+            break
+        if attr & ~_NESTED == wanted and length > 4:
+            return bool(data[offset + 4])
+        offset += (length + 3) & ~3
+    return False
 
 
 def _text(data: bytes, start: int, end: int) -> str:
@@ -270,6 +289,15 @@ def master(dev: str) -> str | None:
     return None if found is None or found.master_kind != "bridge" else _master_name(found)
 
 
+def bridge_port(dev: str) -> tuple[str | None, bool]:
+    """The bridge a device is enslaved to (as :func:`master`) and whether its port there
+    is isolated, in one read."""
+    found = _get(dev)
+    if found is None or found.master_kind != "bridge":
+        return None, False
+    return _master_name(found), found.isolated
+
+
 def bridges() -> list[str]:
     return sorted(d.name for d in _dump() if d.kind == "bridge")
 
@@ -279,8 +307,9 @@ def is_bridge(name: str) -> bool:
     return found is not None and found.kind == "bridge"
 
 
-def set_master(dev: str, bridge: str) -> None:
-    """Enslave ``dev`` to ``bridge``; refused before anything moves unless it is a bridge.
+def set_master(dev: str, bridge: str, isolated: bool = False) -> None:
+    """Enslave ``dev`` to ``bridge``, its port there ``isolated`` or not; refused before
+    anything moves unless it is a bridge.
 
     (Asked to enslave to a device that cannot be a master, the kernel first releases
     ``dev`` from its current bridge and then fails.)
@@ -292,6 +321,17 @@ def set_master(dev: str, bridge: str) -> None:
         raise HostNetError(f"set {dev} master {bridge}: {bridge} is not a bridge")
     attrs = (("IFLA_IFNAME", dev), ("IFLA_MASTER", found.index))
     _request(f"set {dev} master {bridge}", attrs, RTM_NEWLINK)
+    if isolated:  # a new port is not
+        set_isolated(dev, True)
+
+
+def set_isolated(dev: str, isolated: bool) -> None:
+    """Isolate ``dev``'s bridge port, or not (``ip link set DEV type bridge_slave
+    isolated on|off``)."""
+    port = (("IFLA_BRPORT_ISOLATED", int(isolated)),)
+    info = (("IFLA_INFO_SLAVE_KIND", "bridge"), ("IFLA_INFO_SLAVE_DATA", port))
+    what = f"set {dev} isolated {'on' if isolated else 'off'}"
+    _request(what, (("IFLA_IFNAME", dev), ("IFLA_LINKINFO", info)), RTM_NEWLINK)
 
 
 def ensure_isolated_bridge(name: str) -> None:

@@ -67,6 +67,7 @@ class NicState:
     tap: str
     filter: str = ""  # the libvirt network filter on its tap, "" for none
     filter_parameters: tuple[tuple[str, str], ...] = ()  # (name, value)
+    isolated: bool = False  # its bridge port reaches only ports that are not
 
     @property
     def filter_text(self) -> str:

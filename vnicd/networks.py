@@ -52,8 +52,15 @@ class PortBackend(Protocol):
     def where(self, tap: str) -> str | None:
         """The bridge the tap is attached to now, as the host reports it."""
 
-    def move(self, tap: str, bridge: str) -> None:
-        """Attach the tap to ``bridge`` (to undo a half-done move)."""
+    def port(self, tap: str) -> tuple[str | None, bool]:
+        """The bridge the tap is attached to now and whether its port is isolated."""
+
+    def move(self, tap: str, bridge: str, isolated: bool) -> None:
+        """Attach the tap to ``bridge``, its port isolated or not (to undo a half-done
+        move)."""
+
+    def isolate(self, tap: str, isolated: bool) -> None:
+        """Isolate the tap's port, or not (to undo a half-done change)."""
 
     def masters(self) -> dict[str, str]:
         """Every tap on a bridge and its bridge, read at once (for listings)."""
@@ -73,8 +80,14 @@ class LinuxBridges:
     def where(self, tap: str) -> str | None:
         return hostnet.master(tap)
 
-    def move(self, tap: str, bridge: str) -> None:
-        hostnet.set_master(tap, bridge)
+    def port(self, tap: str) -> tuple[str | None, bool]:
+        return hostnet.bridge_port(tap)
+
+    def move(self, tap: str, bridge: str, isolated: bool) -> None:
+        hostnet.set_master(tap, bridge, isolated)
+
+    def isolate(self, tap: str, isolated: bool) -> None:
+        hostnet.set_isolated(tap, isolated)
 
     def masters(self) -> dict[str, str]:
         return hostnet.masters()

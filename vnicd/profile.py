@@ -8,11 +8,11 @@ with QoS in ``specParams.inbound``/``outbound``, port mirroring, a network filte
 custom properties next to the fields vnicd acts on, hot(un)plugged vNICs wrapped in
 ``params.nic``. The parts an ``<interface>`` carries (filter, QoS, port isolation,
 teaming), and the filter and QoS fields, go to the core as ``profile``: the engine sends
-them with every request, and the core sets a network filter that differs and holds the
-other parts against the vNIC's own. Port mirroring and custom properties that ask for
-something are refused with ``noimpl`` (44) before anything changes. Pure: validated
-params in, the fields vnicd acts on out (and, for a plug, the result with the
-``devices`` the engine reads).
+them with every request, and the core sets a network filter or port isolation that
+differs and holds the other parts against the vNIC's own. Port mirroring and custom
+properties that ask for something are refused with ``noimpl`` (44) before anything
+changes. Pure: validated params in, the fields vnicd acts on out (and, for a plug, the
+result with the ``devices`` the engine reads).
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ def nic_state(
         tap=iface.tap or "",
         filter=iface.network_filter or "",
         filter_parameters=iface.filter_parameters,
+        isolated=iface.isolated,
     )
 
 

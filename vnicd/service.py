@@ -1145,13 +1145,13 @@ def _summary(plan: Plan) -> str:
     before, after = plan.before, plan.after
     if before is None or after is None:
         return ", ".join(type(s).__name__ for s in plan.steps)
-    return (
-        f"network {before.network!r} -> {after.network!r}, "
-        f"link {'up' if before.link_up else 'down'} -> {'up' if after.link_up else 'down'}, "
-        f"plugged {before.plugged} -> {after.plugged}"
-        + (
-            f", filter {before.filter_text!r} -> {after.filter_text!r}"
-            if before.filter_text != after.filter_text
-            else ""
-        )
-    )
+    parts = [
+        f"network {before.network!r} -> {after.network!r}",
+        f"link {'up' if before.link_up else 'down'} -> {'up' if after.link_up else 'down'}",
+        f"plugged {before.plugged} -> {after.plugged}",
+    ]
+    if before.filter_text != after.filter_text:
+        parts.append(f"filter {before.filter_text!r} -> {after.filter_text!r}")
+    if before.isolated != after.isolated:
+        parts.append(f"isolated {before.isolated} -> {after.isolated}")
+    return ", ".join(parts)

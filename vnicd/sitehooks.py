@@ -112,6 +112,7 @@ def _text(nic: NicState | None) -> str:
         f"{'plugged' if nic.plugged else 'unplugged'} "
         f"{'linked' if nic.link_up else 'unlinked'} network={network}"
         + (f" filter={nic.filter_text}" if nic.filter else "")
+        + (" isolated" if nic.isolated else "")
     )
 
 

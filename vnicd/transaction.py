@@ -74,6 +74,12 @@ class Failed(Exception):
 _REPEATABLE = (LiveUpdate, DefinitionUpdate, StoreWrite, Pause)
 
 
+def _isolation(step: LiveUpdate) -> bool:
+    """Whether a live update is of an isolated port (before or after): only then is the
+    port's flag the vNIC's to confirm and put back."""
+    return step.before.isolated or step.after.isolated
+
+
 def repeatable(steps: tuple[Step, ...]) -> bool:
     return all(isinstance(s, _REPEATABLE) for s in steps)
 
@@ -287,10 +293,11 @@ class Transaction:
         match step:
             case LiveUpdate(before=before, after=after, bridge=bridge):
                 dom.update_interface(after.to_xml(), live=True, persistent=False)
+                isolated = after.isolated if _isolation(step) else None
                 if (after.tap, after.alias) == (before.tap, before.alias):
-                    self._took(after, bridge)
+                    self._took(after, bridge, isolated)
                 else:  # a hook left out what libvirt fills in from the device: read it
-                    self._confirm(after, bridge)
+                    self._confirm(after, bridge, isolated)
             case DefinitionUpdate(after=after):
                 dom.update_interface(after.to_xml(), live=False, persistent=True)
             case LiveAttach(iface=iface):
@@ -325,7 +332,7 @@ class Transaction:
             try:
                 match step:
                     case LiveUpdate(before=before, bridge_before=bridge):
-                        await self._run(self._restore_live, before, bridge)
+                        await self._run(self._restore_live, before, bridge, _isolation(step))
                     case DefinitionUpdate(before=before):
                         xml = before.to_xml()
                         await self._run(dom.update_interface, xml, live=False, persistent=True)
@@ -397,16 +404,19 @@ class Transaction:
     def _present(self, mac: str | None) -> bool:
         return self._read_live().interface(mac=mac) is not None
 
-    def _took(self, after: Interface, bridge: str | None) -> None:
+    def _took(self, after: Interface, bridge: str | None, isolated: bool | None) -> None:
         """libvirt accepted ``after`` as a live update. It answers only once the device's
         live definition is replaced (nothing is left half done without an error), so its
         live XML is not read back: ``live`` becomes the one read before, with ``after``.
-        The kernel is read: the tap must be on ``bridge``."""
+        The kernel is read: the tap must be on ``bridge``, its port ``isolated`` or not
+        (None: not checked)."""
         assert self.live is not None, "a live update is of a running VM"
         self.live = self.live.with_interface(after)
-        self._on_bridge(after.tap, bridge)
+        self._on_bridge(after.tap, bridge, isolated)
 
-    def _confirm(self, expected: Interface, bridge: str | None) -> None:
+    def _confirm(
+        self, expected: Interface, bridge: str | None, isolated: bool | None = None
+    ) -> None:
         now = self._read_live().interface(mac=expected.mac)
         if now is None:
             raise ConfirmError(f"vNIC {expected.mac} is gone from the live XML")
@@ -415,14 +425,19 @@ class Transaction:
                 f"libvirt reports {now.source} link {'up' if now.link_up else 'down'}, "
                 f"expected {expected.source} link {'up' if expected.link_up else 'down'}"
             )
-        self._on_bridge(now.tap, bridge)
+        self._on_bridge(now.tap, bridge, isolated)
 
-    def _on_bridge(self, tap: str | None, bridge: str | None) -> None:
-        """The kernel's word that ``tap`` is on ``bridge`` (nothing to check without both)."""
+    def _on_bridge(self, tap: str | None, bridge: str | None, isolated: bool | None) -> None:
+        """The kernel's word that ``tap`` is on ``bridge`` (nothing to check without both),
+        its port ``isolated`` or not (None: not checked; a libvirt network may isolate
+        its ports where the vNIC's XML does not say so)."""
         if bridge is not None and tap is not None:
-            actual = self._where(tap)
+            actual, actually_isolated = self._port(tap)
             if actual != bridge:
                 raise ConfirmError(f"tap {tap} is on {actual}, expected {bridge}")
+            if isolated is not None and actually_isolated != isolated:
+                state = "isolated" if actually_isolated else "not isolated"
+                raise ConfirmError(f"tap {tap}'s port on {bridge} is {state}")
 
     def _confirm_attached(self, iface: Interface) -> None:
         live = self._read_live().interface(mac=iface.mac)
@@ -430,25 +445,34 @@ class Transaction:
             raise ConfirmError("libvirt does not show it plugged")
         if iface.address is not None and live.address != iface.address:
             raise ConfirmError(f"it came back at {live.address}, not {iface.address}")
-        if live.bridge and live.tap and self._where(live.tap) != live.bridge:
-            raise ConfirmError(f"its tap {live.tap} is not on {live.bridge}")
+        if live.bridge and live.tap:
+            try:
+                self._on_bridge(live.tap, live.bridge, True if live.isolated else None)
+            except ConfirmError as e:
+                raise ConfirmError(f"its {e}") from e
 
-    def _where(self, tap: str) -> str | None:
-        bridge = self._ports.where(tap)
+    def _port(self, tap: str) -> tuple[str | None, bool]:
+        bridge, isolated = self._ports.port(tap)
         self.seen[tap] = bridge or ""
-        return bridge
+        return bridge, isolated
 
-    def _restore_live(self, before: Interface, bridge: str | None) -> None:
+    def _restore_live(self, before: Interface, bridge: str | None, isolation: bool) -> None:
+        """``before`` live again, its tap on ``bridge`` in the kernel and, when the change
+        was of its ``isolation``, its port as isolated as it was."""
         problems = []
         try:
             self._dom.update_interface(before.to_xml(), live=True, persistent=False)
         except HypervisorError as e:
             problems.append(str(e))
         tap = before.tap
-        try:
-            if bridge is not None and tap is not None and self._ports.where(tap) != bridge:
-                self._ports.move(tap, bridge)
-            self._confirm(before, bridge)
+        try:  # libvirt leaves a tap it moved, and a port flag it set, when it fails after
+            if bridge is not None and tap is not None:
+                where, isolated = self._ports.port(tap)
+                if where != bridge:
+                    self._ports.move(tap, bridge, before.isolated)
+                elif isolation and isolated != before.isolated:
+                    self._ports.isolate(tap, before.isolated)
+            self._confirm(before, bridge, before.isolated if isolation else None)
         except (*FAULTS, ConfirmError) as e:
             problems.append(str(e))
         if problems:

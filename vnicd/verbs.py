@@ -115,6 +115,7 @@ def nic_wire(nic: NicState) -> dict[str, Any]:
         "tap": nic.tap,
         "filter": nic.filter,
         "filterParameters": [{"name": k, "value": v} for k, v in nic.filter_parameters],
+        "portIsolated": nic.isolated,
     }
 
 
