@@ -29,6 +29,7 @@ from tests.libvirtd import kill_leftovers
 CLONE_NEWNET = 0x40000000
 CLONE_NEWNS = 0x00020000
 MS_BIND, MS_MOVE, MS_REC, MS_SLAVE = 0x1000, 0x2000, 0x4000, 0x80000
+MNT_DETACH = 2
 PR_SET_CHILD_SUBREAPER = 36
 PREFIX = "vnicd-test-"
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -62,20 +63,42 @@ def _libc_call(what: str, result: int) -> None:
 def _own_sysfs() -> None:
     """A mount namespace of this process's own with a sysfs of its network namespace, as
     ``ip netns exec`` makes one: libvirt reaches bridge ports through /sys/class/net (a
-    port's isolation, for one), which otherwise shows the host's devices. The host's
-    cgroups stay where libvirt finds them. Host mounts still reach it; its own reach
+    port's isolation, for one), which otherwise shows the host's devices. What the host
+    mounts under /sys (cgroups, securityfs, ...) is carried over where libvirt looks for
+    it. Mounts the host makes later elsewhere still reach this namespace, its own reach
     nothing outside, and it dies with the process."""
     _libc_call("unshare(CLONE_NEWNS)", _libc.unshare(CLONE_NEWNS))
     _libc_call("mount / rslave", _libc.mount(b"none", b"/", None, MS_REC | MS_SLAVE, None))
-    cgroups = tempfile.mkdtemp(prefix="vnicd-test-cgroup-").encode()
+    kept: list[tuple[str, str]] = []  # (mount point under /sys, where it waits meanwhile)
     try:
-        bind = _libc.mount(b"/sys/fs/cgroup", cgroups, None, MS_BIND | MS_REC, None)
-        _libc_call("bind /sys/fs/cgroup", bind)
+        for point in _mounts_under_sys():
+            aside = tempfile.mkdtemp(prefix="vnicd-test-sys-")
+            kept.append((point, aside))
+            bind = _libc.mount(point.encode(), aside.encode(), None, MS_BIND | MS_REC, None)
+            _libc_call(f"bind {point}", bind)
         _libc_call("mount sysfs", _libc.mount(b"sysfs", b"/sys", b"sysfs", 0, None))
-        back = _libc.mount(cgroups, b"/sys/fs/cgroup", None, MS_MOVE, None)
-        _libc_call("move /sys/fs/cgroup", back)
+        while kept:
+            point, aside = kept[-1]
+            back = _libc.mount(aside.encode(), point.encode(), None, MS_MOVE, None)
+            _libc_call(f"move {point} back", back)
+            kept.pop()
+            os.rmdir(aside)
     finally:
-        os.rmdir(cgroups)
+        for _point, aside in kept:  # a failure: nothing is left mounted aside
+            _libc.umount2(aside.encode(), MNT_DETACH)
+            with contextlib.suppress(OSError):
+                os.rmdir(aside)
+
+
+def _mounts_under_sys() -> list[str]:
+    """The outermost mount points under /sys (each takes the ones inside it along)."""
+    points = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = line.split()[4].encode().decode("unicode_escape")
+            if point.startswith("/sys/"):
+                points.append(point)
+    return [p for p in points if not any(p.startswith(o + "/") for o in points if o != p)]
 
 
 def _setns(path: str) -> None:
@@ -222,8 +245,8 @@ class TestHost:
             raise RuntimeError("enter the test namespace before any thread starts")
         ip("netns", "add", self.name)
         _setns(f"/run/netns/{self.name}")
-        _own_sysfs()
         self.entered = True
+        _own_sysfs()
         ip("link", "set", "dev", "lo", "up")
         reap_qemus()
 

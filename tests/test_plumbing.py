@@ -26,6 +26,7 @@ from vnicd.planning import (
     LiveAttach,
     LiveDetach,
     LiveUpdate,
+    Pause,
     Plan,
     StoreWrite,
     plan_unplug,
@@ -420,7 +421,7 @@ def test_bounce_undo_skips_its_intermediate_state() -> None:
     sends back the state from before the move, never the intermediate one on that bridge."""
     from vnicd.model import NicChange
     from vnicd.networks import Wiring
-    from vnicd.planning import Pause, edit
+    from vnicd.planning import edit
 
     nic = NIC.replace("<alias", "<target dev='tap1'/><alias")
     before = Interface.from_xml(nic)
@@ -441,6 +442,92 @@ def test_bounce_undo_skips_its_intermediate_state() -> None:
     assert isinstance(error, Failed) and not error.problems, error
     assert dom.sent == [down.to_xml(), after.to_xml(), before.to_xml()]
     assert dom.ports["tap1"] == "br-a"
+
+
+class IsolatingHost:
+    """A running VM with one vNIC, tap1, and the kernel's view of its bridge port: an
+    update sets the bridge and the flag its XML asks for (a libvirt network that isolates
+    its ports isolates it anyway); the update numbered ``fail`` (from 1) fails after that,
+    its XML not taken."""
+
+    uuid = VM
+
+    def __init__(self, iface: str, *, network_isolates: bool = False, fail: int = 0) -> None:
+        self.iface, self.fail, self.network_isolates = iface, fail, network_isolates
+        self.sent: list[str] = []
+        first = Interface.from_xml(iface)
+        self.kernel = (first.bridge, first.isolated or network_isolates)
+        self.isolated_by_vnicd: list[bool] = []
+
+    def update_interface(self, xml: str, **_k: Any) -> None:
+        """As libvirt: only what differs from its own copy of the vNIC is applied."""
+        self.sent.append(xml)
+        new, old = Interface.from_xml(xml), Interface.from_xml(self.iface)
+        if (new.bridge, new.isolated) != (old.bridge, old.isolated):
+            self.kernel = (new.bridge, new.isolated or self.network_isolates)
+        if len(self.sent) == self.fail:  # libvirt set the flag, then failed on the filter
+            raise HypervisorError("updating interface", libvirt.libvirtError("injected"))
+        self.iface = xml
+
+    def xml(self, **_k: Any) -> str:
+        return f"<domain><name>vm</name><devices>{self.iface}</devices></domain>"
+
+    def port(self, _tap: str) -> tuple[str | None, bool]:
+        return self.kernel
+
+    def move(self, _tap: str, bridge: str, isolated: bool) -> None:
+        self.kernel = (bridge, isolated)
+
+    def isolate(self, _tap: str, isolated: bool) -> None:
+        self.isolated_by_vnicd.append(isolated)
+        self.kernel = (self.kernel[0], isolated)
+
+
+def _live_update_plan(*steps: LiveUpdate | Pause, nic: str) -> tuple[Plan, Snapshot]:
+    plan = Plan(Action.UPDATE, VM, "net1", MAC, steps, None, None, Store())
+    live = f"<domain><devices>{nic}</devices></domain>"
+    return plan, Snapshot.parse(VM, VmStatus.RUNNING, False, live, None)
+
+
+def test_a_port_a_libvirt_network_isolates_is_not_the_vnics_to_confirm() -> None:
+    """A libvirt network may isolate its ports where the vNIC's XML says nothing: the
+    kernel's flag is not held against the XML then (a good change is not undone)."""
+    from vnicd.model import NicChange
+    from vnicd.planning import edit
+
+    nic = (
+        f"<interface type='network'><mac address='{MAC}'/><source network='iso' "
+        "bridge='virbr9'/><target dev='tap1'/><alias name='net1'/></interface>"
+    )
+    before = Interface.from_xml(nic)
+    down = edit(before, NicChange(link_up=False), None)
+    plan, snap = _live_update_plan(LiveUpdate(before, down, "virbr9", "virbr9"), nic=nic)
+    host = IsolatingHost(nic, network_isolates=True)
+    assert carry_out(plan, snap, host, ports=host) is None
+    assert host.kernel == ("virbr9", True)
+
+
+def test_a_bounce_that_fails_isolating_the_port_frees_it_again() -> None:
+    """The second half of a bounce isolates the port and fails after libvirt set the
+    flag: resending the old XML does not reach it (libvirt's copy never changed), so
+    vnicd clears it in the kernel."""
+    from vnicd.model import NicChange
+    from vnicd.planning import edit
+
+    nic = _LIVE_NIC
+    before = Interface.from_xml(nic)
+    down = edit(before, NicChange(link_up=False), None)
+    isolated = Interface.from_xml(nic.replace("<alias", "<port isolated='yes'/><alias"))
+    steps = (
+        LiveUpdate(before, down, "br-a", "br-a"),
+        Pause(0),
+        LiveUpdate(down, isolated, "br-a", "br-a"),
+    )
+    plan, snap = _live_update_plan(*steps, nic=nic)
+    host = IsolatingHost(nic, fail=2)
+    error = carry_out(plan, snap, host, ports=host)
+    assert isinstance(error, Failed) and not error.problems, error
+    assert host.kernel == ("br-a", False) and host.isolated_by_vnicd == [False]
 
 
 class _MetadataDomain:

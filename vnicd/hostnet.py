@@ -11,9 +11,10 @@ from another, so requests go through its plain ``IPRSocket``: each call borrows 
 socket from a pool (opened on demand, so worker threads run in parallel and idle
 sockets are reused). Sockets belong to the network namespace the process was in when
 they were opened. Replies are read here, for the few attributes vnicd uses (name,
-master, kind and the master's kind): pyroute2 turns every attribute of every device into
-objects, ~0.2 ms a device, 40 ms for a host with 200 taps; read here, 2 ms for all its
-devices, 0.5 ms for its 200 bridge ports (`ip -j link` takes 3-4 ms).
+master, kind, the master's kind and a bridge port's isolation): pyroute2 turns every
+attribute of every device into objects, ~0.2 ms a device, 40 ms for a host with 200
+taps; read here, 2 ms for all its devices, 0.5 ms for its 200 bridge ports (`ip -j
+link` takes 3-4 ms).
 """
 
 from __future__ import annotations
@@ -179,8 +180,8 @@ def _messages(data: bytes, seq: int) -> Iterator[tuple[int, int, int]]:
 
 
 def _link(data: bytes, begin: int, end: int) -> Link:
-    """Index, name, master, kind and the master's kind; every other attribute is stepped
-    over, not decoded."""
+    """Index, name, master, kind, the master's kind and a bridge port's isolation; every
+    other attribute is stepped over, not decoded."""
     _family, _type, index, _flags, _change = _IFINFO.unpack_from(data, begin)
     name, master, kind, master_kind, isolated = "", 0, None, None, False
     offset = begin + _IFINFO.size

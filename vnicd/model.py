@@ -38,7 +38,8 @@ class NicChange:
     down around a move of a linked vNIC (None: no bounce). ``only_on``: change it only if
     it is still on this network when its turn comes (a bulk change matched it by network).
     ``profile``: the vNIC profile parts asked for, as (part, element XML): a network
-    filter is set, the other parts must be the vNIC's own (see ``domxml.PROFILE_PARTS``);
+    filter and port isolation are set, the other parts must be the vNIC's own (see
+    ``domxml.LIVE_PROFILE_PARTS``);
     ``profile_parts``: the parts the request speaks of (None: all, as an XML does)."""
 
     link_up: bool | None = None

@@ -267,8 +267,9 @@ def plan_update(
     *,
     persist_running: bool,
 ) -> Plan:
-    """A link, network and/or network filter change: live (and the definition), the
-    definition of a VM that is not running, or the stored copy of an unplugged vNIC."""
+    """A link, network, network filter and/or port isolation change: live (and the
+    definition), the definition of a VM that is not running, or the stored copy of an
+    unplugged vNIC."""
     _usable(snap)
     current = snap.find(ref)
     store = snap.store
@@ -622,7 +623,7 @@ def plan_unmarking(snap: Snapshot) -> Plan | None:
 
 def _follow_live(snap: Snapshot) -> list[Step]:
     """The definition updates that give each plugged vNIC its live source, link and
-    network filter."""
+    network filter and port isolation."""
     assert snap.live is not None
     steps: list[Step] = []
     for live in snap.live.interfaces:

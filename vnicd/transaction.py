@@ -75,9 +75,11 @@ _REPEATABLE = (LiveUpdate, DefinitionUpdate, StoreWrite, Pause)
 
 
 def _isolation(step: LiveUpdate) -> bool:
-    """Whether a live update is of an isolated port (before or after): only then is the
-    port's flag the vNIC's to confirm and put back."""
-    return step.before.isolated or step.after.isolated
+    """Whether a live update is of an isolated port on a host bridge (before or after):
+    only then is the port's flag the vNIC's XML's to confirm and put back (a libvirt
+    network may isolate its ports where the XML says nothing)."""
+    ifaces = (step.before, step.after)
+    return any(i.isolated for i in ifaces) and all(i.kind == "bridge" for i in ifaces)
 
 
 def repeatable(steps: tuple[Step, ...]) -> bool:
@@ -325,14 +327,16 @@ class Transaction:
         bridge deleted meanwhile) must not stand in the way of."""
         problems: list[str] = []
         dom = self._dom
-        first_live = next((s for s in done if isinstance(s, LiveUpdate)), None)
+        lives = [s for s in done if isinstance(s, LiveUpdate)]
+        first_live = lives[0] if lives else None
+        isolation = any(_isolation(s) for s in lives)  # a bounce's second half's too
         for step in reversed(done):
             if isinstance(step, LiveUpdate) and step is not first_live:
                 continue
             try:
                 match step:
                     case LiveUpdate(before=before, bridge_before=bridge):
-                        await self._run(self._restore_live, before, bridge, _isolation(step))
+                        await self._run(self._restore_live, before, bridge, isolation)
                     case DefinitionUpdate(before=before):
                         xml = before.to_xml()
                         await self._run(dom.update_interface, xml, live=False, persistent=True)
