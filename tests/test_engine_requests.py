@@ -223,6 +223,23 @@ def test_update_device_as_todays_engine_sends_it(
     assert seen(vnicd, vm_id, nic.mac).kernel_bridge == vnicd.config.unwired_bridge
 
 
+def test_a_dual_mode_vnic_takes_the_engines_update_whichever_model_it_writes(
+    vnicd: DaemonThread, vms: Vms, engine: EngineClient
+) -> None:
+    """The engine's dual-mode type (rtl8139_pv) is plugged as rtl8139 or virtio by whether
+    the guest had its agent then, and its update XML says virtio once the agent runs: the
+    update moves the vNIC, which stays the device it is in QEMU."""
+    alias = f"ua-{uuid.uuid4()}"
+    nic = Nic("vt-a", model="rtl8139", extra=f"<alias name='{alias}'/>")
+    vm_id = vms.create(nic)
+    before = seen(vnicd, vm_id, nic.mac)
+    xml = engine_update_xml(alias, nic.mac, "vt-b", True)  # <model type="virtio"/>
+    engine.call("VM.updateDevice", vmID=vm_id, params={"deviceType": "interface", "xml": xml})
+    after = seen(vnicd, vm_id, nic.mac)
+    assert (after.kernel_bridge, after.model) == ("vt-b", "rtl8139")
+    assert (after.qemu_slot, after.qemu_device_id) == (before.qemu_slot, 0x8139)
+
+
 FILTER = """<filter name='vnicd-test-no-mac-spoofing' chain='mac'>
   <rule action='return' direction='out' priority='-650'><mac srcmacaddr='$MAC'/></rule>
   <rule action='drop' direction='out' priority='-600'><mac/></rule>

@@ -122,10 +122,10 @@ def _from_xml(xml: str, action: Action) -> Params:
     if action == "unplug":
         return fields
     _refuse_xml_features(dev)
-    fields.update(_wired(dev))
-    if dev.model is not None:
-        fields["nicModel"] = dev.model
-    return fields
+    # No model: the engine asks for no live model change (it refuses one and has the
+    # vNIC unplugged, edited and plugged), and writes rtl8139 or virtio for its dual-mode
+    # type by whether the guest has its agent now, not as the vNIC was plugged.
+    return fields | _wired(dev)
 
 
 def _engine_device(xml: str) -> EngineDevice:
