@@ -80,6 +80,41 @@ def test_before_hook_refusal_changes_nothing(
     assert seen(vnicd, vm_id, nic.mac) == before
 
 
+def test_custom_properties_are_the_hooks_environment(
+    site: Site, vms: Vms, vnicd: DaemonThread
+) -> None:
+    """ovirt-engine sends a vNIC profile's custom properties with every update and plug,
+    for VDSM's hooks: they are the hooks' environment, in fields and in the engine's
+    XML metadata alike; a change no hook runs around refuses them and changes nothing."""
+    nic = Nic("vt-a", extra="<alias name='ua-7'/>")
+    vm_id = vms.create(nic)
+    before = seen(vnicd, vm_id, nic.mac)
+    custom = {"vnic_id": "7", "zone": "dmz"}
+    with vnicd.client() as rpc:
+        with pytest.raises(RpcError) as err:
+            update(rpc, vm_id, macAddr=nic.mac, network="vt-b", custom=custom)
+        assert err.value.code == 44 and err.value.data["field"] == "params.custom"
+        assert "no hook" in err.value.message
+        assert seen(vnicd, vm_id, nic.mac) == before
+
+        got = site.root / "env"
+        site.hook("after_update_device", f'echo "$vmId $vnic_id $zone" >> {got}\n')
+        update(rpc, vm_id, macAddr=nic.mac, network="vt-b", custom=custom)
+        assert seen(vnicd, vm_id, nic.mac).kernel_bridge == "vt-b"
+        xml = (
+            '<hotplug><devices><interface type="bridge"><model type="virtio"/>'
+            f'<link state="up"/><source bridge="vt-a"/><alias name="ua-7"/>'
+            f'<mac address="{nic.mac}"/></interface></devices>'
+            '<metadata xmlns:ovirt-vm="http://ovirt.org/vm/1.0"><ovirt-vm:vm>'
+            '<ovirt-vm:device alias="ua-7"><ovirt-vm:custom><ovirt-vm:vnic_id>8'
+            "</ovirt-vm:vnic_id></ovirt-vm:custom></ovirt-vm:device></ovirt-vm:vm>"
+            "</metadata></hotplug>"
+        )
+        update(rpc, vm_id, xml=xml)
+    assert seen(vnicd, vm_id, nic.mac).kernel_bridge == "vt-a"
+    assert got.read_text().splitlines() == [f"{vm_id} 7 dmz", f"{vm_id} 8 "]
+
+
 def test_failing_after_hook_keeps_the_change(
     site: Site, vms: Vms, vnicd: DaemonThread, caplog: pytest.LogCaptureFixture
 ) -> None:

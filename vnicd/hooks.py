@@ -73,10 +73,10 @@ def environment(custom: Mapping[str, str]) -> dict[str, str]:
             key = f"_{key}"
         if _RESERVED.fullmatch(key):
             raise errors.InvalidParameter(
-                f"custom.{name}", "reserved name for a hook's environment"
+                f"custom.{name}", f"{name!r} is a reserved name for a hook's environment"
             )
         if "\0" in value:
-            raise errors.InvalidParameter(f"custom.{name}", "contains a NUL character")
+            raise errors.InvalidParameter(f"custom.{name}", f"{name!r} holds a NUL character")
         env[key] = value
     return env
 

@@ -9,10 +9,10 @@ custom properties next to the fields vnicd acts on, hot(un)plugged vNICs wrapped
 ``params.nic``. The parts an ``<interface>`` carries (filter, QoS, port isolation,
 teaming), and the filter and QoS fields, go to the core as ``profile``: the engine sends
 them with every request, and the core sets a network filter or port isolation that
-differs and holds the other parts against the vNIC's own. Port mirroring and custom
-properties that ask for something are refused with ``noimpl`` (44) before anything
-changes. Pure: validated params in, the fields vnicd acts on out (and, for a plug, the
-result with the ``devices`` the engine reads).
+differs and holds the other parts against the vNIC's own. Custom properties go along
+for the hooks (VDSM's use of them); port mirroring that asks for something is refused
+with ``noimpl`` (44) before anything changes. Pure: validated params in, the fields
+vnicd acts on out (and, for a plug, the result with the ``devices`` the engine reads).
 """
 
 from __future__ import annotations
@@ -22,13 +22,14 @@ from typing import Any, Literal
 from vnicd import names
 from vnicd.domxml import EngineDevice, XMLError, engine_device, fields_profile
 from vnicd.errors import InvalidParameter, NotImplementedFeature
+from vnicd.hooks import environment
 
 Params = dict[str, Any]
 Action = Literal["update", "plug", "unplug"]
 UNWIRED_BRIDGE = ";vdsmdummy;"  # the engine's bridge for a vNIC without a network
 # Fields that describe the device rather than ask for a change.
 _DESCRIPTIVE = ("type", "device", "address", "deviceId")
-_PROFILE = ("specParams", "portMirroring", "filter", "filterParameters", "custom")
+_PROFILE = ("specParams", "portMirroring", "filter", "filterParameters")
 _PROFILE_FIELDS = ("filter", "filterParameters", "specParams")  # what an XML carries itself
 
 
@@ -44,6 +45,7 @@ def device_params(params: Params, action: Action) -> Params:
         nic = dev.pop("nic")
         prefix = "params.nic."
         dev = {**nic, **dev}
+    custom = dev.pop("custom", None)  # the fields' own: an XML carries its own
     if action != "plug" and "xml" in dev:
         fields = _from_xml(dev.pop("xml"), action)
         dev.update(fields)
@@ -51,10 +53,13 @@ def device_params(params: Params, action: Action) -> Params:
         _refuse_field_features(dev, prefix)
         if "profile" in dev or "xml" in dev:  # the profile is the XML's
             stray = next((k for k in _PROFILE_FIELDS if dev.get(k)), None)
+            stray = stray or ("custom" if custom else None)
             if stray is not None:
                 raise InvalidParameter(f"{prefix}{stray}", "give the profile in params.xml only")
         else:
             dev.update(field_profile(dev, prefix, every=action == "plug" and "nic" in params))
+            if custom:
+                dev["custom"] = _custom(custom, f"{prefix}custom")
     return {k: v for k, v in dev.items() if k not in _PROFILE and k not in _DESCRIPTIVE}
 
 
@@ -70,8 +75,21 @@ def plug_fields(xml: str) -> Params:
 def _refuse_field_features(dev: Params, prefix: str) -> None:
     if dev.get("portMirroring"):
         raise NotImplementedFeature(f"{prefix}portMirroring", "port mirroring")
-    if dev.get("custom"):
-        raise NotImplementedFeature(f"{prefix}custom", f"custom properties {sorted(dev['custom'])}")
+
+
+def _custom(custom: Any, field: str) -> tuple[tuple[str, str], ...]:
+    """Custom properties, for the hooks' environment (as VDSM passes them): text values,
+    names a hook's environment can take."""
+    if not isinstance(custom, dict) or not all(isinstance(v, str) for v in custom.values()):
+        raise InvalidParameter(field, "custom properties are names with text values")
+    for name, value in custom.items():
+        try:
+            environment({name: value})
+        except InvalidParameter as e:
+            inside = field if field == "params.xml" else f"{field}.{name}"
+            e.rename_field({f"custom.{name}": inside})
+            raise
+    return tuple(sorted(custom.items()))
 
 
 def field_profile(dev: Params, prefix: str, *, every: bool) -> Params:
@@ -136,8 +154,11 @@ def _engine_device(xml: str) -> EngineDevice:
 
 
 def _wired(dev: EngineDevice) -> Params:
-    """The profile parts, link and network the engine's XML gives its vNIC."""
+    """The profile parts, link, network and custom properties the engine's XML gives its
+    vNIC."""
     fields: Params = {"profile": dev.profile}
+    if dev.custom:
+        fields["custom"] = _custom(dev.custom, "params.xml")
     if dev.link_up is not None:
         fields["linkActive"] = dev.link_up
     source = {"bridge": dev.bridge, "network": dev.network}.get(str(dev.kind))
@@ -163,9 +184,8 @@ def _refuse_xml_features(dev: EngineDevice) -> None:
 
 
 def _refuse_metadata_features(dev: EngineDevice) -> None:
-    """What the engine asks for in its ``ovirt-vm`` metadata: libvirt does none of it."""
+    """What the engine asks for in its ``ovirt-vm`` metadata that vnicd does not do
+    (custom properties go to the hooks)."""
     field = "params.xml"
     if dev.port_mirroring:
         raise NotImplementedFeature(field, "port mirroring")
-    if dev.custom:
-        raise NotImplementedFeature(field, f"custom properties {sorted(dev.custom)}")

@@ -55,6 +55,7 @@ from vnicd.unplugged import mentions_store
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+Custom = tuple[tuple[str, str], ...]  # a request's custom properties, for its hooks
 # Workers reading VMs at once, through libvirtd (True) or in-process (False), where the
 # embedded driver's reads are this process's own work and one will do. For a listing,
 # that many fetch the XML while one more parses it: two overlap libvirtd's round trips,
@@ -75,6 +76,7 @@ class UpdateNic:
     change: NicChange
     bounce: bool | None = None  # None: as configured
     dry_run: bool = False
+    custom: Custom = ()
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class PlugNic:
     dry_run: bool = False
     change: NicChange | None = None  # the network and link to plug it on
     model: str | None = None  # with ``nic``: the model to plug it as
+    custom: Custom = ()
 
 
 @dataclass(frozen=True)
@@ -120,9 +123,10 @@ class Capabilities:
 
 class Hooks(Protocol):
     """The seam for site hooks: those of a kind of change (``plan``'s) looked up once per
-    request, blocking (see :class:`HooksNow`)."""
+    request, blocking, with the request's custom properties for them (see
+    :class:`HooksNow`)."""
 
-    def look(self, plan: Plan) -> HooksNow: ...
+    def look(self, plan: Plan, custom: Custom = ()) -> HooksNow: ...
 
 
 class HooksNow(Protocol):
@@ -139,7 +143,7 @@ class HooksNow(Protocol):
 
 
 class NoHooks:
-    def look(self, plan: Plan) -> NoHooks:
+    def look(self, plan: Plan, custom: Custom = ()) -> NoHooks:
         return self
 
     def rewrites(self, plan: Plan) -> bool:
@@ -515,7 +519,7 @@ class Service:
                 snap, req.nic, change, wiring, namer, persist_running=persist
             )
 
-        return await self._change(req.vm_id, plan, req.dry_run)
+        return await self._change(req.vm_id, plan, req.dry_run, req.custom)
 
     def _bounced(self, change: NicChange, bounce: bool | None) -> NicChange:
         """``change`` with the link bounce asked for (None: the configured default)."""
@@ -550,6 +554,7 @@ class Service:
                 req.vm_id,
                 lambda s: planning.plan_plug_new(s, iface, namer, change, wiring),
                 req.dry_run,
+                req.custom,
             )
         nic, change, model = req.nic, req.change, req.model
         assert nic is not None
@@ -558,6 +563,7 @@ class Service:
             req.vm_id,
             lambda s: planning.plan_plug(s, nic, namer, change, wiring, model),
             req.dry_run,
+            req.custom,
         )
 
     async def hotunplug(self, req: UnplugNic) -> VmState | DryRun:
@@ -567,12 +573,16 @@ class Service:
         )
 
     async def _change(
-        self, vm_id: str, make_plan: Callable[[Snapshot], Plan], dry_run: bool
+        self,
+        vm_id: str,
+        make_plan: Callable[[Snapshot], Plan],
+        dry_run: bool,
+        custom: Custom = (),
     ) -> VmState | DryRun:
         async with self.locks.hold(vm_id):
             if not dry_run:  # a dry run changes nothing, not even that
                 await self._settle(vm_id)
-            prep = await self._prepare(self._reader(vm_id), make_plan, None, dry_run)
+            prep = await self._prepare(self._reader(vm_id), make_plan, None, dry_run, custom)
             if prep.failed is not None:
                 raise prep.failed
             assert prep.plan is not None
@@ -591,11 +601,13 @@ class Service:
         make_plan: Callable[[Snapshot], Plan | None],
         hooks: HooksNow | None,
         dry_run: bool,
+        custom: Custom = (),
     ) -> _Prepared:
         """In a worker, one hop for what needs no waiting: the VM read, the change
         planned and, unless a ``before_`` hook must see the plan first, begun (see
         :meth:`Transaction.start`); a plan with nothing to do is answered. Only the read
-        raises: what fails after it is the change's own outcome (``failed``).
+        raises: what fails after it is the change's own outcome (``failed``). Custom
+        properties are for the hooks: a change no hook runs around refuses them.
 
         If the caller's task is cancelled meanwhile, it still lets the worker finish and
         carries a change the worker began to its end (see :meth:`_finish_cut`) before it
@@ -609,12 +621,21 @@ class Service:
             prep = _Prepared(dom, snap, None, hooks=hooks)
             try:
                 prep.plan = plan = make_plan(snap)
-                if plan is None or dry_run:
+                if plan is None:
+                    return prep
+                found = None
+                if custom and plan.steps:
+                    found = hooks or self.hooks.look(plan, custom)
+                    if not found.touch(plan):
+                        names = sorted(name for name, _value in custom)
+                        problem = f"custom properties {names} with no hook to take them"
+                        raise errors.NotImplementedFeature("custom", problem)
+                if dry_run:
                     return prep
                 if not plan.steps:
                     prep.state = self._finish(prep, plan)(snap.live, {})
                     return prep
-                prep.hooks = found = hooks or self.hooks.look(plan)
+                prep.hooks = found = found or hooks or self.hooks.look(plan, custom)
             except Exception as e:
                 prep.plan, prep.failed = None, _general(e)
                 return prep

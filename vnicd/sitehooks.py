@@ -28,23 +28,27 @@ class PlanHooks:
     def __init__(self, hooks: Hooks) -> None:
         self._hooks = hooks
 
-    def look(self, plan: Plan) -> RequestHooks:
+    def look(self, plan: Plan, custom: tuple[tuple[str, str], ...] = ()) -> RequestHooks:
         """The hooks of ``plan``'s kind of change as they are now, for one request
-        (blocking: reads their directories). A change's ``before_`` and ``after_`` hooks
-        are those of one moment."""
+        (blocking: reads their directories), with its custom properties (VDSM's: they are
+        the hooks' environment). A change's ``before_`` and ``after_`` hooks are those of
+        one moment."""
         name = _NAMES.get(plan.action)
         if name is None:
-            return RequestHooks(self._hooks, {})
+            return RequestHooks(self._hooks, {}, custom)
         hooks = [_hook(when, name) for when in ("before", "after", "after_fail")]
-        return RequestHooks(self._hooks, self._hooks.present(hooks))
+        return RequestHooks(self._hooks, self._hooks.present(hooks), custom)
 
 
 class RequestHooks:
-    """The site's hooks as one request found them."""
+    """The site's hooks as one request found them, and the environment it gives them."""
 
-    def __init__(self, hooks: Hooks, present: dict[str, list[Path]]) -> None:
+    def __init__(
+        self, hooks: Hooks, present: dict[str, list[Path]], custom: tuple[tuple[str, str], ...]
+    ) -> None:
         self._hooks = hooks
         self._present = present
+        self._custom = dict(custom)
 
     def _scripts(self, plan: Plan, when: str) -> tuple[str, list[Path]]:
         """The hook that runs ``when`` ("before", "after", "after_fail") ``plan``, and its
@@ -69,7 +73,7 @@ class RequestHooks:
         xml = plan.device_xml if scripts else None
         if xml is None:
             return plan
-        new = await self._hooks.run(hook, xml, {"vmId": plan.vm}, scripts)
+        new = await self._hooks.run(hook, xml, self._env(plan), scripts)
         if new == xml:
             return plan
         try:
@@ -95,7 +99,10 @@ class RequestHooks:
         hook, scripts = self._scripts(plan, "after_fail" if error else "after")
         xml = plan.device_xml if scripts else None
         if xml is not None:
-            await self._hooks.run(hook, xml, {"vmId": plan.vm}, scripts)
+            await self._hooks.run(hook, xml, self._env(plan), scripts)
+
+    def _env(self, plan: Plan) -> dict[str, str]:
+        return {**self._custom, "vmId": plan.vm}
 
 
 def _hook(when: str, name: str) -> str:

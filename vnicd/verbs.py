@@ -58,6 +58,7 @@ WIRE_FIELDS = {
     "vm.xml": "vmParams.xml",
     "profile.filter": "params.filter",
     "profile.qos": "params.specParams",
+    "custom": "params.custom",
 }
 # The same in an older engine's ``params.nic``.
 NIC_FIELDS = {
@@ -68,11 +69,12 @@ NIC_FIELDS = {
     "link": "params.nic.linkActive",
     "profile.filter": "params.nic.filter",
     "profile.qos": "params.nic.specParams",
+    "custom": "params.nic.custom",
 }
 # The same where ``params.xml`` (an ``<interface>`` or VDSM's ``<hotplug>``) names the vNIC.
 XML_FIELDS = {
     **WIRE_FIELDS,
-    **dict.fromkeys(("alias", "mac", "network", "link", "model"), "params.xml"),
+    **dict.fromkeys(("alias", "mac", "network", "link", "model", "custom"), "params.xml"),
     **{f"profile.{part}": "params.xml" for part in PROFILE_PARTS},
 }
 # A bulk change's: its ``change``, its ``match``, and each result's own vNIC.
@@ -221,6 +223,7 @@ async def _update_device(svc: Service, p: Params) -> Any:
         ),
         bounce=dev.get("linkBounce"),
         dry_run=dev.get("dryRun", False),
+        custom=dev.get("custom", ()),
     )
     return outcome_wire(await svc.update_device(req))
 
@@ -238,10 +241,14 @@ async def _hotplug(svc: Service, p: Params) -> Any:
             link_up=link, network=network, profile=profile, profile_parts=wired.get("profileParts")
         )
     )
+    custom = wired.get("custom", ())
     if "xml" in dev:
-        req = PlugNic(_vm_id(p), xml=dev["xml"], dry_run=dry_run, change=change)
+        req = PlugNic(_vm_id(p), xml=dev["xml"], dry_run=dry_run, change=change, custom=custom)
     else:
-        req = PlugNic(_vm_id(p), nic=_nic(dev), dry_run=dry_run, change=change, model=_model(dev))
+        nic, model = _nic(dev), _model(dev)
+        req = PlugNic(
+            _vm_id(p), nic=nic, dry_run=dry_run, change=change, model=model, custom=custom
+        )
     try:
         outcome = await svc.hotplug(req)
     except errors.UpdateDeviceError as e:  # the network or link the plug asks for
