@@ -64,6 +64,7 @@ def test_custom_properties_go_to_the_hooks() -> None:
     assert device_params({"custom": {}}, "update") == {}
     for custom, field in (
         ({"PATH": "/tmp"}, "params.custom.PATH"),
+        ({"vnic-id": "1", "vnic_id": "2"}, "params.custom.vnic_id"),
         ({"k": "x\0y"}, "params.custom.k"),
         ({"k": 1}, "params.custom"),
         (["k"], "params.custom"),
@@ -102,8 +103,10 @@ def test_profile_fields_beside_an_xml_are_refused() -> None:
 
 
 def test_unplug_ignores_what_describes_the_leaving_vnic() -> None:
-    nic = {"macAddr": "52:54:00:00:00:01", "filter": "vdsm-no-mac-spoofing"}
+    nic: dict[str, Any] = {"macAddr": "52:54:00:00:00:01", "filter": "vdsm-no-mac-spoofing"}
     assert device_params({"nic": nic}, "unplug") == {"macAddr": "52:54:00:00:00:01"}
+    nic["custom"] = {"k": "v"}  # but for its hooks
+    assert device_params({"nic": nic}, "unplug")["custom"] == (("k", "v"),)
 
 
 @pytest.mark.parametrize(("text", "value"), [("true", True), ("False", False), (True, True)])

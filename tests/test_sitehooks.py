@@ -84,8 +84,9 @@ def test_custom_properties_are_the_hooks_environment(
     site: Site, vms: Vms, vnicd: DaemonThread
 ) -> None:
     """ovirt-engine sends a vNIC profile's custom properties with every update and plug,
-    for VDSM's hooks: they are the hooks' environment, in fields and in the engine's
-    XML metadata alike; a change no hook runs around refuses them and changes nothing."""
+    for VDSM's hooks: they are the hooks' environment, in fields and in the engine's XML
+    metadata alike. A host with no vNIC hook refuses them and changes nothing; one whose
+    hooks run at a plug only (as VDSM's own) takes them on an update too."""
     nic = Nic("vt-a", extra="<alias name='ua-7'/>")
     vm_id = vms.create(nic)
     before = seen(vnicd, vm_id, nic.mac)
@@ -97,10 +98,13 @@ def test_custom_properties_are_the_hooks_environment(
         assert "no hook" in err.value.message
         assert seen(vnicd, vm_id, nic.mac) == before
 
-        got = site.root / "env"
-        site.hook("after_update_device", f'echo "$vmId $vnic_id $zone" >> {got}\n')
+        site.hook("before_nic_hotplug", "exit 0\n")
         update(rpc, vm_id, macAddr=nic.mac, network="vt-b", custom=custom)
         assert seen(vnicd, vm_id, nic.mac).kernel_bridge == "vt-b"
+        got = site.root / "env"
+        site.hook("after_update_device", f'echo "$vmId $vnic_id $zone" >> {got}\n')
+        update(rpc, vm_id, macAddr=nic.mac, network="vt-a", custom=custom)
+        update(rpc, vm_id, macAddr=nic.mac, network="vt-b", custom=custom)
         xml = (
             '<hotplug><devices><interface type="bridge"><model type="virtio"/>'
             f'<link state="up"/><source bridge="vt-a"/><alias name="ua-7"/>'
@@ -112,7 +116,7 @@ def test_custom_properties_are_the_hooks_environment(
         )
         update(rpc, vm_id, xml=xml)
     assert seen(vnicd, vm_id, nic.mac).kernel_bridge == "vt-a"
-    assert got.read_text().splitlines() == [f"{vm_id} 7 dmz", f"{vm_id} 8 "]
+    assert got.read_text().splitlines() == [f"{vm_id} 7 dmz"] * 2 + [f"{vm_id} 8 "]
 
 
 def test_failing_after_hook_keeps_the_change(

@@ -77,6 +77,10 @@ def environment(custom: Mapping[str, str]) -> dict[str, str]:
             )
         if "\0" in value:
             raise errors.InvalidParameter(f"custom.{name}", f"{name!r} holds a NUL character")
+        if key in env:
+            raise errors.InvalidParameter(
+                f"custom.{name}", f"{name!r} and another property are both ${key}"
+            )
         env[key] = value
     return env
 

@@ -37,7 +37,8 @@ def device_params(params: Params, action: Action) -> Params:
     """The device fields of a vNIC request, engine-only fields checked and dropped.
 
     On an unplug the profile fields only describe the vNIC that goes away: they ask for
-    nothing. A plug keeps ``params.xml`` as it is: it is the new vNIC's definition.
+    nothing (its custom properties go to its hooks). A plug keeps ``params.xml`` as it
+    is: it is the new vNIC's definition.
     """
     dev = dict(params)
     prefix = "params."
@@ -49,6 +50,8 @@ def device_params(params: Params, action: Action) -> Params:
     if action != "plug" and "xml" in dev:
         fields = _from_xml(dev.pop("xml"), action)
         dev.update(fields)
+    if action == "unplug" and custom:  # they describe the leaving vNIC, for its hooks
+        dev["custom"] = _custom(custom, f"{prefix}custom")
     if action != "unplug":
         _refuse_field_features(dev, prefix)
         if "profile" in dev or "xml" in dev:  # the profile is the XML's
@@ -82,13 +85,12 @@ def _custom(custom: Any, field: str) -> tuple[tuple[str, str], ...]:
     names a hook's environment can take."""
     if not isinstance(custom, dict) or not all(isinstance(v, str) for v in custom.values()):
         raise InvalidParameter(field, "custom properties are names with text values")
-    for name, value in custom.items():
-        try:
-            environment({name: value})
-        except InvalidParameter as e:
-            inside = field if field == "params.xml" else f"{field}.{name}"
-            e.rename_field({f"custom.{name}": inside})
-            raise
+    try:
+        environment(custom)
+    except InvalidParameter as e:
+        name = str(e.fields["field"]).removeprefix("custom.")
+        e.rename_field({f"custom.{name}": field if field == "params.xml" else f"{field}.{name}"})
+        raise
     return tuple(sorted(custom.items()))
 
 

@@ -97,6 +97,7 @@ class UnplugNic:
     vm_id: str
     nic: NicRef
     dry_run: bool = False
+    custom: Custom = ()  # they describe the leaving vNIC: its hooks get them, none needed
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,9 @@ class Hooks(Protocol):
 
     def look(self, plan: Plan, custom: Custom = ()) -> HooksNow: ...
 
+    def installed(self) -> bool:
+        """Whether any vNIC hook has scripts on this host (blocking)."""
+
 
 class HooksNow(Protocol):
     """The site hooks a request found: they may rewrite or veto a plan, and hear how it
@@ -145,6 +149,9 @@ class HooksNow(Protocol):
 class NoHooks:
     def look(self, plan: Plan, custom: Custom = ()) -> NoHooks:
         return self
+
+    def installed(self) -> bool:
+        return False
 
     def rewrites(self, plan: Plan) -> bool:
         return False
@@ -506,7 +513,17 @@ class Service:
 
     # Changing.
 
+    async def _hooked(self, vm_id: str, nic: str, custom: Custom) -> None:
+        """Custom properties are for the hooks (VDSM's contract): each hook that runs gets
+        them, and one that runs at a plug may be all there is (VDSM's own are). A host with
+        no vNIC hook at all has nothing that reads them: refused, not dropped unread."""
+        if custom and not await self._blocking(self.hooks.installed):
+            names = sorted(name for name, _value in custom)
+            problem = f"custom properties {names} of vNIC {nic} of VM {vm_id}, with no hook here"
+            raise errors.NotImplementedFeature("custom", problem)
+
     async def update_device(self, req: UpdateNic) -> VmState | DryRun:
+        await self._hooked(req.vm_id, str(req.nic), req.custom)
         wiring = None
         if req.change.network is not None:
             wiring = await self.resolve(req.change.network, req.vm_id, str(req.nic))
@@ -537,6 +554,7 @@ class Service:
         return None if network is None else await self.resolve(network, req.vm_id, nic)
 
     async def hotplug(self, req: PlugNic) -> VmState | DryRun:
+        await self._hooked(req.vm_id, str(req.nic or "(new)"), req.custom)
         namer = self._networks.name_of
         if req.xml is not None:
             try:
@@ -569,7 +587,7 @@ class Service:
     async def hotunplug(self, req: UnplugNic) -> VmState | DryRun:
         namer = self._networks.name_of
         return await self._change(
-            req.vm_id, lambda s: planning.plan_unplug(s, req.nic, namer), req.dry_run
+            req.vm_id, lambda s: planning.plan_unplug(s, req.nic, namer), req.dry_run, req.custom
         )
 
     async def _change(
@@ -606,8 +624,8 @@ class Service:
         """In a worker, one hop for what needs no waiting: the VM read, the change
         planned and, unless a ``before_`` hook must see the plan first, begun (see
         :meth:`Transaction.start`); a plan with nothing to do is answered. Only the read
-        raises: what fails after it is the change's own outcome (``failed``). Custom
-        properties are for the hooks: a change no hook runs around refuses them.
+        raises: what fails after it is the change's own outcome (``failed``). ``custom``:
+        the request's custom properties, for the hooks it finds.
 
         If the caller's task is cancelled meanwhile, it still lets the worker finish and
         carries a change the worker began to its end (see :meth:`_finish_cut`) before it
@@ -621,21 +639,12 @@ class Service:
             prep = _Prepared(dom, snap, None, hooks=hooks)
             try:
                 prep.plan = plan = make_plan(snap)
-                if plan is None:
-                    return prep
-                found = None
-                if custom and plan.steps:
-                    found = hooks or self.hooks.look(plan, custom)
-                    if not found.touch(plan):
-                        names = sorted(name for name, _value in custom)
-                        problem = f"custom properties {names} with no hook to take them"
-                        raise errors.NotImplementedFeature("custom", problem)
-                if dry_run:
+                if plan is None or dry_run:
                     return prep
                 if not plan.steps:
                     prep.state = self._finish(prep, plan)(snap.live, {})
                     return prep
-                prep.hooks = found = found or hooks or self.hooks.look(plan, custom)
+                prep.hooks = found = hooks or self.hooks.look(plan, custom)
             except Exception as e:
                 prep.plan, prep.failed = None, _general(e)
                 return prep

@@ -39,6 +39,11 @@ class PlanHooks:
         hooks = [_hook(when, name) for when in ("before", "after", "after_fail")]
         return RequestHooks(self._hooks, self._hooks.present(hooks), custom)
 
+    def installed(self) -> bool:
+        """Whether any vNIC hook has scripts now (blocking: reads their directories)."""
+        names = [_hook(w, n) for n in _NAMES.values() for w in ("before", "after", "after_fail")]
+        return bool(self._hooks.present(names))
+
 
 class RequestHooks:
     """The site's hooks as one request found them, and the environment it gives them."""

@@ -260,7 +260,9 @@ async def _hotplug(svc: Service, p: Params) -> Any:
 async def _hotunplug(svc: Service, p: Params) -> Any:
     _check_vm_id(p)
     dev = device_params(p["params"], "unplug")
-    req = UnplugNic(_vm_id(p), _nic(dev), dry_run=dev.get("dryRun", False))
+    req = UnplugNic(
+        _vm_id(p), _nic(dev), dry_run=dev.get("dryRun", False), custom=dev.get("custom", ())
+    )
     return outcome_wire(await svc.hotunplug(req))
 
 
