@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from lxml import etree
 
@@ -552,6 +554,22 @@ def test_a_filter_changed_live_reaches_the_definition_at_start_and_ends_a_bounce
     assert ends is not None
     (up,) = ends.steps
     assert isinstance(up, LiveUpdate) and up.after.link_up and up.after.network_filter == "g"
+
+
+def test_a_change_its_hooks_must_see_is_sent_even_when_it_changes_nothing() -> None:
+    """Custom properties may be all an update changes: with hooks for it, the vNIC is sent
+    as it is (live, or in a stopped VM's definition), so they run, as VDSM's do."""
+    same = NicChange(link_up=True, resend=True)
+    up = "<link state='up'/>"
+    running = snap(domain(nic(A, link=up)), None, persistent=False)
+    assert not plan_update(
+        running, NicRef(mac=A), replace(same, resend=False), None, namer, persist_running=True
+    ).steps
+    (live,) = plan_update(running, NicRef(mac=A), same, None, namer, persist_running=True).steps
+    assert isinstance(live, LiveUpdate) and live.after.bridge == "br-a" and live.after.link_up
+    stopped = snap(None, domain(nic(A, live=False, link=up)))
+    (saved,) = plan_update(stopped, NicRef(mac=A), same, None, namer, persist_running=True).steps
+    assert isinstance(saved, DefinitionUpdate)
 
 
 def test_a_filter_change_leaves_the_definitions_other_profile_parts() -> None:

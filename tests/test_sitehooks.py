@@ -105,6 +105,9 @@ def test_custom_properties_are_the_hooks_environment(
         site.hook("after_update_device", f'echo "$vmId $vnic_id $zone" >> {got}\n')
         update(rpc, vm_id, macAddr=nic.mac, network="vt-a", custom=custom)
         update(rpc, vm_id, macAddr=nic.mac, network="vt-b", custom=custom)
+        # only the custom properties change (a profile that differs in them only): the
+        # update's hooks still see it, as VDSM's do
+        update(rpc, vm_id, macAddr=nic.mac, network="vt-b", custom={**custom, "zone": "lan"})
         xml = (
             '<hotplug><devices><interface type="bridge"><model type="virtio"/>'
             f'<link state="up"/><source bridge="vt-a"/><alias name="ua-7"/>'
@@ -116,7 +119,12 @@ def test_custom_properties_are_the_hooks_environment(
         )
         update(rpc, vm_id, xml=xml)
     assert seen(vnicd, vm_id, nic.mac).kernel_bridge == "vt-a"
-    assert got.read_text().splitlines() == [f"{vm_id} 7 dmz"] * 2 + [f"{vm_id} 8 "]
+    assert got.read_text().splitlines() == [
+        f"{vm_id} 7 dmz",
+        f"{vm_id} 7 dmz",
+        f"{vm_id} 7 lan",
+        f"{vm_id} 8 ",
+    ]
 
 
 def test_failing_after_hook_keeps_the_change(

@@ -40,7 +40,9 @@ class NicChange:
     ``profile``: the vNIC profile parts asked for, as (part, element XML): a network
     filter and port isolation are set, the other parts must be the vNIC's own (see
     ``domxml.LIVE_PROFILE_PARTS``);
-    ``profile_parts``: the parts the request speaks of (None: all, as an XML does)."""
+    ``profile_parts``: the parts the request speaks of (None: all, as an XML does).
+    ``resend``: the vNIC is sent even when nothing in it changes (hooks must see the
+    request: its custom properties may be all that changed)."""
 
     link_up: bool | None = None
     network: str | None = None
@@ -49,6 +51,7 @@ class NicChange:
     only_on: str | None = None
     profile: tuple[tuple[str, str], ...] | None = None
     profile_parts: frozenset[str] | None = None
+    resend: bool = False
 
 
 @dataclass(frozen=True)

@@ -311,14 +311,14 @@ def plan_update(
                 Pause(change.bounce),
                 LiveUpdate(down, new, new_bridge, new_bridge),
             ]
-        elif new.to_xml() != current.to_xml():
+        elif change.resend or new.to_xml() != current.to_xml():
             steps.append(LiveUpdate(current, new, new_bridge, old_bridge))
         saved = snap.saved_nic(current.mac) if persist_running else None
         if saved is not None:
             saved_new = edit(saved, change, wiring)
             if saved_new.to_xml() != saved.to_xml():
                 steps.append(DefinitionUpdate(saved, saved_new))
-    elif new.to_xml() != current.to_xml():
+    elif change.resend or new.to_xml() != current.to_xml():
         steps.append(DefinitionUpdate(current, new))
     after_store = unmarked
     pending = store.find(mac=current.mac)

@@ -129,8 +129,8 @@ class Hooks(Protocol):
 
     def look(self, plan: Plan, custom: Custom = ()) -> HooksNow: ...
 
-    def installed(self) -> bool:
-        """Whether any vNIC hook has scripts on this host (blocking)."""
+    def installed(self) -> frozenset[Action]:
+        """The kinds of change some hook has scripts for on this host (blocking)."""
 
 
 class HooksNow(Protocol):
@@ -150,8 +150,8 @@ class NoHooks:
     def look(self, plan: Plan, custom: Custom = ()) -> NoHooks:
         return self
 
-    def installed(self) -> bool:
-        return False
+    def installed(self) -> frozenset[Action]:
+        return frozenset()
 
     def rewrites(self, plan: Plan) -> bool:
         return False
@@ -513,21 +513,28 @@ class Service:
 
     # Changing.
 
-    async def _hooked(self, vm_id: str, nic: str, custom: Custom) -> None:
-        """Custom properties are for the hooks (VDSM's contract): each hook that runs gets
-        them, and one that runs at a plug may be all there is (VDSM's own are). A host with
-        no vNIC hook at all has nothing that reads them: refused, not dropped unread."""
-        if custom and not await self._blocking(self.hooks.installed):
+    async def _hooked(self, vm_id: str, nic: str, custom: Custom) -> frozenset[Action]:
+        """The kinds of change with hooks, for a request with custom properties. They are
+        for the hooks (VDSM's contract): each hook that runs gets them, and one that runs
+        at a plug may be all there is (VDSM's own are). A host with no vNIC hook at all has
+        nothing that reads them: refused, not dropped unread."""
+        if not custom:
+            return frozenset()
+        hooked = await self._blocking(self.hooks.installed)
+        if not hooked:
             names = sorted(name for name, _value in custom)
             problem = f"custom properties {names} of vNIC {nic} of VM {vm_id}, with no hook here"
             raise errors.NotImplementedFeature("custom", problem)
+        return hooked
 
     async def update_device(self, req: UpdateNic) -> VmState | DryRun:
-        await self._hooked(req.vm_id, str(req.nic), req.custom)
+        hooked = await self._hooked(req.vm_id, str(req.nic), req.custom)
         wiring = None
         if req.change.network is not None:
             wiring = await self.resolve(req.change.network, req.vm_id, str(req.nic))
         change = self._bounced(req.change, req.bounce)
+        if Action.UPDATE in hooked:  # its hooks see the request, as VDSM's do
+            change = replace(change, resend=True)
         namer = self._networks.name_of
         persist = self._persist_running
 

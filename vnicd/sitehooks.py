@@ -39,10 +39,13 @@ class PlanHooks:
         hooks = [_hook(when, name) for when in ("before", "after", "after_fail")]
         return RequestHooks(self._hooks, self._hooks.present(hooks), custom)
 
-    def installed(self) -> bool:
-        """Whether any vNIC hook has scripts now (blocking: reads their directories)."""
-        names = [_hook(w, n) for n in _NAMES.values() for w in ("before", "after", "after_fail")]
-        return bool(self._hooks.present(names))
+    def installed(self) -> frozenset[Action]:
+        """The kinds of change some hook has scripts for now (blocking: reads their
+        directories)."""
+        hooks = {
+            _hook(w, n): a for a, n in _NAMES.items() for w in ("before", "after", "after_fail")
+        }
+        return frozenset(hooks[name] for name in self._hooks.present(hooks))
 
 
 class RequestHooks:
