@@ -604,7 +604,8 @@ def plan_bounce_ends(snap: Snapshot) -> Plan | None:
     for end in snap.store.bounces:
         now = snap.live.interface(mac=end.mac)
         if now is not None and not now.link_up and now.source == end.source:
-            up = edit(now, NicChange(link_up=True, profile=end.profile), None)  # its filter
+            # with the filter and isolation it was to set
+            up = edit(now, NicChange(link_up=True, profile=end.profile), None)
             steps.append(LiveUpdate(now, up, now.bridge, now.bridge))
     if not steps:
         return None
@@ -622,23 +623,23 @@ def plan_unmarking(snap: Snapshot) -> Plan | None:
 
 
 def _follow_live(snap: Snapshot) -> list[Step]:
-    """The definition updates that give each plugged vNIC its live source, link and
-    network filter and port isolation."""
+    """The definition updates that give each plugged vNIC its live source, link, network
+    filter and port isolation."""
     assert snap.live is not None
     steps: list[Step] = []
     for live in snap.live.interfaces:
         saved = snap.saved_nic(live.mac) if live.mac else None
         if saved is None or live.kind not in WIRABLE or saved.kind not in WIRABLE:
             continue
-        filters = profile_changes(saved.profile, live.profile, LIVE_PROFILE_PARTS)
-        if saved.source == live.source and saved.link_up == live.link_up and not filters:
+        parts = profile_changes(saved.profile, live.profile, LIVE_PROFILE_PARTS)
+        if saved.source == live.source and saved.link_up == live.link_up and not parts:
             continue
         new = saved.copy()
         if live.source is not None:
             new.source = live.source
         new.link_up = live.link_up
-        if filters:
-            new.set_profile(live.profile, filters)
+        if parts:
+            new.set_profile(live.profile, parts)
         steps.append(DefinitionUpdate(saved, new))
     return steps
 
