@@ -572,6 +572,24 @@ def test_a_change_its_hooks_must_see_is_sent_even_when_it_changes_nothing() -> N
     assert isinstance(saved, DefinitionUpdate)
 
 
+def test_a_libvirt_networks_port_isolation_is_not_the_vnics() -> None:
+    """libvirt shows a libvirt network's port isolation in the live XML of its vNICs: an
+    update without <port> does not take it away, and the start does not copy it into the
+    definition (it is the network's, not the vNIC's)."""
+    on_network = (
+        f"<interface type='network'><mac address='{A}'/><source network='iso' "
+        "bridge='virbr9'/><port isolated='yes'/><link state='up'/><target dev='tap3'/>"
+        "<alias name='net3'/></interface>"
+    )
+    defined = on_network.replace("<port isolated='yes'/>", "").replace(
+        "<target dev='tap3'/><alias name='net3'/>", ""
+    )
+    s = snap(domain(on_network), domain(defined))
+    change = NicChange(link_up=True, profile=())
+    assert not plan_update(s, NicRef(mac=A), change, None, namer, persist_running=True).steps
+    assert plan_reconcile(s, follow_live=True) is None
+
+
 def test_a_filter_change_leaves_the_definitions_other_profile_parts() -> None:
     """Only the filter is set, in the definition too: a QoS only the definition has (set
     there for the next boot) stays, as does one the request leaves out."""

@@ -107,6 +107,8 @@ def test_unplug_ignores_what_describes_the_leaving_vnic() -> None:
     assert device_params({"nic": nic}, "unplug") == {"macAddr": "52:54:00:00:00:01"}
     nic["custom"] = {"k": "v"}  # but for its hooks
     assert device_params({"nic": nic}, "unplug")["custom"] == (("k", "v"),)
+    nic["custom"] = {"HOME": "/"}  # one they cannot take keeps no vNIC plugged
+    assert "custom" not in device_params({"nic": nic}, "unplug")
 
 
 @pytest.mark.parametrize(("text", "value"), [("true", True), ("False", False), (True, True)])

@@ -204,10 +204,13 @@ def edit(current: Interface, change: NicChange, wiring: Wiring | None) -> Interf
 
 
 def _profile_changes(current: Interface, change: NicChange) -> list[str]:
-    """The profile parts ``change`` asks for otherwise than ``current`` has them."""
+    """The profile parts ``change`` asks for otherwise than ``current`` has them. A port's
+    isolation is the vNIC's own on a host bridge only: on a libvirt network, the live
+    XML shows the network's."""
     if change.profile is None:
         return []
-    parts = PROFILE_PARTS.keys() if change.profile_parts is None else change.profile_parts
+    asked = PROFILE_PARTS.keys() if change.profile_parts is None else change.profile_parts
+    parts = [p for p in asked if current.kind == "bridge" or p != "isolation"]
     return profile_changes(current.profile, change.profile, parts)
 
 
@@ -631,7 +634,8 @@ def _follow_live(snap: Snapshot) -> list[Step]:
         saved = snap.saved_nic(live.mac) if live.mac else None
         if saved is None or live.kind not in WIRABLE or saved.kind not in WIRABLE:
             continue
-        parts = profile_changes(saved.profile, live.profile, LIVE_PROFILE_PARTS)
+        followed = LIVE_PROFILE_PARTS if live.kind == "bridge" else ["filter"]  # see above
+        parts = profile_changes(saved.profile, live.profile, followed)
         if saved.source == live.source and saved.link_up == live.link_up and not parts:
             continue
         new = saved.copy()

@@ -17,6 +17,7 @@ vnicd acts on out (and, for a plug, the result with the ``devices`` the engine r
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 from vnicd import names
@@ -24,6 +25,7 @@ from vnicd.domxml import EngineDevice, XMLError, engine_device, fields_profile
 from vnicd.errors import InvalidParameter, NotImplementedFeature
 from vnicd.hooks import environment
 
+log = logging.getLogger(__name__)
 Params = dict[str, Any]
 Action = Literal["update", "plug", "unplug"]
 UNWIRED_BRIDGE = ";vdsmdummy;"  # the engine's bridge for a vNIC without a network
@@ -51,7 +53,10 @@ def device_params(params: Params, action: Action) -> Params:
         fields = _from_xml(dev.pop("xml"), action)
         dev.update(fields)
     if action == "unplug" and custom:  # they describe the leaving vNIC, for its hooks
-        dev["custom"] = _custom(custom, f"{prefix}custom")
+        try:
+            dev["custom"] = _custom(custom, f"{prefix}custom")
+        except InvalidParameter as e:  # never a reason to keep a vNIC plugged
+            log.warning("unplug: custom properties not passed to the hooks: %s", e)
     if action != "unplug":
         _refuse_field_features(dev, prefix)
         if "profile" in dev or "xml" in dev:  # the profile is the XML's
