@@ -411,7 +411,7 @@ class Interface:
 
     @property
     def profile(self) -> Profile:
-        return profile_of(self.element)
+        return self._kept("profile", lambda: profile_of(self.element))
 
     def has_any(self, *tags: str) -> str | None:
         """The first of ``tags`` this interface has as a child, if any."""

@@ -286,8 +286,7 @@ def link(name: str) -> dict[str, Any] | None:
 def master(dev: str) -> str | None:
     """The bridge a device is enslaved to, as the kernel reports it (None: no master, or
     one that is not a bridge)."""
-    found = _get(dev)
-    return None if found is None or found.master_kind != "bridge" else _master_name(found)
+    return bridge_port(dev)[0]
 
 
 def bridge_port(dev: str) -> tuple[str | None, bool]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -204,14 +205,17 @@ def edit(current: Interface, change: NicChange, wiring: Wiring | None) -> Interf
 
 
 def _profile_changes(current: Interface, change: NicChange) -> list[str]:
-    """The profile parts ``change`` asks for otherwise than ``current`` has them. A port's
-    isolation is the vNIC's own on a host bridge only: on a libvirt network, the live
-    XML shows the network's."""
+    """The profile parts ``change`` asks for otherwise than ``current`` has them."""
     if change.profile is None:
         return []
     asked = PROFILE_PARTS.keys() if change.profile_parts is None else change.profile_parts
-    parts = [p for p in asked if current.kind == "bridge" or p != "isolation"]
-    return profile_changes(current.profile, change.profile, parts)
+    return profile_changes(current.profile, change.profile, _owned(current, asked))
+
+
+def _owned(iface: Interface, parts: Iterable[str]) -> list[str]:
+    """Of ``parts``, those that are the vNIC's own: a port's isolation on a host bridge
+    only (on a libvirt network, the live XML shows the network's)."""
+    return [p for p in parts if iface.kind == "bridge" or p != "isolation"]
 
 
 def _ref_field(ref: NicRef) -> str:
@@ -634,8 +638,7 @@ def _follow_live(snap: Snapshot) -> list[Step]:
         saved = snap.saved_nic(live.mac) if live.mac else None
         if saved is None or live.kind not in WIRABLE or saved.kind not in WIRABLE:
             continue
-        followed = LIVE_PROFILE_PARTS if live.kind == "bridge" else ["filter"]  # see above
-        parts = profile_changes(saved.profile, live.profile, followed)
+        parts = profile_changes(saved.profile, live.profile, _owned(live, LIVE_PROFILE_PARTS))
         if saved.source == live.source and saved.link_up == live.link_up and not parts:
             continue
         new = saved.copy()
